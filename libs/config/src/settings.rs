@@ -1,0 +1,214 @@
+//! Config sections shared by several binaries, and the value types they use.
+//!
+//! The old scripts' variables land here: `S3_BUCKET_PREFIX` and `COMPRESSION_LEVEL` in
+//! [`RepositorySettings`], `BACKUP_RETENTION_DAYS` in [`RetentionSettings`], `BACKUP_SCHEDULE`
+//! as the default policy's [`CronSchedule`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{ConfigError, LegacyVar, Secret};
+
+pub const DEFAULT_REPOSITORY_URL: &str = "file:///var/lib/aitbc-backup/repository";
+pub const DEFAULT_BUCKET_PREFIX: &str = "aitbc-backups";
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+pub const DEFAULT_SCHEDULE: &str = "0 2 * * *";
+
+/// The old scripts' repository variables.
+pub const REPOSITORY_LEGACY_VARS: &[LegacyVar] = &[
+    LegacyVar {
+        env: "S3_BUCKET_PREFIX",
+        key: "repository.bucket_prefix",
+    },
+    LegacyVar {
+        env: "COMPRESSION_LEVEL",
+        key: "repository.compression_level",
+    },
+];
+
+/// Where backups are stored and how data is compressed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepositorySettings {
+    /// `file:///path` or `s3://bucket/prefix`. `s3://` alone means the old scripts' bucket,
+    /// `<bucket_prefix>-<namespace>`.
+    pub url: String,
+    /// `S3_BUCKET_PREFIX` of the old scripts.
+    pub bucket_prefix: String,
+    /// The Kubernetes namespace, the old scripts' bucket suffix.
+    pub namespace: String,
+    /// zstd level, 1 (fast) to 19 (small); `COMPRESSION_LEVEL` of the old scripts.
+    pub compression_level: i32,
+    /// Encryption passphrase; a secret: environment only (`AITBC_BACKUP_REPOSITORY__PASSPHRASE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passphrase: Option<Secret>,
+}
+
+/// Keys of [`RepositorySettings`] that are secrets, as dotted paths under `repository`.
+pub const REPOSITORY_SECRETS: &[&str] = &["repository.passphrase"];
+
+impl Default for RepositorySettings {
+    fn default() -> Self {
+        RepositorySettings {
+            url: DEFAULT_REPOSITORY_URL.to_owned(),
+            bucket_prefix: DEFAULT_BUCKET_PREFIX.to_owned(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            passphrase: None,
+        }
+    }
+}
+
+impl RepositorySettings {
+    /// The repository URL with the old scripts' bucket filled in for a bare `s3://`.
+    pub fn effective_url(&self) -> String {
+        match self.url.as_str() {
+            "s3://" | "s3:" => format!("s3://{}-{}", self.bucket_prefix, self.namespace),
+            url => url.to_owned(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=19).contains(&self.compression_level) {
+            return Err(ConfigError::invalid(
+                "repository.compression_level",
+                format!("{} is out of range 1..=19", self.compression_level),
+            ));
+        }
+        let bucket_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        if !bucket_ok(&self.bucket_prefix) || self.bucket_prefix.len() > 40 {
+            return Err(ConfigError::invalid(
+                "repository.bucket_prefix",
+                format!(
+                    "`{}` is not a valid bucket name prefix (a-z, 0-9, -; at most 40 characters)",
+                    self.bucket_prefix
+                ),
+            ));
+        }
+        if !bucket_ok(&self.namespace) {
+            return Err(ConfigError::invalid(
+                "repository.namespace",
+                format!(
+                    "`{}` is not a valid Kubernetes namespace name",
+                    self.namespace
+                ),
+            ));
+        }
+        let url = self.effective_url();
+        let scheme_ok = url
+            .strip_prefix("file://")
+            .map(|path| path.starts_with('/'))
+            .or_else(|| url.strip_prefix("s3://").map(|rest| !rest.is_empty()))
+            .unwrap_or(false);
+        if !scheme_ok {
+            return Err(ConfigError::invalid(
+                "repository.url",
+                format!("`{url}` is neither file:///absolute/path nor s3://bucket[/prefix]"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How long backups are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Sets older than this many days are removed; `BACKUP_RETENTION_DAYS` of the old scripts.
+    pub days: u32,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            days: DEFAULT_RETENTION_DAYS,
+        }
+    }
+}
+
+impl RetentionSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.days == 0 {
+            return Err(ConfigError::invalid("retention.days", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A standard five-field cron expression (minute hour day-of-month month day-of-week), UTC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CronSchedule {
+    text: String,
+    schedule: cron::Schedule,
+}
+
+impl CronSchedule {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The next firing strictly after `after`.
+    pub fn next_after(
+        &self,
+        after: &chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.schedule.after(after).next()
+    }
+}
+
+impl FromStr for CronSchedule {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let fields = text.split_whitespace().count();
+        if fields != 5 {
+            return Err(format!(
+                "`{text}` has {fields} fields; expected 5 (minute hour day-of-month month day-of-week)"
+            ));
+        }
+        // The cron crate wants a leading seconds field.
+        let schedule = cron::Schedule::from_str(&format!("0 {text}"))
+            .map_err(|err| format!("`{text}` is not a valid cron expression: {err}"))?;
+        Ok(CronSchedule {
+            text: text.to_owned(),
+            schedule,
+        })
+    }
+}
+
+impl fmt::Display for CronSchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for CronSchedule {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for CronSchedule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for CronSchedule {
+    fn default() -> Self {
+        DEFAULT_SCHEDULE
+            .parse()
+            .unwrap_or_else(|err| panic!("default schedule: {err}"))
+    }
+}

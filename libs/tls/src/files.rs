@@ -1,0 +1,176 @@
+//! Loading certificate files into tonic TLS configs. Every error names the file it is about, so a
+//! misconfigured deployment says which mount is wrong.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The three files of an mTLS endpoint: its own certificate and key, and the CA that signs peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM certificate (chain) presented to peers.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`. The path is configuration; the content is a secret.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) that peers' certificates must chain to.
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFilesError {
+    #[error("cannot read {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} file {path} holds no PEM {expected}")]
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("certificate file {path}: {source}")]
+    Identity {
+        path: PathBuf,
+        source: crate::IdentityError,
+    },
+}
+
+/// PEM contents of [`TlsFiles`], read and checked.
+#[derive(Clone)]
+pub struct LoadedTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub ca_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for LoadedTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedTls")
+            .field("key_pem", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsFiles {
+    /// Reads and sanity-checks all three files.
+    pub fn load(&self) -> Result<LoadedTls, TlsFilesError> {
+        let cert_pem = read_pem(&self.cert, "certificate", "CERTIFICATE")?;
+        let key_pem = read_pem(&self.key, "private key", "PRIVATE KEY")?;
+        let ca_pem = read_pem(&self.ca, "CA certificate", "CERTIFICATE")?;
+        Ok(LoadedTls {
+            cert_pem,
+            key_pem,
+            ca_pem,
+        })
+    }
+
+    /// The role identity in our own certificate.
+    pub fn own_identity(&self) -> Result<crate::PeerIdentity, TlsFilesError> {
+        let pem = read_pem(&self.cert, "certificate", "CERTIFICATE")?;
+        let der = first_pem_block(&pem).ok_or_else(|| TlsFilesError::NotPem {
+            what: "certificate",
+            path: self.cert.clone(),
+            expected: "CERTIFICATE",
+        })?;
+        crate::PeerIdentity::from_certificate_der(&der).map_err(|source| TlsFilesError::Identity {
+            path: self.cert.clone(),
+            source,
+        })
+    }
+}
+
+impl LoadedTls {
+    /// Server side: present our certificate, require a client certificate signed by the CA.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// Client side: present our certificate, trust only the CA, expect `server_name` in the
+    /// server's certificate.
+    pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name(server_name)
+    }
+}
+
+fn read_pem(
+    path: &Path,
+    what: &'static str,
+    label: &'static str,
+) -> Result<Vec<u8>, TlsFilesError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsFilesError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    // "PRIVATE KEY" also matches "EC PRIVATE KEY" and "RSA PRIVATE KEY".
+    if !text.contains(&format!("{label}-----")) || !text.contains("-----BEGIN ") {
+        return Err(TlsFilesError::NotPem {
+            what,
+            path: path.to_owned(),
+            expected: label,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The DER body of the first PEM block (our own certificate comes first in a chain file).
+fn first_pem_block(pem: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::pem::parse_x509_pem(pem)
+        .ok()
+        .map(|(_, block)| block.contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CertificateAuthority, PeerIdentity, Role};
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("tls-files-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let ca = CertificateAuthority::generate("test").expect("ca");
+        let agent = ca
+            .issue(&PeerIdentity::new(Role::Agent, "a1").expect("name"), &[])
+            .expect("issue");
+        agent.write(&dir, "agent").expect("write");
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write ca");
+        std::fs::write(dir.join("garbage.key"), "not a key").expect("write");
+
+        let files = TlsFiles {
+            cert: dir.join("agent.pem"),
+            key: dir.join("agent.key"),
+            ca: dir.join("ca.pem"),
+        };
+        files.load().expect("good files load");
+        assert_eq!(files.own_identity().expect("identity").name, "a1");
+
+        let missing = TlsFiles {
+            cert: dir.join("nope.pem"),
+            ..files.clone()
+        };
+        let err = missing.load().expect_err("missing cert").to_string();
+        assert!(err.contains("nope.pem"), "{err}");
+
+        let garbage = TlsFiles {
+            key: dir.join("garbage.key"),
+            ..files
+        };
+        let err = garbage.load().expect_err("bad key").to_string();
+        assert!(
+            err.contains("garbage.key") && err.contains("PRIVATE KEY"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,16 @@
+//! mTLS for every aitbc-backup connection.
+//!
+//! - [`identity`]: the role a certificate grants, read from a SAN URI
+//!   `spiffe://aitbc-backup/<role>/<name>`.
+//! - [`files`]: loading PEM files into tonic's server and client TLS configs, with errors that
+//!   name the file.
+//! - [`authority`]: a small certificate authority (rcgen) for `aitbc-backup certs init`, tests and
+//!   benchmarks.
+
+pub mod authority;
+pub mod files;
+pub mod identity;
+
+pub use authority::{CertificateAuthority, IssuedCertificate};
+pub use files::{TlsFiles, TlsFilesError};
+pub use identity::{IdentityError, PeerIdentity, Role};
