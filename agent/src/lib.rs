@@ -1,1 +1,100 @@
+//! The aitbc-backup sidecar agent. Today: the mTLS session with the coordinator and the probe
+//! server; the component modules (postgres, redis, ledger) come with their issues.
+//!
+//! - [`config`]: the TOML/env configuration.
+//! - [`session`]: dial, register, heartbeat, reconnect.
+//! - [`metrics`]: every metric the agent exports.
 
+pub mod config;
+pub mod metrics;
+pub mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use aitbc_backup_proto::model::Registration;
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentConfig;
+
+/// An agent whose configuration, certificates and HTTP listener are checked and bound.
+pub struct Agent {
+    settings: session::SessionSettings,
+    http: tokio::net::TcpListener,
+}
+
+impl Agent {
+    /// Loads the certificates, derives the registration and binds the probe port, so every
+    /// startup error surfaces before anything runs.
+    pub async fn bind(config: AgentConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        let tls = config.tls.load()?;
+        let identity = config.tls.own_identity()?;
+        if identity.role != aitbc_backup_tls::Role::Agent {
+            anyhow::bail!(
+                "certificate file {} grants role `{}`; an agent needs a certificate with role `agent`",
+                config.tls.cert.display(),
+                identity.role
+            );
+        }
+        if !config.name.is_empty() && config.name != identity.name {
+            anyhow::bail!(
+                "config key `name` is `{}` but certificate file {} names `{}`",
+                config.name,
+                config.tls.cert.display(),
+                identity.name
+            );
+        }
+        let component = config
+            .component
+            .context("config key `component` is required")?;
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let registration = Registration {
+            name: identity.name,
+            component,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            host,
+        };
+        let http = aitbc_backup_telemetry::bind_http(config.http.listen).await?;
+        Ok(Agent {
+            settings: session::SessionSettings {
+                url: config.coordinator.url.clone(),
+                server_name: config.coordinator.effective_server_name(),
+                connect_timeout: config.coordinator.connect_timeout,
+                backoff: config.reconnect.backoff(),
+                tls,
+                registration,
+            },
+            http,
+        })
+    }
+
+    /// Runs until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut registry = Registry::default();
+        let metrics = metrics::Metrics::register(&mut registry);
+        let up = Arc::new(AtomicBool::new(false));
+        let probe_up = up.clone();
+        let router = aitbc_backup_telemetry::probe_router(Arc::new(registry), move || {
+            probe_up.load(Ordering::Relaxed)
+        });
+        tracing::info!(
+            agent = %self.settings.registration.name,
+            component = %self.settings.registration.component,
+            coordinator = %self.settings.url,
+            http_addr = ?self.http.local_addr().ok(),
+            "agent starting"
+        );
+        let http = tokio::spawn(aitbc_backup_telemetry::serve_http(
+            self.http,
+            router,
+            shutdown.clone(),
+        ));
+        session::run(self.settings, up, metrics, shutdown).await;
+        http.await?
+    }
+}

@@ -1,1 +1,69 @@
+//! `aitbc-backup-agent`: parse flags, load config, run until SIGTERM, drain.
 
+use std::path::PathBuf;
+
+use aitbc_backup_agent::{Agent, AgentConfig, config};
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "aitbc-backup-agent",
+    version,
+    about = "The aitbc-backup sidecar agent"
+)]
+struct Args {
+    /// TOML config file; every key can also be set by AITBC_BACKUP_<SECTION>__<KEY>.
+    #[arg(long, env = "AITBC_BACKUP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective config (secrets redacted) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("aitbc-backup-agent: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let env = aitbc_backup_config::process_env();
+    let config: AgentConfig =
+        aitbc_backup_config::load(args.config.as_deref(), &env, &config::SCHEMA)?;
+    config.validate()?;
+    if args.check_config {
+        print!("{}", aitbc_backup_config::render(&config)?);
+        return Ok(());
+    }
+    aitbc_backup_telemetry::init_tracing(&config.log)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+    let grace = config.shutdown_grace;
+    let agent = Agent::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let mut running = tokio::spawn(agent.run(shutdown.clone()));
+    tokio::select! {
+        result = &mut running => return result.context("agent task")?,
+        signal = aitbc_backup_telemetry::shutdown_signal() => {
+            tracing::info!(signal = signal?, grace = ?grace, "shutting down");
+        }
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(grace, running).await {
+        Ok(result) => result.context("agent task")?,
+        Err(_) => anyhow::bail!("shutdown did not finish within {grace:?}"),
+    }
+}

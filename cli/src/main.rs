@@ -1,1 +1,54 @@
+//! `aitbc-backup`: the operator CLI. A client of the coordinator's operator API (human tables or
+//! `--json`), plus offline tools that need no coordinator (`certs`).
 
+mod agents;
+mod certs;
+mod client;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aitbc-backup", version, about = "Operate aitbc-backup")]
+struct Cli {
+    #[command(flatten)]
+    connection: client::ConnectionArgs,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or extend a development PKI (CA plus role certificates).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// Show the agents the coordinator knows.
+    #[command(subcommand)]
+    Agents(agents::AgentsCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("aitbc-backup: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Certs(command) => certs::run(command),
+        Command::Agents(command) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(agents::run(command, &cli.connection, cli.json))
+        }
+    }
+}

@@ -1,1 +1,69 @@
+//! `aitbc-backup-coordinator`: parse flags, load config, serve until SIGTERM, drain.
 
+use std::path::PathBuf;
+
+use aitbc_backup_coordinator::{Coordinator, CoordinatorConfig, config};
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "aitbc-backup-coordinator",
+    version,
+    about = "The aitbc-backup coordinator"
+)]
+struct Args {
+    /// TOML config file; every key can also be set by AITBC_BACKUP_<SECTION>__<KEY>.
+    #[arg(long, env = "AITBC_BACKUP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective config (secrets redacted) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("aitbc-backup-coordinator: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let env = aitbc_backup_config::process_env();
+    let config: CoordinatorConfig =
+        aitbc_backup_config::load(args.config.as_deref(), &env, &config::SCHEMA)?;
+    config.validate()?;
+    if args.check_config {
+        print!("{}", aitbc_backup_config::render(&config)?);
+        return Ok(());
+    }
+    aitbc_backup_telemetry::init_tracing(&config.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
+    let grace = config.server.shutdown_grace;
+    let coordinator = Coordinator::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let mut serving = tokio::spawn(coordinator.serve(shutdown.clone()));
+    tokio::select! {
+        result = &mut serving => return result.context("coordinator task")?,
+        signal = aitbc_backup_telemetry::shutdown_signal() => {
+            tracing::info!(signal = signal?, grace = ?grace, "shutting down");
+        }
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(grace, serving).await {
+        Ok(result) => result.context("coordinator task")?,
+        Err(_) => anyhow::bail!("shutdown did not finish within {grace:?}"),
+    }
+}

@@ -8,6 +8,8 @@ mod generated {
 
 pub use generated::*;
 
+pub mod model;
+
 /// Encoded `FileDescriptorSet` of every `aitbc.backup.v1` file (imports included), for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("aitbc_backup_v1_descriptor");

@@ -1,0 +1,51 @@
+//! Every metric the agent exports, in one place.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    /// 1 while the session with the coordinator is established.
+    pub session_up: Gauge,
+    /// Session attempts, by outcome (`registered`, `failed`).
+    pub session_attempts: Family<OutcomeLabel, Counter>,
+    /// Heartbeat round trip to the coordinator.
+    pub heartbeat_rtt: Histogram,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = Metrics {
+            session_up: Gauge::default(),
+            session_attempts: Family::default(),
+            heartbeat_rtt: Histogram::new(exponential_buckets(1e-4, 4.0, 10)),
+        };
+        let sub = registry.sub_registry_with_prefix("aitbc_backup_agent");
+        sub.register(
+            "session_up",
+            "1 while the coordinator session is established",
+            metrics.session_up.clone(),
+        );
+        sub.register(
+            "session_attempts",
+            "Coordinator session attempts by outcome",
+            metrics.session_attempts.clone(),
+        );
+        sub.register(
+            "heartbeat_rtt_seconds",
+            "Heartbeat round trip to the coordinator",
+            metrics.heartbeat_rtt.clone(),
+        );
+        Arc::new(metrics)
+    }
+}

@@ -1,0 +1,187 @@
+//! The agent's session with the coordinator: dial out over mTLS, register, heartbeat, and
+//! reconnect with capped jittered backoff when the session is lost.
+//!
+//! There is exactly one session attempt at a time (a plain loop, no spawned retries), so a
+//! coordinator outage never piles up connections or tasks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aitbc_backup_backoff::{Backoff, sleep_or_cancel};
+use aitbc_backup_proto::agent_session_client::AgentSessionClient;
+use aitbc_backup_proto::model::Registration;
+use aitbc_backup_proto::{AgentMessage, Heartbeat, agent_message, coordinator_message};
+use aitbc_backup_tls::files::LoadedTls;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::metrics::{Metrics, OutcomeLabel};
+
+/// HTTP/2 pings so a vanished coordinator is noticed even without traffic.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(10);
+/// How many heartbeat intervals without any message from the coordinator end the session.
+const MISSED_ACKS: u32 = 3;
+
+/// Everything needed to open sessions.
+pub struct SessionSettings {
+    pub url: String,
+    pub server_name: String,
+    pub connect_timeout: Duration,
+    pub backoff: Backoff,
+    pub tls: LoadedTls,
+    pub registration: Registration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect to {url}: {}", aitbc_backup_telemetry::error_chain(.source))]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("coordinator refused the session: {0}")]
+    Refused(tonic::Status),
+    #[error("session lost: {0}")]
+    Lost(tonic::Status),
+    #[error("coordinator closed the session")]
+    Closed,
+    #[error("no message from the coordinator for {0:?}")]
+    Silent(Duration),
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("bad coordinator URL: {0}")]
+    BadUrl(tonic::transport::Error),
+}
+
+/// Keeps a session open until `cancel` fires. `up` is true while registered.
+pub async fn run(
+    settings: SessionSettings,
+    up: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let mut attempt = 0;
+    while !cancel.is_cancelled() {
+        let mut registered = false;
+        let result = run_once(&settings, &up, &metrics, &cancel, &mut registered).await;
+        up.store(false, Ordering::Relaxed);
+        metrics.session_up.set(0);
+        let outcome = if registered { "registered" } else { "failed" };
+        metrics
+            .session_attempts
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        if cancel.is_cancelled() {
+            break;
+        }
+        if registered {
+            attempt = 0;
+        }
+        let delay = settings.backoff.delay(attempt);
+        match result {
+            Ok(()) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?delay, attempt, "coordinator session down")
+            }
+        }
+        attempt = attempt.saturating_add(1);
+        if !sleep_or_cancel(delay, &cancel).await {
+            break;
+        }
+    }
+}
+
+async fn run_once(
+    settings: &SessionSettings,
+    up: &AtomicBool,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    registered: &mut bool,
+) -> Result<(), SessionError> {
+    let endpoint = Endpoint::from_shared(settings.url.clone())
+        .map_err(SessionError::BadUrl)?
+        .tls_config(settings.tls.client_config(&settings.server_name))
+        .map_err(SessionError::BadUrl)?
+        .connect_timeout(settings.connect_timeout)
+        .http2_keep_alive_interval(HTTP2_KEEPALIVE)
+        .keep_alive_timeout(HTTP2_KEEPALIVE)
+        .keep_alive_while_idle(true);
+    let channel = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        channel = endpoint.connect() => channel.map_err(|source| SessionError::Connect {
+            url: settings.url.clone(),
+            source,
+        })?,
+    };
+    let mut client = AgentSessionClient::new(channel);
+
+    let (tx, rx) = mpsc::channel(16);
+    let register = AgentMessage {
+        body: Some(agent_message::Body::Register(
+            settings.registration.clone().into(),
+        )),
+    };
+    tx.send(register)
+        .await
+        .map_err(|_| SessionError::Protocol("outbound queue closed"))?;
+    let mut inbound = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        response = client.session(ReceiverStream::new(rx)) => {
+            response.map_err(SessionError::Refused)?.into_inner()
+        }
+    };
+    let first = tokio::time::timeout(settings.connect_timeout, inbound.message())
+        .await
+        .map_err(|_| SessionError::Silent(settings.connect_timeout))?
+        .map_err(SessionError::Refused)?;
+    let Some(coordinator_message::Body::Registered(accepted)) = first.and_then(|m| m.body) else {
+        return Err(SessionError::Protocol("first message was not Registered"));
+    };
+    let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
+    *registered = true;
+    up.store(true, Ordering::Relaxed);
+    metrics.session_up.set(1);
+    tracing::info!(session = %accepted.session_id, heartbeat_interval = ?interval, "registered with coordinator");
+
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate; Register just went up
+    let mut sequence = 0u64;
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let silence_limit = interval * MISSED_ACKS;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = ticker.tick() => {
+                sequence += 1;
+                sent.insert(sequence, Instant::now());
+                // Acks lost with a dying coordinator must not pile up.
+                sent.retain(|seq, _| seq + u64::from(MISSED_ACKS) * 2 >= sequence);
+                let heartbeat = AgentMessage {
+                    body: Some(agent_message::Body::Heartbeat(Heartbeat { sequence })),
+                };
+                if tx.try_send(heartbeat).is_err() {
+                    return Err(SessionError::Silent(silence_limit));
+                }
+            }
+            message = tokio::time::timeout(silence_limit, inbound.message()) => {
+                match message {
+                    Err(_) => return Err(SessionError::Silent(silence_limit)),
+                    Ok(Err(status)) => return Err(SessionError::Lost(status)),
+                    Ok(Ok(None)) => return Err(SessionError::Closed),
+                    Ok(Ok(Some(message))) => {
+                        if let Some(coordinator_message::Body::HeartbeatAck(ack)) = message.body
+                            && let Some(at) = sent.remove(&ack.sequence)
+                        {
+                            metrics.heartbeat_rtt.observe(at.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

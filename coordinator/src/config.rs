@@ -1,0 +1,202 @@
+//! The coordinator's configuration (`aitbc-backup-coordinator.toml`), see the README's
+//! configuration reference. Every key can be set by `AITBC_BACKUP_<SECTION>__<KEY>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aitbc_backup_config::settings::{
+    CronSchedule, REPOSITORY_LEGACY_VARS, REPOSITORY_SECRETS, RepositorySettings, RetentionSettings,
+};
+use aitbc_backup_config::{ConfigError, LegacyVar, Schema};
+use aitbc_backup_telemetry::LogSettings;
+use aitbc_backup_tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_GRPC_LISTEN: &str = "0.0.0.0:7443";
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9443";
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// cert-manager's Secret layout, mounted at /etc/aitbc-backup/tls.
+pub const DEFAULT_TLS_DIR: &str = "/etc/aitbc-backup/tls";
+
+/// The old scripts' variables this binary accepts.
+const LEGACY_VARS: &[LegacyVar] = &[
+    REPOSITORY_LEGACY_VARS[0],
+    REPOSITORY_LEGACY_VARS[1],
+    LegacyVar {
+        env: "BACKUP_RETENTION_DAYS",
+        key: "retention.days",
+    },
+    LegacyVar {
+        env: "BACKUP_SCHEDULE",
+        key: "schedule.default",
+    },
+];
+
+pub const SCHEMA: Schema = Schema {
+    legacy: LEGACY_VARS,
+    secrets: REPOSITORY_SECRETS,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    pub server: ServerSettings,
+    pub tls: TlsFiles,
+    pub fleet: FleetSettings,
+    pub schedule: ScheduleSettings,
+    pub retention: RetentionSettings,
+    pub repository: RepositorySettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// gRPC (mTLS) address: operator API, agent sessions, health, reflection.
+    pub grpc_listen: SocketAddr,
+    /// Plain HTTP address of `/metrics`, `/healthz`, `/readyz`.
+    pub http_listen: SocketAddr,
+    /// How long SIGTERM waits for open sessions and calls to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSettings {
+    /// How often agents send a heartbeat (told to them at registration).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// An agent is offline after this many intervals without a heartbeat.
+    pub missed_heartbeats: u32,
+    /// How long a new session may take to send its Register message.
+    #[serde(with = "humantime_serde")]
+    pub register_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSettings {
+    /// Cron schedule (UTC) of the default policy; `BACKUP_SCHEDULE` of the old scripts.
+    pub default: CronSchedule,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            grpc_listen: parse_addr(DEFAULT_GRPC_LISTEN),
+            http_listen: parse_addr(DEFAULT_HTTP_LISTEN),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        FleetSettings {
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            missed_heartbeats: DEFAULT_MISSED_HEARTBEATS,
+            register_timeout: DEFAULT_REGISTER_TIMEOUT,
+        }
+    }
+}
+
+impl FleetSettings {
+    /// Silence after which an agent counts as offline.
+    pub fn offline_after(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats
+    }
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            server: ServerSettings::default(),
+            tls: default_tls_files(),
+            fleet: FleetSettings::default(),
+            schedule: ScheduleSettings::default(),
+            retention: RetentionSettings::default(),
+            repository: RepositorySettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+/// The files of a cert-manager Secret mounted at [`DEFAULT_TLS_DIR`].
+pub fn default_tls_files() -> TlsFiles {
+    let dir = PathBuf::from(DEFAULT_TLS_DIR);
+    TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        ca: dir.join("ca.crt"),
+    }
+}
+
+fn parse_addr(text: &str) -> SocketAddr {
+    text.parse()
+        .unwrap_or_else(|err| panic!("default address {text}: {err}"))
+}
+
+impl CoordinatorConfig {
+    /// Checks what serde cannot: ranges and cross-key rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.fleet.heartbeat_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "fleet.heartbeat_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if self.fleet.missed_heartbeats == 0 {
+            return Err(ConfigError::invalid(
+                "fleet.missed_heartbeats",
+                "must be at least 1",
+            ));
+        }
+        self.retention.validate()?;
+        self.repository.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn old_variables_keep_their_meaning() {
+        let vars = env(&[
+            ("BACKUP_RETENTION_DAYS", "7"),
+            ("BACKUP_SCHEDULE", "15 4 * * *"),
+            ("S3_BUCKET_PREFIX", "acme"),
+            ("COMPRESSION_LEVEL", "9"),
+        ]);
+        let config: CoordinatorConfig =
+            aitbc_backup_config::load(None, &vars, &SCHEMA).expect("load");
+        config.validate().expect("valid");
+        assert_eq!(config.retention.days, 7);
+        assert_eq!(config.schedule.default.as_str(), "15 4 * * *");
+        assert_eq!(config.repository.bucket_prefix, "acme");
+        assert_eq!(config.repository.compression_level, 9);
+        assert_eq!(config.fleet.offline_after(), Duration::from_secs(15));
+    }
+
+    #[test]
+    fn zero_missed_heartbeats_is_refused() {
+        let vars = env(&[("AITBC_BACKUP_FLEET__MISSED_HEARTBEATS", "0")]);
+        let config: CoordinatorConfig =
+            aitbc_backup_config::load(None, &vars, &SCHEMA).expect("load");
+        let err = config.validate().expect_err("zero").to_string();
+        assert!(err.contains("fleet.missed_heartbeats"), "{err}");
+    }
+}
