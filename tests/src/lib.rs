@@ -1,1 +1,79 @@
+//! The test harness: real services on free loopback ports in temporary directories.
+//!
+//! - [`process`]: a child process that is always stopped (SIGTERM or the service's own stop
+//!   signal, wait, then SIGKILL) when its guard drops, including when a test panics.
+//! - [`postgres`], [`redis`], [`s3`]: PostgreSQL 15, Redis 7, s3s-fs and moto.
+//! - [`fleet`]: a dev PKI and the aitbc-backup binaries (coordinator, agents, CLI).
+//!
+//! Services are started synchronously from the test's own thread (start functions block until
+//! the service answers), which keeps the parent-death signal tied to the test's lifetime.
 
+pub mod fleet;
+pub mod postgres;
+pub mod process;
+pub mod redis;
+pub mod s3;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound and released; the kernel does not hand it out again
+/// right away).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Where `scripts/setup.sh` put the tools that are not Debian packages.
+pub fn tools_dir() -> PathBuf {
+    match std::env::var_os("AITBC_TOOLS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".local/share/aitbc-backup/tools")
+        }
+    }
+}
+
+/// A tool from [`tools_dir`], or a panic telling how to install it.
+pub fn tool(relative: &str) -> PathBuf {
+    let path = tools_dir().join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// True when something accepts TCP connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A fresh temporary directory, removed on drop.
+pub fn temp_dir(label: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("aitbc-{label}-"))
+        .tempdir()
+        .expect("create temp dir")
+}
