@@ -2,7 +2,6 @@
 //! reference. Every key can be set by `AITBC_BACKUP_<SECTION>__<KEY>`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use aitbc_backup_backoff::Backoff;
@@ -23,8 +22,6 @@ pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(200);
 /// thousands of agents over half of it.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// cert-manager's Secret layout, mounted at /etc/aitbc-backup/tls.
-pub const DEFAULT_TLS_DIR: &str = "/etc/aitbc-backup/tls";
 
 pub const SCHEMA: Schema = Schema {
     legacy: REPOSITORY_LEGACY_VARS,
@@ -81,18 +78,13 @@ pub struct HttpSettings {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        let dir = PathBuf::from(DEFAULT_TLS_DIR);
         AgentConfig {
             name: String::new(),
             component: None,
             coordinator: CoordinatorSettings::default(),
             reconnect: ReconnectSettings::default(),
             http: HttpSettings::default(),
-            tls: TlsFiles {
-                cert: dir.join("tls.crt"),
-                key: dir.join("tls.key"),
-                ca: dir.join("ca.crt"),
-            },
+            tls: TlsFiles::default(),
             repository: RepositorySettings::default(),
             log: LogSettings::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,

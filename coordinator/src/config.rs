@@ -2,7 +2,6 @@
 //! configuration reference. Every key can be set by `AITBC_BACKUP_<SECTION>__<KEY>`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use aitbc_backup_config::settings::{
@@ -19,8 +18,6 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
 pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// cert-manager's Secret layout, mounted at /etc/aitbc-backup/tls.
-pub const DEFAULT_TLS_DIR: &str = "/etc/aitbc-backup/tls";
 
 /// The old scripts' variables this binary accepts.
 const LEGACY_VARS: &[LegacyVar] = &[
@@ -116,23 +113,13 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             server: ServerSettings::default(),
-            tls: default_tls_files(),
+            tls: TlsFiles::default(),
             fleet: FleetSettings::default(),
             schedule: ScheduleSettings::default(),
             retention: RetentionSettings::default(),
             repository: RepositorySettings::default(),
             log: LogSettings::default(),
         }
-    }
-}
-
-/// The files of a cert-manager Secret mounted at [`DEFAULT_TLS_DIR`].
-pub fn default_tls_files() -> TlsFiles {
-    let dir = PathBuf::from(DEFAULT_TLS_DIR);
-    TlsFiles {
-        cert: dir.join("tls.crt"),
-        key: dir.join("tls.key"),
-        ca: dir.join("ca.crt"),
     }
 }
 

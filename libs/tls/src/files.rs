@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+/// Where a cert-manager Secret (`tls.crt`, `tls.key`, `ca.crt`) is mounted by default.
+pub const DEFAULT_TLS_DIR: &str = "/etc/aitbc-backup/tls";
+
 /// The three files of an mTLS endpoint: its own certificate and key, and the CA that signs peers.
+/// Each defaults to the cert-manager Secret layout under [`DEFAULT_TLS_DIR`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TlsFiles {
     /// PEM certificate (chain) presented to peers.
     pub cert: PathBuf,
@@ -16,6 +20,17 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// PEM CA certificate(s) that peers' certificates must chain to.
     pub ca: PathBuf,
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        let dir = Path::new(DEFAULT_TLS_DIR);
+        TlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
