@@ -38,7 +38,7 @@ pub const SCHEMA: Schema = Schema {
     secrets: REPOSITORY_SECRETS,
 };
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
     pub server: ServerSettings,
@@ -106,20 +106,6 @@ impl FleetSettings {
     /// Silence after which an agent counts as offline.
     pub fn offline_after(&self) -> Duration {
         self.heartbeat_interval * self.missed_heartbeats
-    }
-}
-
-impl Default for CoordinatorConfig {
-    fn default() -> Self {
-        CoordinatorConfig {
-            server: ServerSettings::default(),
-            tls: TlsFiles::default(),
-            fleet: FleetSettings::default(),
-            schedule: ScheduleSettings::default(),
-            retention: RetentionSettings::default(),
-            repository: RepositorySettings::default(),
-            log: LogSettings::default(),
-        }
     }
 }
 

@@ -1,0 +1,60 @@
+use crate::crypto::CryptoError;
+use crate::manifest::ManifestError;
+use crate::storage::StorageError;
+
+/// Everything that can go wrong with a repository, with the object or key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0} holds no repository (no `config` object); run `aitbc-backup repo init` first")]
+    NotInitialized(String),
+    #[error("{0} already holds a repository")]
+    AlreadyInitialized(String),
+    #[error("repository config: {0}")]
+    BadConfig(String),
+    #[error("the repository is encrypted: a passphrase or key file is needed")]
+    KeyRequired,
+    #[error("none of the repository's {keys} keys opens with the given passphrase or key file")]
+    WrongKey { keys: usize },
+    #[error("key {id} was revoked at {revoked_at}; use another key")]
+    RevokedKey { id: String, revoked_at: String },
+    #[error("{0}")]
+    KeyManagement(String),
+    #[error("object {object} is corrupt: {reason}")]
+    Corrupt { object: String, reason: String },
+    #[error("object {0} is missing")]
+    Missing(String),
+    #[error("manifest {object}: {source}")]
+    Manifest {
+        object: String,
+        source: ManifestError,
+    },
+    #[error("manifest {0} already exists; manifests are never overwritten")]
+    ManifestExists(String),
+    #[error("no manifest with id `{0}`")]
+    NoSuchManifest(String),
+    #[error("stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "chunk {0} was removed while this backup ran (garbage collection with a grace period \
+         shorter than the backup); nothing was committed, run the backup again"
+    )]
+    ChunkVanished(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<CryptoError> for RepoError {
+    fn from(err: CryptoError) -> Self {
+        match err {
+            CryptoError::Authentication(object) | CryptoError::Truncated(object) => {
+                RepoError::Corrupt {
+                    object,
+                    reason: "failed authentication".into(),
+                }
+            }
+            CryptoError::Kdf(message) => RepoError::KeyManagement(message),
+        }
+    }
+}

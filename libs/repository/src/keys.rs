@@ -1,0 +1,298 @@
+//! Repository keys: the master key wrapped once per key-encryption key, and the audit log.
+//!
+//! - `keys/<id>.json`: an active key: its KEK derivation, the wrapped master key, and a check
+//!   value of the KEK.
+//! - `keys-revoked/<id>.json`: a revoked key's tombstone: derivation and check value only (the
+//!   wrapped master key is gone), so using a revoked secret is reported as such.
+//! - `audit/<time>-<rand>.json`: one object per key operation (when, what, which key, by which
+//!   key, from which host), never key material.
+//!
+//! Keys are added, rotated and revoked without touching data: only the wrapping changes.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::crypto::KeySecret;
+use crate::crypto::{self, KekDerivation};
+use crate::error::RepoError;
+use crate::layout;
+use crate::repo::now_rfc3339;
+use crate::storage::{PutMode, Storage, StorageError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KeyObject {
+    id: String,
+    created: String,
+    derivation: KekDerivation,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    wrapped: Option<String>,
+    kek_check: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    revoked_at: Option<String>,
+}
+
+/// A key as `keys list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub kind: &'static str,
+    pub created: String,
+    pub revoked_at: Option<String>,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub time: String,
+    /// `init`, `add`, `rotate`, `revoke`.
+    pub action: String,
+    pub key_id: String,
+    pub by_key_id: Option<String>,
+    pub host: String,
+}
+
+fn kind_of(derivation: &KekDerivation) -> &'static str {
+    match derivation {
+        KekDerivation::Passphrase { .. } => "passphrase",
+        KekDerivation::KeyFile { .. } => "key-file",
+    }
+}
+
+async fn read_keys(
+    storage: &Storage,
+    prefix: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<KeyObject>, RepoError> {
+    let mut out = Vec::new();
+    for meta in storage.list(prefix, cancel).await? {
+        let bytes = storage.get(&meta.path, cancel).await?;
+        let key: KeyObject = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+            object: meta.path.to_string(),
+            reason: e.to_string(),
+        })?;
+        out.push(key);
+    }
+    Ok(out)
+}
+
+/// Finds the master key `secret` opens, and that key's id.
+pub(crate) async fn open_master(
+    storage: &Storage,
+    secret: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<([u8; 32], String), RepoError> {
+    let active = read_keys(storage, layout::KEYS, cancel).await?;
+    for key in &active {
+        let Some(kek) = secret.derive(&key.derivation)? else {
+            continue;
+        };
+        let Some(wrapped) = key.wrapped.as_deref().and_then(|w| hex::decode(w).ok()) else {
+            continue;
+        };
+        if let Some(master) = crypto::unwrap(&kek, &wrapped) {
+            return Ok((master, key.id.clone()));
+        }
+    }
+    for key in read_keys(storage, layout::REVOKED_KEYS, cancel).await? {
+        let Some(kek) = secret.derive(&key.derivation)? else {
+            continue;
+        };
+        if crypto::kek_check(&kek) == key.kek_check {
+            return Err(RepoError::RevokedKey {
+                id: key.id,
+                revoked_at: key.revoked_at.unwrap_or_default(),
+            });
+        }
+    }
+    Err(RepoError::WrongKey { keys: active.len() })
+}
+
+/// Wraps `master` with a KEK derived from `secret` and stores it as a new key.
+pub(crate) async fn store_new_key(
+    storage: &Storage,
+    master: &[u8; 32],
+    secret: &KeySecret,
+    by: Option<&str>,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    let derivation = secret.new_derivation();
+    let kek = secret
+        .derive(&derivation)?
+        .ok_or_else(|| RepoError::KeyManagement("derivation kind mismatch".into()))?;
+    let key = KeyObject {
+        id: format!("k{}", hex::encode(rand::random::<[u8; 6]>())),
+        created: now_rfc3339(),
+        derivation,
+        wrapped: Some(hex::encode(crypto::wrap(&kek, master))),
+        kek_check: crypto::kek_check(&kek),
+        revoked_at: None,
+    };
+    let body =
+        serde_json::to_vec_pretty(&key).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
+    storage
+        .put(
+            &layout::key(&key.id),
+            Bytes::from(body),
+            PutMode::Create,
+            cancel,
+        )
+        .await?;
+    audit(
+        storage,
+        if by.is_some() { "add" } else { "init" },
+        &key.id,
+        by,
+        cancel,
+    )
+    .await?;
+    Ok(key.id)
+}
+
+async fn audit(
+    storage: &Storage,
+    action: &str,
+    key_id: &str,
+    by_key_id: Option<&str>,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    let entry = AuditEntry {
+        time: now_rfc3339(),
+        action: action.to_owned(),
+        key_id: key_id.to_owned(),
+        by_key_id: by_key_id.map(str::to_owned),
+        host: hostname(),
+    };
+    let body = serde_json::to_vec(&entry).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
+    storage
+        .put(
+            &layout::timestamped(layout::AUDIT),
+            Bytes::from(body),
+            PutMode::Create,
+            cancel,
+        )
+        .await?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Active and revoked keys.
+pub async fn list_keys(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Result<Vec<KeyInfo>, RepoError> {
+    let mut out: Vec<KeyInfo> = Vec::new();
+    for prefix in [layout::KEYS, layout::REVOKED_KEYS] {
+        for key in read_keys(storage, prefix, cancel).await? {
+            out.push(KeyInfo {
+                id: key.id,
+                kind: kind_of(&key.derivation),
+                created: key.created,
+                revoked_at: key.revoked_at,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.created.cmp(&b.created));
+    Ok(out)
+}
+
+/// The audit log, oldest first.
+pub async fn audit_log(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Result<Vec<AuditEntry>, RepoError> {
+    let mut out = Vec::new();
+    for meta in storage.list(layout::AUDIT, cancel).await? {
+        let bytes = storage.get(&meta.path, cancel).await?;
+        out.push(
+            serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+                object: meta.path.to_string(),
+                reason: e.to_string(),
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+/// Adds a key for `new`, authorised by `current`; returns the new key's id.
+pub async fn add_key(
+    storage: &Storage,
+    current: &KeySecret,
+    new: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    let (master, by) = open_master(storage, current, cancel).await?;
+    store_new_key(storage, &master, new, Some(&by), cancel).await
+}
+
+/// Revokes key `id`, authorised by `current`. The last active key cannot be revoked.
+pub async fn revoke_key(
+    storage: &Storage,
+    current: &KeySecret,
+    id: &str,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    let (_, by) = open_master(storage, current, cancel).await?;
+    revoke(storage, id, &by, "revoke", cancel).await
+}
+
+/// Replaces the key `current` opens with a new one for `new`; returns the new key's id.
+pub async fn rotate_key(
+    storage: &Storage,
+    current: &KeySecret,
+    new: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    let (master, old) = open_master(storage, current, cancel).await?;
+    let new_id = store_new_key(storage, &master, new, Some(&old), cancel).await?;
+    revoke(storage, &old, &new_id, "rotate", cancel).await?;
+    Ok(new_id)
+}
+
+async fn revoke(
+    storage: &Storage,
+    id: &str,
+    by: &str,
+    action: &str,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    let active = read_keys(storage, layout::KEYS, cancel).await?;
+    let Some(key) = active.iter().find(|k| k.id == id) else {
+        return Err(RepoError::KeyManagement(format!(
+            "no active key with id `{id}`"
+        )));
+    };
+    if active.len() == 1 {
+        return Err(RepoError::KeyManagement(format!(
+            "key {id} is the repository's only key; add another before revoking it"
+        )));
+    }
+    // Tombstone first, then remove the wrapped master key: a crash in between leaves the key
+    // usable and its tombstone present, never neither.
+    let tombstone = KeyObject {
+        wrapped: None,
+        revoked_at: Some(now_rfc3339()),
+        ..key.clone()
+    };
+    let body = serde_json::to_vec_pretty(&tombstone)
+        .map_err(|e| RepoError::KeyManagement(e.to_string()))?;
+    match storage
+        .put(
+            &layout::revoked_key(id),
+            Bytes::from(body),
+            PutMode::Create,
+            cancel,
+        )
+        .await
+    {
+        Ok(()) | Err(StorageError::AlreadyExists(_)) => {}
+        Err(err) => return Err(err.into()),
+    }
+    storage.delete(&layout::key(id), cancel).await?;
+    audit(storage, action, id, Some(by), cancel).await
+}

@@ -1,0 +1,63 @@
+//! Where each kind of object lives. `docs/repository-format.md` documents the same layout.
+
+use crate::path::RemotePath;
+
+pub const CONFIG: &str = "config";
+pub const KEYS: &str = "keys/";
+pub const REVOKED_KEYS: &str = "keys-revoked/";
+pub const AUDIT: &str = "audit/";
+pub const CHUNKS: &str = "chunks/";
+pub const COMPONENT_MANIFESTS: &str = "manifests/components/";
+pub const SET_MANIFESTS: &str = "manifests/sets/";
+pub const GC_CONDEMNED: &str = "gc/";
+
+fn path(text: String) -> RemotePath {
+    // Every caller passes hex ids or fixed names, which are always valid keys.
+    RemotePath::new(text).unwrap_or_else(|err| panic!("layout produced {err}"))
+}
+
+pub fn config() -> RemotePath {
+    path(CONFIG.to_owned())
+}
+
+pub fn chunk(id_hex: &str) -> RemotePath {
+    path(format!("{CHUNKS}{}/{id_hex}", &id_hex[..2]))
+}
+
+pub fn component_manifest(id: &str) -> RemotePath {
+    path(format!("{COMPONENT_MANIFESTS}{id}.json"))
+}
+
+pub fn set_manifest(id: &str) -> RemotePath {
+    path(format!("{SET_MANIFESTS}{id}.json"))
+}
+
+pub fn key(id: &str) -> RemotePath {
+    path(format!("{KEYS}{id}.json"))
+}
+
+pub fn revoked_key(id: &str) -> RemotePath {
+    path(format!("{REVOKED_KEYS}{id}.json"))
+}
+
+/// A new, time-ordered name under `dir` (`audit/`, `gc/`): `<UTC timestamp>-<random>.json`.
+pub fn timestamped(dir: &str) -> RemotePath {
+    let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
+    path(format!("{dir}{now}-{:08x}.json", rand::random::<u32>()))
+}
+
+/// A new manifest id: sortable by creation time, unique without coordination.
+pub fn new_manifest_id() -> String {
+    let now = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    format!("{now}-{:08x}", rand::random::<u32>())
+}
+
+/// Whether `id` has the shape of a manifest id (so it can be put in a key safely).
+pub fn is_manifest_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The id of a component or set manifest from its key.
+pub fn manifest_id_of(path: &RemotePath) -> Option<&str> {
+    path.file_name().strip_suffix(".json")
+}

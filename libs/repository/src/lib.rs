@@ -1,0 +1,33 @@
+//! The repository: content-addressed, deduplicated, compressed, optionally encrypted storage on
+//! S3 or a local directory. The on-storage format is documented in `docs/repository-format.md`.
+//!
+//! - [`storage`]: object storage backends behind one retrying, time-limited, cancellable layer.
+//! - [`repo`]: opening and creating repositories; chunk encoding; manifest commits.
+//! - [`backup`] / [`restore`]: the bounded stream pipelines.
+//! - [`verify`], [`gc`]: integrity checks and garbage collection.
+//! - [`keys`], [`crypto`]: key management and encryption.
+//! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
+
+pub mod backup;
+pub mod chunker;
+pub mod crypto;
+mod error;
+pub mod gc;
+pub mod keys;
+pub mod layout;
+pub mod manifest;
+pub mod open;
+pub mod path;
+pub mod repo;
+pub mod restore;
+pub mod storage;
+pub mod verify;
+
+pub use backup::{BackupRequest, Progress, backup};
+pub use chunker::ChunkerParams;
+pub use error::RepoError;
+pub use keys::KeySecret;
+pub use open::{RepoUrl, S3Options, open_storage};
+pub use repo::{RepoSettings, Repository};
+pub use restore::{restore, restore_to_file};
+pub use storage::{Storage, StorageError, StorageLimits};

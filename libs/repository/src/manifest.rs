@@ -1,0 +1,226 @@
+//! Component and set manifests: the only truth about what a repository holds.
+//!
+//! A manifest is stored as an envelope `{"format", "version", "blake3", "body"}` where `blake3`
+//! is the hash of the body's exact bytes, so any change to a stored manifest is detected. In an
+//! encrypted repository the whole envelope is sealed. Manifests are created once
+//! (create-only put) and never overwritten.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub const MANIFEST_VERSION: u32 = 1;
+pub const COMPONENT_FORMAT: &str = "aitbc-backup/component-manifest";
+pub const SET_FORMAT: &str = "aitbc-backup/set-manifest";
+
+/// One chunk of a stream, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Hex chunk id (BLAKE3 of the raw bytes; keyed in encrypted repositories).
+    pub id: String,
+    /// Length of the chunk's raw bytes.
+    pub raw_len: u32,
+    /// Length of the stored object (after compression and encryption).
+    pub stored_len: u32,
+}
+
+/// A file inside a tar stream: where its header starts and its data length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Where a component was captured, per component kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConsistencyPoint {
+    Postgres {
+        lsn: String,
+        snapshot: String,
+        system_identifier: String,
+        timeline: u32,
+        server_version: String,
+    },
+    Redis {
+        replid: String,
+        offset: u64,
+        version: String,
+    },
+    Ledger {
+        height: u64,
+        hash: String,
+    },
+}
+
+/// What a backup wrote (informational; not needed to restore).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStats {
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub new_stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentManifest {
+    pub id: String,
+    /// A label: the component's or the stream's name.
+    pub name: String,
+    /// What the stream is: `raw`, `tar`, `pg_dump`, `rdb`, ...
+    pub stream: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub raw_size: u64,
+    /// Hex BLAKE3 of the whole raw stream, checked at the end of every restore.
+    pub stream_blake3: String,
+    pub chunks: Vec<ChunkRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<ConsistencyPoint>,
+    pub stats: BackupStats,
+}
+
+/// One component of a snapshot set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetComponent {
+    pub name: String,
+    pub manifest_id: String,
+    pub consistency: Option<ConsistencyPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetManifest {
+    pub id: String,
+    pub created: String,
+    /// `independent`, `coordinated` or `fenced`.
+    pub mode: String,
+    pub components: Vec<SetComponent>,
+    /// Spread of the cut instants, milliseconds.
+    pub cut_skew_ms: f64,
+    /// How long writers were blocked (fenced mode), milliseconds.
+    pub write_pause_ms: f64,
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    format: String,
+    version: u32,
+    blake3: String,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not a manifest: {0}")]
+    NotAManifest(String),
+    #[error("manifest is a `{found}`, expected `{expected}`")]
+    WrongFormat {
+        expected: &'static str,
+        found: String,
+    },
+    #[error("manifest format version {0} is newer than this reader (supports {MANIFEST_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("manifest checksum mismatch: the stored manifest was modified or damaged")]
+    Checksum,
+    #[error("manifest body: {0}")]
+    Body(String),
+}
+
+/// Serializes a manifest body into its envelope.
+pub fn encode<T: Serialize>(format: &'static str, body: &T) -> Vec<u8> {
+    // Serializing our own plain structs cannot fail.
+    let body = serde_json::to_string(body).unwrap_or_default();
+    let raw = RawValue::from_string(body).unwrap_or_else(|_| {
+        RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!())
+    });
+    let envelope = Envelope {
+        format: format.to_owned(),
+        version: MANIFEST_VERSION,
+        blake3: blake3::hash(raw.get().as_bytes()).to_hex().to_string(),
+        body: &raw,
+    };
+    serde_json::to_vec_pretty(&envelope).unwrap_or_default()
+}
+
+/// Parses and checks an envelope, then its body.
+pub fn decode<T: for<'de> Deserialize<'de>>(
+    format: &'static str,
+    bytes: &[u8],
+) -> Result<T, ManifestError> {
+    let envelope: Envelope<'_> =
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::NotAManifest(e.to_string()))?;
+    if envelope.format != format {
+        return Err(ManifestError::WrongFormat {
+            expected: format,
+            found: envelope.format,
+        });
+    }
+    if envelope.version > MANIFEST_VERSION || envelope.version == 0 {
+        return Err(ManifestError::UnsupportedVersion(envelope.version));
+    }
+    if blake3::hash(envelope.body.get().as_bytes())
+        .to_hex()
+        .as_str()
+        != envelope.blake3
+    {
+        return Err(ManifestError::Checksum);
+    }
+    serde_json::from_str(envelope.body.get()).map_err(|e| ManifestError::Body(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-1 manifest exactly as written by this release; it must parse forever.
+    const GOLDEN_V1: &str = include_str!("../testdata/component-manifest-v1.json");
+
+    #[test]
+    fn golden_v1_parses() {
+        let manifest: ComponentManifest =
+            decode(COMPONENT_FORMAT, GOLDEN_V1.as_bytes()).expect("golden v1");
+        assert_eq!(manifest.id, "20261126T120000Z-0a1b2c3d");
+        assert_eq!(manifest.raw_size, 3_145_728);
+        assert_eq!(manifest.chunks.len(), 2);
+        assert_eq!(manifest.chunks[1].raw_len, 2_097_152);
+        assert_eq!(manifest.files[0].path, "chain/chain.db");
+        assert_eq!(
+            manifest.consistency,
+            Some(ConsistencyPoint::Ledger {
+                height: 1234,
+                hash: "ab".repeat(32)
+            })
+        );
+    }
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let manifest: ComponentManifest =
+            decode(COMPONENT_FORMAT, GOLDEN_V1.as_bytes()).expect("golden");
+        let bytes = encode(COMPONENT_FORMAT, &manifest);
+        let back: ComponentManifest = decode(COMPONENT_FORMAT, &bytes).expect("decode");
+        assert_eq!(back, manifest);
+        let tampered = String::from_utf8(bytes)
+            .expect("utf-8")
+            .replace("3145728", "3145729");
+        assert_eq!(
+            decode::<ComponentManifest>(COMPONENT_FORMAT, tampered.as_bytes()),
+            Err(ManifestError::Checksum)
+        );
+        let future = GOLDEN_V1.replace("\"version\": 1", "\"version\": 7");
+        assert_eq!(
+            decode::<ComponentManifest>(COMPONENT_FORMAT, future.as_bytes()),
+            Err(ManifestError::UnsupportedVersion(7))
+        );
+        assert!(matches!(
+            decode::<SetManifest>(SET_FORMAT, GOLDEN_V1.as_bytes()),
+            Err(ManifestError::WrongFormat { .. })
+        ));
+    }
+}

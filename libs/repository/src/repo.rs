@@ -1,0 +1,408 @@
+//! Opening and creating repositories, and reading and writing their objects: chunks (compressed,
+//! optionally encrypted, addressed by hash) and manifests (enveloped, create-only).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::chunker::ChunkerParams;
+use crate::crypto::DataKeys;
+use crate::error::RepoError;
+use crate::keys::{self, KeySecret};
+use crate::layout;
+use crate::manifest::{self, COMPONENT_FORMAT, ComponentManifest, SET_FORMAT, SetManifest};
+use crate::path::RemotePath;
+use crate::storage::{PutMode, Storage, StorageError};
+
+pub const REPOSITORY_FORMAT: &str = "aitbc-backup/repository";
+pub const REPOSITORY_VERSION: u32 = 1;
+
+/// The `config` object: plaintext, created once by `init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub created: String,
+    pub chunker: ChunkerParams,
+    pub encrypted: bool,
+}
+
+/// Tuning of backups and restores.
+#[derive(Debug, Clone)]
+pub struct RepoSettings {
+    /// zstd level, 1..=19.
+    pub compression_level: i32,
+    /// Chunks uploaded at once.
+    pub upload_concurrency: usize,
+    /// Chunks downloaded at once.
+    pub download_concurrency: usize,
+    /// Upload throughput limit in bytes per second (stored bytes); None = unlimited.
+    pub limit_upload_bytes_per_sec: Option<u64>,
+}
+
+impl Default for RepoSettings {
+    fn default() -> Self {
+        RepoSettings {
+            compression_level: 3,
+            upload_concurrency: 8,
+            download_concurrency: 8,
+            limit_upload_bytes_per_sec: None,
+        }
+    }
+}
+
+/// Tag byte in front of every stored chunk's (plaintext) payload.
+const TAG_RAW: u8 = 0;
+const TAG_ZSTD: u8 = 1;
+
+/// An open repository. Cheap to clone.
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) storage: Storage,
+    pub(crate) config: RepoConfig,
+    pub(crate) keys: Option<DataKeys>,
+    pub(crate) settings: RepoSettings,
+}
+
+impl Repository {
+    /// Creates a repository; encrypted when `secret` is given (it becomes the first key).
+    pub async fn init(
+        storage: Storage,
+        chunker: ChunkerParams,
+        secret: Option<&KeySecret>,
+        cancel: &CancellationToken,
+    ) -> Result<Repository, RepoError> {
+        let config = RepoConfig {
+            format: REPOSITORY_FORMAT.to_owned(),
+            version: REPOSITORY_VERSION,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            created: now_rfc3339(),
+            chunker,
+            encrypted: secret.is_some(),
+        };
+        let body =
+            serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        match storage
+            .put(
+                &layout::config(),
+                Bytes::from(body),
+                PutMode::Create,
+                cancel,
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(StorageError::AlreadyExists(_)) => {
+                return Err(RepoError::AlreadyInitialized(storage.describe()));
+            }
+            Err(err) => return Err(err.into()),
+        }
+        let keys = match secret {
+            Some(secret) => {
+                let master: [u8; 32] = rand::random();
+                keys::store_new_key(&storage, &master, secret, None, cancel).await?;
+                Some(DataKeys::from_master(&master))
+            }
+            None => None,
+        };
+        Ok(Repository {
+            storage,
+            config,
+            keys,
+            settings: RepoSettings::default(),
+        })
+    }
+
+    /// Opens an existing repository.
+    pub async fn open(
+        storage: Storage,
+        secret: Option<&KeySecret>,
+        cancel: &CancellationToken,
+    ) -> Result<Repository, RepoError> {
+        let config = read_config(&storage, cancel).await?;
+        let keys = if config.encrypted {
+            let secret = secret.ok_or(RepoError::KeyRequired)?;
+            let (master, _) = keys::open_master(&storage, secret, cancel).await?;
+            Some(DataKeys::from_master(&master))
+        } else {
+            None
+        };
+        Ok(Repository {
+            storage,
+            config,
+            keys,
+            settings: RepoSettings::default(),
+        })
+    }
+
+    pub fn with_settings(mut self, settings: RepoSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn settings(&self) -> &RepoSettings {
+        &self.settings
+    }
+
+    /// The id of a chunk's raw bytes.
+    pub(crate) fn chunk_id(&self, data: &[u8]) -> blake3::Hash {
+        match &self.keys {
+            Some(keys) => keys.chunk_id(data),
+            None => blake3::hash(data),
+        }
+    }
+
+    /// Compresses (unless that does not shrink it) and seals a chunk for storage.
+    pub(crate) fn encode_chunk(&self, data: &[u8]) -> Vec<u8> {
+        let compressed = zstd::bulk::compress(data, self.settings.compression_level).ok();
+        let mut payload = Vec::with_capacity(data.len() + 1);
+        match compressed {
+            Some(c) if c.len() < data.len() => {
+                payload.push(TAG_ZSTD);
+                payload.extend_from_slice(&c);
+            }
+            _ => {
+                payload.push(TAG_RAW);
+                payload.extend_from_slice(data);
+            }
+        }
+        match &self.keys {
+            Some(keys) => keys.seal(&payload),
+            None => payload,
+        }
+    }
+
+    /// Reverses [`Repository::encode_chunk`] and checks the result against its id and length.
+    pub(crate) fn decode_chunk(
+        &self,
+        id_hex: &str,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> Result<Vec<u8>, RepoError> {
+        let object = layout::chunk(id_hex).to_string();
+        let corrupt = |reason: String| RepoError::Corrupt {
+            object: object.clone(),
+            reason,
+        };
+        let payload = match &self.keys {
+            Some(keys) => keys.open(&object, stored)?,
+            None => stored.to_vec(),
+        };
+        let (tag, body) = payload
+            .split_first()
+            .ok_or_else(|| corrupt("empty object".into()))?;
+        let data = match *tag {
+            TAG_RAW => body.to_vec(),
+            TAG_ZSTD => zstd::bulk::decompress(body, raw_len as usize)
+                .map_err(|e| corrupt(format!("zstd: {e}")))?,
+            other => return Err(corrupt(format!("unknown encoding tag {other}"))),
+        };
+        if data.len() != raw_len as usize {
+            return Err(corrupt(format!(
+                "{} bytes, the manifest says {raw_len}",
+                data.len()
+            )));
+        }
+        if self.chunk_id(&data).to_hex().as_str() != id_hex {
+            return Err(corrupt("content does not match its id".into()));
+        }
+        Ok(data)
+    }
+
+    fn seal_manifest(&self, bytes: Vec<u8>) -> Bytes {
+        match &self.keys {
+            Some(keys) => Bytes::from(keys.seal(&bytes)),
+            None => Bytes::from(bytes),
+        }
+    }
+
+    fn open_manifest(&self, object: &RemotePath, stored: &[u8]) -> Result<Vec<u8>, RepoError> {
+        match &self.keys {
+            Some(keys) => Ok(keys.open(object.as_str(), stored)?),
+            None => Ok(stored.to_vec()),
+        }
+    }
+
+    /// Commits a manifest: create-only. A retry that finds its own earlier write counts as
+    /// success; any other existing object is refused.
+    async fn commit(
+        &self,
+        path: &RemotePath,
+        id: &str,
+        plain: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
+        let sealed = self.seal_manifest(plain.clone());
+        match self
+            .storage
+            .put(path, sealed, PutMode::Create, cancel)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(StorageError::AlreadyExists(_)) => {
+                let existing = self.storage.get(path, cancel).await?;
+                match self.open_manifest(path, &existing) {
+                    Ok(bytes) if bytes == plain => Ok(()),
+                    _ => Err(RepoError::ManifestExists(id.to_owned())),
+                }
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    pub async fn commit_component(
+        &self,
+        manifest: &ComponentManifest,
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
+        let path = layout::component_manifest(&manifest.id);
+        self.commit(
+            &path,
+            &manifest.id,
+            manifest::encode(COMPONENT_FORMAT, manifest),
+            cancel,
+        )
+        .await
+    }
+
+    pub async fn commit_set(
+        &self,
+        manifest: &SetManifest,
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
+        let path = layout::set_manifest(&manifest.id);
+        self.commit(
+            &path,
+            &manifest.id,
+            manifest::encode(SET_FORMAT, manifest),
+            cancel,
+        )
+        .await
+    }
+
+    pub async fn component(
+        &self,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<ComponentManifest, RepoError> {
+        if !layout::is_manifest_id(id) {
+            return Err(RepoError::NoSuchManifest(id.to_owned()));
+        }
+        let path = layout::component_manifest(id);
+        let stored = match self.storage.get(&path, cancel).await {
+            Ok(bytes) => bytes,
+            Err(StorageError::NotFound(_)) => return Err(RepoError::NoSuchManifest(id.to_owned())),
+            Err(err) => return Err(err.into()),
+        };
+        let plain = self.open_manifest(&path, &stored)?;
+        manifest::decode(COMPONENT_FORMAT, &plain).map_err(|source| RepoError::Manifest {
+            object: path.to_string(),
+            source,
+        })
+    }
+
+    pub async fn set(
+        &self,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<SetManifest, RepoError> {
+        if !layout::is_manifest_id(id) {
+            return Err(RepoError::NoSuchManifest(id.to_owned()));
+        }
+        let path = layout::set_manifest(id);
+        let stored = match self.storage.get(&path, cancel).await {
+            Ok(bytes) => bytes,
+            Err(StorageError::NotFound(_)) => return Err(RepoError::NoSuchManifest(id.to_owned())),
+            Err(err) => return Err(err.into()),
+        };
+        let plain = self.open_manifest(&path, &stored)?;
+        manifest::decode(SET_FORMAT, &plain).map_err(|source| RepoError::Manifest {
+            object: path.to_string(),
+            source,
+        })
+    }
+
+    /// Ids of every component manifest, oldest first.
+    pub async fn component_ids(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<String>, RepoError> {
+        let objects = self
+            .storage
+            .list(layout::COMPONENT_MANIFESTS, cancel)
+            .await?;
+        Ok(objects
+            .iter()
+            .filter_map(|o| layout::manifest_id_of(&o.path).map(str::to_owned))
+            .collect())
+    }
+
+    /// Every component manifest, oldest first.
+    pub async fn components(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ComponentManifest>, RepoError> {
+        let mut out = Vec::new();
+        for id in self.component_ids(cancel).await? {
+            out.push(self.component(&id, cancel).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a component manifest (its chunks become garbage for GC).
+    pub async fn delete_component(
+        &self,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
+        if !layout::is_manifest_id(id) {
+            return Err(RepoError::NoSuchManifest(id.to_owned()));
+        }
+        Ok(self
+            .storage
+            .delete(&layout::component_manifest(id), cancel)
+            .await?)
+    }
+}
+
+pub(crate) async fn read_config(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Result<RepoConfig, RepoError> {
+    let bytes = match storage.get(&layout::config(), cancel).await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound(_)) => {
+            return Err(RepoError::NotInitialized(storage.describe()));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let config: RepoConfig =
+        serde_json::from_slice(&bytes).map_err(|e| RepoError::BadConfig(e.to_string()))?;
+    if config.format != REPOSITORY_FORMAT {
+        return Err(RepoError::BadConfig(format!(
+            "unknown format `{}`",
+            config.format
+        )));
+    }
+    if config.version > REPOSITORY_VERSION {
+        return Err(RepoError::BadConfig(format!(
+            "format version {} is newer than this program (supports {REPOSITORY_VERSION})",
+            config.version
+        )));
+    }
+    config.chunker.validate().map_err(RepoError::BadConfig)?;
+    Ok(config)
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -1,0 +1,168 @@
+//! `verify`: structure (every manifest parses, every chunk it names is stored with the recorded
+//! size, every set names existing component manifests) and, with `read_data`, every referenced
+//! chunk downloaded, decrypted, decompressed and re-hashed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures::StreamExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::RepoError;
+use crate::layout;
+use crate::repo::Repository;
+
+/// One thing wrong, naming the object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub object: String,
+    pub problem: String,
+    /// Manifests that reference the object.
+    pub manifests: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub manifests: usize,
+    pub chunks: usize,
+    pub chunks_read: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+pub async fn verify(
+    repo: &Repository,
+    read_data: bool,
+    cancel: &CancellationToken,
+) -> Result<VerifyReport, RepoError> {
+    let mut report = VerifyReport::default();
+    // chunk id → (raw_len, stored_len, referencing manifests)
+    let mut referenced: BTreeMap<String, (u32, u32, Vec<String>)> = BTreeMap::new();
+    let ids = repo.component_ids(cancel).await?;
+    for id in &ids {
+        match repo.component(id, cancel).await {
+            Ok(manifest) => {
+                report.manifests += 1;
+                for chunk in &manifest.chunks {
+                    let entry = referenced.entry(chunk.id.clone()).or_insert((
+                        chunk.raw_len,
+                        chunk.stored_len,
+                        Vec::new(),
+                    ));
+                    if entry.2.last() != Some(id) {
+                        entry.2.push(id.clone());
+                    }
+                }
+            }
+            Err(err) => report.problems.push(Problem {
+                object: layout::component_manifest(id).to_string(),
+                problem: err.to_string(),
+                manifests: vec![id.clone()],
+            }),
+        }
+    }
+    verify_sets(repo, &ids, &mut report, cancel).await?;
+
+    let stored: HashMap<String, u64> = repo
+        .storage
+        .list(layout::CHUNKS, cancel)
+        .await?
+        .into_iter()
+        .map(|o| (o.path.file_name().to_owned(), o.size))
+        .collect();
+    report.chunks = referenced.len();
+    let mut readable = Vec::new();
+    for (id, (raw_len, stored_len, manifests)) in &referenced {
+        let object = layout::chunk(id).to_string();
+        match stored.get(id) {
+            None => report.problems.push(Problem {
+                object,
+                problem: "missing".into(),
+                manifests: manifests.clone(),
+            }),
+            Some(size) if *size != u64::from(*stored_len) => report.problems.push(Problem {
+                object,
+                problem: format!("size {size} bytes, the manifest records {stored_len}"),
+                manifests: manifests.clone(),
+            }),
+            Some(_) => readable.push((id.clone(), *raw_len, manifests.clone())),
+        }
+    }
+    if read_data {
+        let mut reads = futures::stream::iter(readable)
+            .map(|(id, raw_len, manifests)| {
+                let repo = repo.clone();
+                async move {
+                    let object = layout::chunk(&id);
+                    let result = match repo.storage.get(&object, cancel).await {
+                        Ok(stored) => tokio::task::spawn_blocking(move || {
+                            repo.decode_chunk(&id, raw_len, &stored).map(|_| ())
+                        })
+                        .await
+                        .map_err(|e| RepoError::Io(std::io::Error::other(e)))
+                        .and_then(|r| r),
+                        Err(err) => Err(err.into()),
+                    };
+                    (object.to_string(), manifests, result)
+                }
+            })
+            .buffer_unordered(repo.settings.download_concurrency.max(1));
+        while let Some((object, manifests, result)) = reads.next().await {
+            report.chunks_read += 1;
+            match result {
+                Ok(()) => {}
+                Err(RepoError::Cancelled) => return Err(RepoError::Cancelled),
+                Err(RepoError::Corrupt { reason, .. }) => report.problems.push(Problem {
+                    object,
+                    problem: format!("corrupt: {reason}"),
+                    manifests,
+                }),
+                Err(err) => report.problems.push(Problem {
+                    object,
+                    problem: err.to_string(),
+                    manifests,
+                }),
+            }
+        }
+    }
+    report.problems.sort_by(|a, b| a.object.cmp(&b.object));
+    Ok(report)
+}
+
+async fn verify_sets(
+    repo: &Repository,
+    component_ids: &[String],
+    report: &mut VerifyReport,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    for meta in repo.storage.list(layout::SET_MANIFESTS, cancel).await? {
+        let Some(id) = layout::manifest_id_of(&meta.path) else {
+            continue;
+        };
+        match repo.set(id, cancel).await {
+            Ok(set) => {
+                report.manifests += 1;
+                for component in set.components {
+                    if !component_ids.contains(&component.manifest_id) {
+                        report.problems.push(Problem {
+                            object: layout::component_manifest(&component.manifest_id).to_string(),
+                            problem: "missing (named by a set manifest)".into(),
+                            manifests: vec![id.to_owned()],
+                        });
+                    }
+                }
+            }
+            Err(err) => report.problems.push(Problem {
+                object: meta.path.to_string(),
+                problem: err.to_string(),
+                manifests: vec![id.to_owned()],
+            }),
+        }
+    }
+    Ok(())
+}
