@@ -5,6 +5,7 @@ mod agents;
 mod certs;
 mod client;
 mod output;
+mod repo;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     /// Show the agents the coordinator knows.
     #[command(subcommand)]
     Agents(agents::AgentsCommand),
+    /// Work on a repository directly (no coordinator needed).
+    Repo(repo::RepoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,13 +45,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
     match cli.command {
         Command::Certs(command) => certs::run(command),
+        Command::Repo(args) => runtime()?.block_on(repo::run(args, cli.json)),
         Command::Agents(command) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(agents::run(command, &cli.connection, cli.json))
+            runtime()?.block_on(agents::run(command, &cli.connection, cli.json))
         }
     }
 }

@@ -8,10 +8,12 @@
 //! Services are started synchronously from the test's own thread (start functions block until
 //! the service answers), which keeps the parent-death signal tied to the test's lifetime.
 
+pub mod data;
 pub mod fleet;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod repository;
 pub mod s3;
 
 use std::net::TcpListener;

@@ -43,6 +43,9 @@ pub struct S3Settings {
     pub multipart_threshold: usize,
     pub part_size: usize,
     pub max_parts_in_flight: usize,
+    /// Explicit access key and secret instead of the AWS default chain (environment, profile,
+    /// web identity). For in-process tests; deployments use the default chain.
+    pub static_credentials: Option<(String, String)>,
 }
 
 impl S3Settings {
@@ -57,6 +60,7 @@ impl S3Settings {
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
             max_parts_in_flight: 4,
+            static_credentials: None,
         }
     }
 }
@@ -81,6 +85,11 @@ impl S3Storage {
             aws_sdk_s3::config::Builder::from(&shared).force_path_style(settings.path_style);
         if let Some(endpoint) = &settings.endpoint {
             builder = builder.endpoint_url(endpoint);
+        }
+        if let Some((access_key, secret_key)) = &settings.static_credentials {
+            builder = builder.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                access_key, secret_key, None, None, "static",
+            ));
         }
         S3Storage {
             client: Client::from_conf(builder.build()),

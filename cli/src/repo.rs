@@ -1,0 +1,521 @@
+//! `aitbc-backup repo ...`: direct repository access, no coordinator needed. This is also the
+//! disaster-recovery path: everything needed to read backups is the repository URL and a key.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aitbc_backup_repository::storage::StorageLimits;
+use aitbc_backup_repository::{
+    BackupRequest, ChunkerParams, KeySecret, Progress, RepoSettings, RepoUrl, Repository,
+    S3Options, Storage, gc, keys, open, verify,
+};
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use crate::output::print_table;
+
+#[derive(clap::Args)]
+pub struct RepoArgs {
+    /// file:///path or s3://bucket[/prefix].
+    #[arg(long, env = "AITBC_CLI_REPOSITORY")]
+    repository: String,
+    /// S3 endpoint URL (S3-compatible servers); default AWS.
+    #[arg(long, env = "AITBC_CLI_S3_ENDPOINT")]
+    endpoint: Option<String>,
+    /// S3 region (default from the AWS configuration, else us-east-1).
+    #[arg(long, env = "AITBC_CLI_S3_REGION")]
+    region: Option<String>,
+    /// Path-style S3 addressing (most S3-compatible servers need it).
+    #[arg(long, env = "AITBC_CLI_S3_PATH_STYLE")]
+    path_style: bool,
+    /// Server-side encryption: AES256, aws:kms or aws:kms:<key-id>.
+    #[arg(long, env = "AITBC_CLI_S3_SSE")]
+    sse: Option<String>,
+    /// File holding the repository passphrase (or set AITBC_CLI_PASSPHRASE).
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Key file opening the repository.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// zstd level 1..=19 (COMPRESSION_LEVEL of the old scripts).
+    #[arg(long, env = "COMPRESSION_LEVEL", default_value_t = 3)]
+    compression_level: i32,
+    /// Upload limit, bytes per second with an optional K/M/G suffix (powers of 1024).
+    #[arg(long, value_parser = parse_rate)]
+    limit_upload: Option<u64>,
+    /// Parallel chunk uploads.
+    #[arg(long, default_value_t = 8)]
+    upload_concurrency: usize,
+    /// Parallel chunk downloads.
+    #[arg(long, default_value_t = 8)]
+    download_concurrency: usize,
+    #[command(subcommand)]
+    command: RepoCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum RepoCommand {
+    /// Create a repository (encrypted with --encrypt and a passphrase or key file).
+    Init {
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Back up standard input as a stream named NAME; prints the manifest id.
+    Put {
+        name: String,
+        /// What the stream is (raw, tar, pg_dump, rdb).
+        #[arg(long, default_value = "raw")]
+        stream: String,
+    },
+    /// Restore a manifest's stream to standard output or, atomically, to a file.
+    Cat {
+        id: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List component manifests.
+    Ls,
+    /// Show one manifest.
+    Show { id: String },
+    /// Check the repository; exit code 1 when anything is missing or corrupt.
+    Verify {
+        /// Also download and check every chunk's content.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Remove chunks no manifest references, once unreferenced for the grace period.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        grace: Duration,
+    },
+    /// Delete a component manifest (its data goes with the next GC).
+    Forget { id: String },
+    /// Manage encryption keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum KeysCommand {
+    /// List active and revoked keys.
+    List,
+    /// Add a key (the new secret from --new-passphrase-file, --new-key-file or AITBC_CLI_NEW_PASSPHRASE).
+    Add(NewSecret),
+    /// Replace the key in use with a new one and revoke the old one.
+    Rotate(NewSecret),
+    /// Revoke a key by id (not the last one).
+    Revoke { id: String },
+    /// Show the key audit log.
+    Audit,
+}
+
+#[derive(clap::Args)]
+struct NewSecret {
+    #[arg(long)]
+    new_passphrase_file: Option<PathBuf>,
+    #[arg(long)]
+    new_key_file: Option<PathBuf>,
+}
+
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let text = text
+        .trim()
+        .trim_end_matches("/s")
+        .trim_end_matches('B')
+        .trim_end_matches('i');
+    let (digits, multiplier) = match text.chars().last() {
+        Some('K' | 'k') => (&text[..text.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&text[..text.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    let value: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a rate like 20M or 500K"))?;
+    Ok(value * multiplier)
+}
+
+fn read_secret_file(path: &PathBuf, passphrase: bool) -> anyhow::Result<KeySecret> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    if passphrase {
+        let text =
+            String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
+        let text = text.trim_end_matches(['\n', '\r']).to_owned();
+        if text.is_empty() {
+            bail!("passphrase file {} is empty", path.display());
+        }
+        Ok(KeySecret::Passphrase(text))
+    } else {
+        if bytes.len() < 16 {
+            bail!(
+                "key file {} holds {} bytes; at least 16 are needed",
+                path.display(),
+                bytes.len()
+            );
+        }
+        Ok(KeySecret::KeyFile(bytes))
+    }
+}
+
+fn secret_from(
+    passphrase_file: &Option<PathBuf>,
+    key_file: &Option<PathBuf>,
+    env_var: &str,
+) -> anyhow::Result<Option<KeySecret>> {
+    match (passphrase_file, key_file) {
+        (Some(_), Some(_)) => bail!("give either a passphrase file or a key file, not both"),
+        (Some(path), None) => Ok(Some(read_secret_file(path, true)?)),
+        (None, Some(path)) => Ok(Some(read_secret_file(path, false)?)),
+        (None, None) => Ok(std::env::var(env_var)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(KeySecret::Passphrase)),
+    }
+}
+
+impl RepoArgs {
+    async fn storage(&self) -> anyhow::Result<Storage> {
+        let url =
+            RepoUrl::parse(&self.repository).map_err(|e| anyhow::anyhow!("--repository: {e}"))?;
+        let sse = self
+            .sse
+            .as_deref()
+            .map(open::parse_sse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--sse: {e}"))?;
+        let s3 = S3Options {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            sse,
+        };
+        Ok(open::open_storage(&url, &s3, StorageLimits::default()).await?)
+    }
+
+    fn secret(&self) -> anyhow::Result<Option<KeySecret>> {
+        secret_from(
+            &self.passphrase_file,
+            &self.key_file,
+            "AITBC_CLI_PASSPHRASE",
+        )
+    }
+
+    fn settings(&self) -> anyhow::Result<RepoSettings> {
+        if !(1..=19).contains(&self.compression_level) {
+            bail!(
+                "--compression-level {} is out of range 1..=19",
+                self.compression_level
+            );
+        }
+        Ok(RepoSettings {
+            compression_level: self.compression_level,
+            upload_concurrency: self.upload_concurrency.max(1),
+            download_concurrency: self.download_concurrency.max(1),
+            limit_upload_bytes_per_sec: self.limit_upload,
+        })
+    }
+
+    async fn open(&self, cancel: &CancellationToken) -> anyhow::Result<Repository> {
+        let storage = self.storage().await?;
+        let secret = self.secret()?;
+        Ok(Repository::open(storage, secret.as_ref(), cancel)
+            .await?
+            .with_settings(self.settings()?))
+    }
+}
+
+pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            interrupt.cancel();
+        }
+    });
+    match &args.command {
+        RepoCommand::Init { encrypt } => {
+            let secret = args.secret()?;
+            if *encrypt && secret.is_none() {
+                bail!("--encrypt needs --passphrase-file, --key-file or AITBC_CLI_PASSPHRASE");
+            }
+            let secret = if *encrypt { secret } else { None };
+            let repo = Repository::init(
+                args.storage().await?,
+                ChunkerParams::default(),
+                secret.as_ref(),
+                &cancel,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(repo.config())?);
+            } else {
+                println!(
+                    "initialized repository {} at {}{}",
+                    repo.config().id,
+                    repo.storage().describe(),
+                    if repo.config().encrypted {
+                        " (encrypted)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        RepoCommand::Put { name, stream } => {
+            let repo = args.open(&cancel).await?;
+            let progress = Arc::new(Progress::default());
+            let request = BackupRequest {
+                name: name.clone(),
+                stream: stream.clone(),
+                ..Default::default()
+            };
+            let started = std::time::Instant::now();
+            let manifest = aitbc_backup_repository::backup(
+                &repo,
+                tokio::io::stdin(),
+                request,
+                progress,
+                &cancel,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary(&manifest))?);
+            } else {
+                println!("{}", manifest.id);
+                eprintln!(
+                    "{}: {} bytes in {} chunks, {} new ({} bytes stored) in {:.1}s",
+                    manifest.name,
+                    manifest.raw_size,
+                    manifest.stats.chunks,
+                    manifest.stats.new_chunks,
+                    manifest.stats.new_stored_bytes,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        RepoCommand::Cat { id, output } => {
+            let repo = args.open(&cancel).await?;
+            let manifest = repo.component(id, &cancel).await?;
+            let progress = Arc::new(Progress::default());
+            match output {
+                Some(path) => {
+                    aitbc_backup_repository::restore_to_file(
+                        &repo, &manifest, path, progress, &cancel,
+                    )
+                    .await?
+                }
+                None => {
+                    aitbc_backup_repository::restore(
+                        &repo,
+                        &manifest,
+                        tokio::io::stdout(),
+                        progress,
+                        &cancel,
+                    )
+                    .await?
+                }
+            }
+        }
+        RepoCommand::Ls => {
+            let repo = args.open(&cancel).await?;
+            let manifests = repo.components(&cancel).await?;
+            if json {
+                let list: Vec<_> = manifests.iter().map(summary).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let rows: Vec<Vec<String>> = manifests
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.name.clone(),
+                            m.stream.clone(),
+                            m.created.clone(),
+                            m.raw_size.to_string(),
+                            m.stats.chunks.to_string(),
+                            m.stats.new_stored_bytes.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "STREAM",
+                        "CREATED",
+                        "BYTES",
+                        "CHUNKS",
+                        "NEW STORED",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        RepoCommand::Show { id } => {
+            let repo = args.open(&cancel).await?;
+            let manifest = repo.component(id, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&manifest)?);
+            } else {
+                let s = summary(&manifest);
+                for (key, value) in s.as_object().into_iter().flatten() {
+                    println!("{key:<16} {}", value.to_string().trim_matches('"'));
+                }
+            }
+        }
+        RepoCommand::Verify { read_data } => {
+            let repo = args.open(&cancel).await?;
+            let report = verify::verify(&repo, *read_data, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "checked {} manifests, {} chunks{}",
+                    report.manifests,
+                    report.chunks,
+                    if *read_data {
+                        format!(", read {}", report.chunks_read)
+                    } else {
+                        String::new()
+                    }
+                );
+                for problem in &report.problems {
+                    println!(
+                        "{}: {} (used by {})",
+                        problem.object,
+                        problem.problem,
+                        problem.manifests.join(", ")
+                    );
+                }
+            }
+            if !report.ok() {
+                bail!("verify failed: {} problem(s)", report.problems.len());
+            }
+        }
+        RepoCommand::Gc { dry_run, grace } => {
+            let repo = args.open(&cancel).await?;
+            let report = gc::gc(&repo, *grace, *dry_run, &cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} manifests, {} chunks: {} referenced, {} unreferenced ({} within the grace period); {} {} chunks, {} bytes",
+                    report.manifests,
+                    report.chunks,
+                    report.referenced,
+                    report.unreferenced,
+                    report.in_grace,
+                    if *dry_run { "would delete" } else { "deleted" },
+                    report.deleted_chunks,
+                    report.deleted_bytes
+                );
+            }
+        }
+        RepoCommand::Forget { id } => {
+            let repo = args.open(&cancel).await?;
+            repo.component(id, &cancel).await?;
+            repo.delete_component(id, &cancel).await?;
+            println!("forgot {id}; its data is removed by the next gc after the grace period");
+        }
+        RepoCommand::Keys(command) => run_keys(&args, command, json, &cancel).await?,
+    }
+    Ok(())
+}
+
+async fn run_keys(
+    args: &RepoArgs,
+    command: &KeysCommand,
+    json: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let storage = args.storage().await?;
+    let current = || {
+        args.secret()?
+            .context("a passphrase or key file is needed for key operations")
+    };
+    let new_secret = |new: &NewSecret| {
+        secret_from(
+            &new.new_passphrase_file,
+            &new.new_key_file,
+            "AITBC_CLI_NEW_PASSPHRASE",
+        )?
+        .context(
+            "the new key needs --new-passphrase-file, --new-key-file or AITBC_CLI_NEW_PASSPHRASE",
+        )
+    };
+    match command {
+        KeysCommand::List => {
+            let keys = keys::list_keys(&storage, cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.id.clone(),
+                            k.kind.to_owned(),
+                            k.created.clone(),
+                            k.revoked_at
+                                .clone()
+                                .map(|t| format!("revoked {t}"))
+                                .unwrap_or("active".into()),
+                        ]
+                    })
+                    .collect();
+                print_table(&["ID", "KIND", "CREATED", "STATE"], &rows);
+            }
+        }
+        KeysCommand::Add(new) => {
+            let id = keys::add_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
+            println!("added key {id}");
+        }
+        KeysCommand::Rotate(new) => {
+            let id = keys::rotate_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
+            println!("rotated: new key {id}; the previous key is revoked");
+        }
+        KeysCommand::Revoke { id } => {
+            keys::revoke_key(&storage, &current()?, id, cancel).await?;
+            println!("revoked key {id}");
+        }
+        KeysCommand::Audit => {
+            let log = keys::audit_log(&storage, cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+            } else {
+                let rows: Vec<Vec<String>> = log
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.time.clone(),
+                            e.action.clone(),
+                            e.key_id.clone(),
+                            e.by_key_id.clone().unwrap_or_default(),
+                            e.host.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["TIME", "ACTION", "KEY", "BY", "HOST"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn summary(m: &aitbc_backup_repository::manifest::ComponentManifest) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id,
+        "name": m.name,
+        "stream": m.stream,
+        "created": m.created,
+        "raw_size": m.raw_size,
+        "chunks": m.stats.chunks,
+        "new_chunks": m.stats.new_chunks,
+        "new_stored_bytes": m.stats.new_stored_bytes,
+        "stream_blake3": m.stream_blake3,
+    })
+}
