@@ -86,3 +86,71 @@ pub fn test_limits() -> StorageLimits {
         ..StorageLimits::default()
     }
 }
+
+use std::sync::Arc;
+
+use aitbc_backup_repository::manifest::ComponentManifest;
+use aitbc_backup_repository::{BackupRequest, ChunkerParams, Progress, RepoError, Repository};
+use tokio_util::sync::CancellationToken;
+
+/// A new unencrypted repository with the default chunker.
+pub async fn init_repo(storage: Storage) -> Repository {
+    Repository::init(
+        storage,
+        ChunkerParams::default(),
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("init repository")
+}
+
+/// Backs up an in-memory buffer.
+pub async fn backup_bytes(
+    repo: &Repository,
+    data: Vec<u8>,
+    name: &str,
+) -> Result<ComponentManifest, RepoError> {
+    let request = BackupRequest {
+        name: name.to_owned(),
+        stream: "raw".to_owned(),
+        ..Default::default()
+    };
+    aitbc_backup_repository::backup(
+        repo,
+        std::io::Cursor::new(data),
+        request,
+        Arc::new(Progress::default()),
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+/// Restores a manifest into memory.
+pub async fn restore_bytes(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+) -> Result<Vec<u8>, RepoError> {
+    let mut out = Vec::new();
+    aitbc_backup_repository::restore(
+        repo,
+        manifest,
+        &mut out,
+        Arc::new(Progress::default()),
+        &CancellationToken::new(),
+    )
+    .await?;
+    Ok(out)
+}
+
+/// Number of chunk objects stored.
+pub async fn chunk_count(repo: &Repository) -> usize {
+    repo.storage()
+        .list(
+            aitbc_backup_repository::layout::CHUNKS,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("list chunks")
+        .len()
+}
