@@ -48,7 +48,7 @@ pub fn timestamped(dir: &str) -> RemotePath {
 
 /// A new manifest id: sortable by creation time, unique without coordination.
 pub fn new_manifest_id() -> String {
-    let now = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ");
     format!("{now}-{:08x}", rand::random::<u32>())
 }
 

@@ -355,6 +355,7 @@ impl Repository {
         for id in self.component_ids(cancel).await? {
             out.push(self.component(&id, cancel).await?);
         }
+        out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
         Ok(out)
     }
 
