@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (release builds). Prints one JSON line per measurement.
 #   scripts/bench.sh sessions [N] [DURATION]   coordinator holding N agent sessions (default 2000, 60s)
+#   scripts/bench.sh repository [BIG_GIB]      1 GiB ledger-like data vs tar czf, tar+zstd, restic;
+#                                              peak RSS on a BIG_GIB stream (default 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +39,23 @@ bench_sessions() {
     --sessions "$sessions" --duration "$duration" --coordinator-pid "$pid"
 }
 
+bench_repository() {
+  local big="${1:-10}"
+  command -v restic >/dev/null && command -v zstd >/dev/null || {
+    echo "[bench] installing restic and zstd (baselines)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic zstd >/dev/null
+  }
+  bash scripts/setup.sh
+  local tools="${AITBC_TOOLS_DIR:-$HOME/.local/share/aitbc-backup/tools}"
+  # The generated data is kept between runs (it takes a while and is deterministic).
+  local data_dir="${AITBC_BENCH_DIR:-/tmp/aitbc-bench-repository}"
+  mkdir -p "$data_dir"
+  python3 bench/repository.py --bin "$BIN" --work "$data_dir" --s3s-fs "$tools/bin/s3s-fs" \
+    --big-stream-gib "$big"
+}
+
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
+  repository) shift || true; bench_repository "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Repository benchmark: 1 GiB of ledger-like files (10,000 x ~100 KB) backed up and restored by
+aitbc-backup (local directory and s3s-fs) beside tar czf, tar + zstd -3 -T2 and restic, in one
+run. Prints one JSON line per measurement, with ratios against the baselines."""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(command, env=None):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "measure.py"), command],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"benchmark command failed: {command}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def du(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def emit(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--files", type=int, default=10000)
+    ap.add_argument("--file-size", type=int, default=107374)
+    ap.add_argument("--s3s-fs", required=True)
+    ap.add_argument("--big-stream-gib", type=int, default=10)
+    args = ap.parse_args()
+
+    cli = os.path.join(args.bin, "aitbc-backup")
+    work = args.work
+    data = os.path.join(work, "data")
+    if not os.path.exists(os.path.join(work, "data.done")):
+        shutil.rmtree(data, ignore_errors=True)
+        subprocess.run([os.path.join(args.bin, "aitbc-backup-bench-data"), "ledger", data,
+                        str(args.files), str(args.file_size)], check=True)
+        open(os.path.join(work, "data.done"), "w").close()
+    size = du(data)
+    mb = size / 1e6
+    subprocess.run(f"tar cf - -C {data} . > /dev/null", shell=True, check=True)  # warm the page cache
+
+    scratch = os.path.join(work, "run")
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    results = {}
+
+    def run(name, command, stored_path=None, env=None, restore=False):
+        m = measure(command, env)
+        m["mb_s"] = round(mb / m["wall_s"], 1)
+        if stored_path:
+            m["stored_bytes"] = du(stored_path) if os.path.isdir(stored_path) else os.path.getsize(stored_path)
+        results[name] = m
+        return m
+
+    env = dict(os.environ)
+    env["RESTIC_PASSWORD"] = "bench"
+    env["AITBC_CLI_PASSPHRASE"] = "bench"
+
+    # Baselines.
+    run("tar_czf", f"tar czf {scratch}/out.tar.gz -C {data} .", f"{scratch}/out.tar.gz")
+    run("tar_zstd", f"tar -I 'zstd -3 -T2' -cf {scratch}/out.tar.zst -C {data} .", f"{scratch}/out.tar.zst")
+    subprocess.run(f"restic -q -r {scratch}/restic init", shell=True, check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    run("restic", f"cd {work} && restic -q -r {scratch}/restic backup data", f"{scratch}/restic", env)
+
+    # aitbc-backup, local directory: plain, unchanged again, encrypted.
+    local = f"{cli} repo --repository file://{scratch}/repo"
+    subprocess.run(f"{local} init", shell=True, check=True, stdout=subprocess.DEVNULL)
+    put = f"tar cf - -C {data} . | {local} put ledger --stream tar > {scratch}/id"
+    run("aitbc_local", put, f"{scratch}/repo")
+    local_id = open(f"{scratch}/id").read().strip()
+    run("aitbc_local_unchanged", f"tar cf - -C {data} . | {local} put ledger --stream tar > /dev/null")
+    enc = f"{cli} repo --repository file://{scratch}/repo-enc"
+    subprocess.run(f"{enc} init --encrypt", shell=True, check=True, env=env, stdout=subprocess.DEVNULL)
+    run("aitbc_local_encrypted", f"tar cf - -C {data} . | {enc} put ledger --stream tar > /dev/null",
+        f"{scratch}/repo-enc", env)
+
+    # aitbc-backup to s3s-fs on loopback.
+    port = free_port()
+    s3root = f"{scratch}/s3root"
+    os.makedirs(f"{s3root}/bench")
+    s3 = subprocess.Popen([args.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key",
+                           "benchaccesskey", "--secret-key", "benchsecretkey", s3root],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        s3env = dict(os.environ, AWS_ACCESS_KEY_ID="benchaccesskey", AWS_SECRET_ACCESS_KEY="benchsecretkey",
+                     AWS_REGION="us-east-1")
+        remote = f"{cli} repo --repository s3://bench/repo --endpoint http://127.0.0.1:{port} --path-style"
+        subprocess.run(f"{remote} init", shell=True, check=True, env=s3env, stdout=subprocess.DEVNULL)
+        run("aitbc_s3", f"tar cf - -C {data} . | {remote} put ledger --stream tar > {scratch}/id-s3",
+            f"{s3root}/bench", s3env)
+        s3_id = open(f"{scratch}/id-s3").read().strip()
+        run("aitbc_s3_unchanged", f"tar cf - -C {data} . | {remote} put ledger --stream tar > /dev/null",
+            env=s3env)
+
+        # Restores (to a directory, as an operator would).
+        for name in ["tar_czf", "restic", "aitbc_local", "aitbc_s3"]:
+            os.makedirs(f"{scratch}/r-{name}")
+        run("restore_tar_czf", f"tar xzf {scratch}/out.tar.gz -C {scratch}/r-tar_czf")
+        run("restore_restic", f"restic -q -r {scratch}/restic restore latest --target {scratch}/r-restic", env=env)
+        run("restore_aitbc_local", f"{local} cat {local_id} | tar xf - -C {scratch}/r-aitbc_local")
+        run("restore_aitbc_s3", f"{remote} cat {s3_id} | tar xf - -C {scratch}/r-aitbc_s3", env=s3env)
+    finally:
+        s3.terminate()
+        s3.wait()
+    same = subprocess.run(["diff", "-rq", data, f"{scratch}/r-aitbc_local"], capture_output=True).returncode == 0
+
+    # Peak RSS on a stream ten times larger: bounded, not proportional.
+    big = args.big_stream_gib << 30
+    gen = os.path.join(args.bin, "aitbc-backup-bench-data")
+    run("aitbc_local_big_stream", f"{gen} stream {big} | {local} put big > /dev/null")
+    results["aitbc_local_big_stream"]["mb_s"] = round(big / 1e6 / results["aitbc_local_big_stream"]["wall_s"], 1)
+
+    def ratio(a, b):
+        return round(results[a]["mb_s"] / results[b]["mb_s"], 2)
+
+    for name, m in results.items():
+        emit(scenario="repository", measure=name, data_bytes=size, **m)
+    emit(scenario="repository", measure="summary", restored_identical=same,
+         backup_local_vs_tar_czf=ratio("aitbc_local", "tar_czf"),
+         backup_local_vs_tar_zstd=ratio("aitbc_local", "tar_zstd"),
+         backup_local_vs_restic=ratio("aitbc_local", "restic"),
+         backup_encrypted_vs_restic=ratio("aitbc_local_encrypted", "restic"),
+         backup_s3_vs_restic=ratio("aitbc_s3", "restic"),
+         restore_local_vs_restic=ratio("restore_aitbc_local", "restore_restic"),
+         restore_s3_vs_restic=ratio("restore_aitbc_s3", "restore_restic"),
+         restore_local_vs_tar_czf=ratio("restore_aitbc_local", "restore_tar_czf"),
+         unchanged_local_mb_s=results["aitbc_local_unchanged"]["mb_s"],
+         peak_rss_1gib_mib=results["aitbc_local"]["max_rss_mib"],
+         peak_rss_big_stream_mib=results["aitbc_local_big_stream"]["max_rss_mib"])
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
