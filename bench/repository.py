@@ -54,11 +54,11 @@ def main():
     cli = os.path.join(args.bin, "aitbc-backup")
     work = args.work
     data = os.path.join(work, "data")
-    if not os.path.exists(os.path.join(work, "data.done")):
+    if not os.path.exists(os.path.join(work, "data.v2")):
         shutil.rmtree(data, ignore_errors=True)
         subprocess.run([os.path.join(args.bin, "aitbc-backup-bench-data"), "ledger", data,
                         str(args.files), str(args.file_size)], check=True)
-        open(os.path.join(work, "data.done"), "w").close()
+        open(os.path.join(work, "data.v2"), "w").close()
     size = du(data)
     mb = size / 1e6
     subprocess.run(f"tar cf - -C {data} . > /dev/null", shell=True, check=True)  # warm the page cache
@@ -130,6 +130,10 @@ def main():
         run("restore_restic", f"restic -q -r {scratch}/restic restore latest --target {scratch}/r-restic", env=env)
         run("restore_aitbc_local", f"{local} cat {local_id} | tar xf - -C {scratch}/r-aitbc_local")
         run("restore_aitbc_s3", f"{remote} cat {s3_id} | tar xf - -C {scratch}/r-aitbc_s3", env=s3env)
+        # The stream alone (a tar file), without tar's file writing: the repository's own speed.
+        run("restore_stream_restic", f"restic -q -r {scratch}/restic dump latest /data > {scratch}/restic.tar", env=env)
+        run("restore_stream_aitbc_local", f"{local} cat {local_id} -o {scratch}/aitbc.tar")
+        run("restore_stream_aitbc_s3", f"{remote} cat {s3_id} -o {scratch}/aitbc-s3.tar", env=s3env)
     finally:
         s3.terminate()
         s3.wait()
@@ -155,6 +159,8 @@ def main():
          restore_local_vs_restic=ratio("restore_aitbc_local", "restore_restic"),
          restore_s3_vs_restic=ratio("restore_aitbc_s3", "restore_restic"),
          restore_local_vs_tar_czf=ratio("restore_aitbc_local", "restore_tar_czf"),
+         restore_stream_local_vs_restic=ratio("restore_stream_aitbc_local", "restore_stream_restic"),
+         restore_stream_s3_vs_restic=ratio("restore_stream_aitbc_s3", "restore_stream_restic"),
          unchanged_local_mb_s=results["aitbc_local_unchanged"]["mb_s"],
          peak_rss_1gib_mib=results["aitbc_local"]["max_rss_mib"],
          peak_rss_big_stream_mib=results["aitbc_local_big_stream"]["max_rss_mib"])

@@ -9,6 +9,14 @@ mod repo;
 
 use clap::{Parser, Subcommand};
 
+// glibc's malloc keeps megabytes per thread arena once its mmap threshold has adapted upwards to
+// our chunk buffers (measured: 109 MiB peak RSS backing up 2 GiB, against 30 MiB with mimalloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Threads for compression, hashing and file I/O.
+const BLOCKING_THREADS: usize = 8;
+
 #[derive(Parser)]
 #[command(name = "aitbc-backup", version, about = "Operate aitbc-backup")]
 struct Cli {
@@ -47,6 +55,9 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
+            // Chunk work runs on the blocking pool; a small pool keeps memory bounded (every
+            // thread keeps an allocator heap) while still using every core.
+            .max_blocking_threads(BLOCKING_THREADS)
             .enable_all()
             .build()
     };

@@ -276,7 +276,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let manifest = aitbc_backup_repository::backup(
                 &repo,
-                tokio::io::stdin(),
+                std::io::stdin(),
                 request,
                 progress,
                 &cancel,
@@ -516,6 +516,5 @@ fn summary(m: &aitbc_backup_repository::manifest::ComponentManifest) -> serde_js
         "chunks": m.stats.chunks,
         "new_chunks": m.stats.new_chunks,
         "new_stored_bytes": m.stats.new_stored_bytes,
-        "stream_blake3": m.stream_blake3,
     })
 }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const BLOCK: usize = 64 << 10;
+const BLOCK: usize = 16 << 10;
 
 /// Fills `out` with the bytes of the stream `seed` starting at byte `offset` (block aligned).
 fn fill_block(seed: u64, index: u64, out: &mut [u8]) {

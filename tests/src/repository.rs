@@ -37,7 +37,7 @@ impl TestBackend {
         }
     }
 
-    /// A fresh backend object for the repository (a new prefix per call to `fresh_prefix`).
+    /// A backend object for this test's repository location.
     pub async fn backend(&self) -> Backend {
         match &self.server {
             None => Backend::Local(
@@ -67,11 +67,7 @@ impl TestBackend {
             test_limits(),
         )
     }
-
-    /// Starts over with an empty repository location.
-    pub fn fresh_prefix(&mut self) {
-        self.prefix = format!("r{:08x}", rand::random::<u32>());
-    }
+}
 }
 
 /// Short timeouts and quick retries so fault tests finish fast.

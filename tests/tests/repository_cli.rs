@@ -73,6 +73,9 @@ fn exercise(cli: &Cli, chunk_file: impl Fn(&str) -> std::path::PathBuf) {
     let shown: serde_json::Value =
         serde_json::from_str(&cli.ok(&["--json", "show", &id], None)).expect("json");
     assert_eq!(shown["stream"], "tar");
+    let chunk_count = shown["chunks"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(chunk_count >= 2, "5 MiB in {chunk_count} chunks");
+    assert_eq!(list[0]["chunks"], chunk_count as u64);
 
     // cat to stdout and to a file.
     let out = cli.run(&["cat", &id], None);

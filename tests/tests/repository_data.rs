@@ -50,7 +50,7 @@ async fn round_trips_are_byte_identical() {
         // 300 MB of mixed random and compressible data, streamed both ways.
         let len = 300_000_000u64;
         let cancel = CancellationToken::new();
-        let manifest = aitbc_backup_repository::backup(
+        let manifest = aitbc_backup_repository::backup_async(
             &repo,
             GeneratedReader::new(len, 300),
             BackupRequest {
@@ -367,7 +367,7 @@ async fn interrupted_backups_leave_no_manifest_and_reruns_resume() {
             stream: "raw".into(),
             ..Default::default()
         };
-        let err = aitbc_backup_repository::backup(
+        let err = aitbc_backup_repository::backup_async(
             &repo,
             failing_reader(data.clone(), 20 * MIB),
             request.clone(),
@@ -397,7 +397,7 @@ async fn interrupted_backups_leave_no_manifest_and_reruns_resume() {
         // Orphans of another interrupted backup: GC keeps them within the grace period and
         // removes them, and nothing else, after it.
         let other = generate(12 * MIB, 32);
-        aitbc_backup_repository::backup(
+        aitbc_backup_repository::backup_async(
             &repo,
             failing_reader(other, 10 * MIB),
             request,

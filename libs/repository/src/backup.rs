@@ -2,8 +2,7 @@
 //!
 //! ```text
 //! reader thread ──chunks──► hash + compress + seal (blocking pool, ordered) ──► upload (parallel, ordered) ──► manifest
-//!   FastCDC, whole-stream        skipped for chunks already stored              create-only puts, rate limited
-//!   BLAKE3
+//!   FastCDC                      skipped for chunks already stored              create-only puts, rate limited
 //! ```
 //! Every stage holds a fixed number of chunks, so memory is bounded by the chunk size times the
 //! concurrency, whatever the stream's length. Chunks already in the repository are not uploaded
@@ -54,7 +53,8 @@ struct Prepared {
 /// Stored chunk sizes by id: the repository's chunks at the start, plus this backup's.
 type Known = Arc<Mutex<HashMap<String, u32>>>;
 
-pub async fn backup<R>(
+/// [`backup`] of an async stream (a child process's stdout, a socket).
+pub async fn backup_async<R>(
     repo: &Repository,
     reader: R,
     request: BackupRequest,
@@ -64,6 +64,20 @@ pub async fn backup<R>(
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    backup(repo, SyncIoBridge::new(reader), request, progress, cancel).await
+}
+
+/// Backs up a blocking reader (read on a dedicated thread) and commits its manifest.
+pub async fn backup<R>(
+    repo: &Repository,
+    reader: R,
+    request: BackupRequest,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<ComponentManifest, RepoError>
+where
+    R: std::io::Read + Send + 'static,
+{
     let existing = repo.storage.list(layout::CHUNKS, cancel).await?;
     let known: Known = Arc::new(Mutex::new(
         existing
@@ -72,17 +86,15 @@ where
             .collect(),
     ));
 
-    // Stage 1: a blocking thread cuts the stream and hashes it whole.
+    // Stage 1: a blocking thread cuts the stream; nothing else is serial.
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
     let params = repo.config.chunker;
     let reader_progress = progress.clone();
     let reader_task = tokio::task::spawn_blocking(move || {
-        let mut whole = blake3::Hasher::new();
         let mut size = 0u64;
-        for chunk in params.stream(SyncIoBridge::new(reader)) {
+        for chunk in params.stream(reader) {
             let item = chunk.map(|c| c.data).map_err(std::io::Error::other);
             if let Ok(data) = &item {
-                whole.update(data);
                 size += data.len() as u64;
                 reader_progress
                     .bytes_read
@@ -93,7 +105,7 @@ where
                 break;
             }
         }
-        (whole.finalize(), size)
+        size
     });
 
     // Stage 2: id, dedup check, compression and sealing, on the blocking pool, in order.
@@ -151,7 +163,7 @@ where
         _ = cancel.cancelled() => Err(RepoError::Cancelled),
     };
     // On failure the stream is dropped here, which closes the channel and stops the reader.
-    let (whole, raw_size) = reader_task
+    let raw_size = reader_task
         .await
         .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
     let results = results?;
@@ -174,7 +186,6 @@ where
         stream: request.stream,
         created: now_rfc3339(),
         raw_size,
-        stream_blake3: whole.to_hex().to_string(),
         chunks,
         files: request.files,
         consistency: request.consistency,

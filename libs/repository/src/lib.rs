@@ -23,7 +23,7 @@ pub mod restore;
 pub mod storage;
 pub mod verify;
 
-pub use backup::{BackupRequest, Progress, backup};
+pub use backup::{BackupRequest, Progress, backup, backup_async};
 pub use chunker::ChunkerParams;
 pub use error::RepoError;
 pub use keys::KeySecret;

@@ -72,8 +72,6 @@ pub struct ComponentManifest {
     /// RFC 3339, UTC.
     pub created: String,
     pub raw_size: u64,
-    /// Hex BLAKE3 of the whole raw stream, checked at the end of every restore.
-    pub stream_blake3: String,
     pub chunks: Vec<ChunkRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileEntry>,

@@ -161,18 +161,25 @@ impl Repository {
         }
     }
 
-    /// Compresses (unless that does not shrink it) and seals a chunk for storage.
+    /// Compresses (unless that does not shrink it) and seals a chunk for storage. The
+    /// payload is built in one buffer: the tag byte, then zstd output written in place.
     pub(crate) fn encode_chunk(&self, data: &[u8]) -> Vec<u8> {
-        let compressed = zstd::bulk::compress(data, self.settings.compression_level).ok();
-        let mut payload = Vec::with_capacity(data.len() + 1);
+        let mut payload = vec![0u8; data.len() + 1];
+        let compressed = zstd::bulk::compress_to_buffer(
+            data,
+            &mut payload[1..],
+            self.settings.compression_level,
+        )
+        .ok()
+        .filter(|&n| n < data.len());
         match compressed {
-            Some(c) if c.len() < data.len() => {
-                payload.push(TAG_ZSTD);
-                payload.extend_from_slice(&c);
+            Some(n) => {
+                payload[0] = TAG_ZSTD;
+                payload.truncate(n + 1);
             }
-            _ => {
-                payload.push(TAG_RAW);
-                payload.extend_from_slice(data);
+            None => {
+                payload[0] = TAG_RAW;
+                payload[1..].copy_from_slice(data);
             }
         }
         match &self.keys {
@@ -182,28 +189,31 @@ impl Repository {
     }
 
     /// Reverses [`Repository::encode_chunk`] and checks the result against its id and length.
+    /// Stored raw chunks of unencrypted repositories are returned without a copy.
     pub(crate) fn decode_chunk(
         &self,
         id_hex: &str,
         raw_len: u32,
-        stored: &[u8],
-    ) -> Result<Vec<u8>, RepoError> {
+        stored: Bytes,
+    ) -> Result<Bytes, RepoError> {
         let object = layout::chunk(id_hex).to_string();
         let corrupt = |reason: String| RepoError::Corrupt {
             object: object.clone(),
             reason,
         };
         let payload = match &self.keys {
-            Some(keys) => keys.open(&object, stored)?,
-            None => stored.to_vec(),
+            Some(keys) => Bytes::from(keys.open(&object, &stored)?),
+            None => stored,
         };
-        let (tag, body) = payload
-            .split_first()
+        let tag = *payload
+            .first()
             .ok_or_else(|| corrupt("empty object".into()))?;
-        let data = match *tag {
-            TAG_RAW => body.to_vec(),
-            TAG_ZSTD => zstd::bulk::decompress(body, raw_len as usize)
-                .map_err(|e| corrupt(format!("zstd: {e}")))?,
+        let data = match tag {
+            TAG_RAW => payload.slice(1..),
+            TAG_ZSTD => Bytes::from(
+                zstd::bulk::decompress(&payload[1..], raw_len as usize)
+                    .map_err(|e| corrupt(format!("zstd: {e}")))?,
+            ),
             other => return Err(corrupt(format!("unknown encoding tag {other}"))),
         };
         if data.len() != raw_len as usize {

@@ -101,7 +101,7 @@ pub async fn verify(
                     let object = layout::chunk(&id);
                     let result = match repo.storage.get(&object, cancel).await {
                         Ok(stored) => tokio::task::spawn_blocking(move || {
-                            repo.decode_chunk(&id, raw_len, &stored).map(|_| ())
+                            repo.decode_chunk(&id, raw_len, stored).map(|_| ())
                         })
                         .await
                         .map_err(|e| RepoError::Io(std::io::Error::other(e)))
