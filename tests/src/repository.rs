@@ -68,7 +68,6 @@ impl TestBackend {
         )
     }
 }
-}
 
 /// Short timeouts and quick retries so fault tests finish fast.
 pub fn test_limits() -> StorageLimits {
