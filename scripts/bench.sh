@@ -9,15 +9,8 @@ cd "$(dirname "$0")/.."
 scenario="${1:-sessions}"
 cargo build --release --workspace --locked --quiet
 BIN="$PWD/target/release"
-WORK="$(mktemp -d /tmp/aitbc-bench-XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh bench
 
 bench_sessions() {
   local sessions="${1:-2000}" duration="${2:-60s}"

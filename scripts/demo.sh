@@ -1,21 +1,15 @@
 #!/usr/bin/env bash
 # The main job, as far as it exists today: a dev PKI, the coordinator and one agent per
-# component on loopback, and `aitbc-backup agents list`. Everything is stopped at exit.
+# component on loopback, `aitbc-backup agents list`; then a ledger-like data directory backed up
+# into the embedded default (a local-directory repository), backed up again (deduplicated),
+# verified, restored and compared. Everything is stopped and removed at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --workspace --locked --quiet
 BIN="$PWD/target/debug"
-WORK="$(mktemp -d /tmp/aitbc-demo-XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh demo
 GRPC_PORT=$(free_port)
 COORDINATOR="https://127.0.0.1:$GRPC_PORT"
 
@@ -53,3 +47,17 @@ done
 echo "== aitbc-backup agents list"
 "$BIN/aitbc-backup" agents list
 [ "$online" = 3 ] || { echo "demo: not every agent came online" >&2; cat "$WORK"/*.log >&2; exit 1; }
+
+echo "== repository on the embedded default (file://$WORK/repository)"
+REPO=("$BIN/aitbc-backup" repo --repository "file://$WORK/repository")
+"$BIN/aitbc-backup-bench-data" ledger "$WORK/node-data" 300 100000
+"${REPO[@]}" init
+ID=$(tar cf - -C "$WORK/node-data" . | "${REPO[@]}" put ledger --stream tar)
+echo "-- second backup of unchanged data (stores nothing new)"
+tar cf - -C "$WORK/node-data" . | "${REPO[@]}" put ledger --stream tar >/dev/null
+"${REPO[@]}" ls
+"${REPO[@]}" verify --read-data
+echo "-- restore $ID"
+mkdir "$WORK/restored"
+"${REPO[@]}" cat "$ID" | tar xf - -C "$WORK/restored"
+diff -r "$WORK/node-data" "$WORK/restored" && echo "restored data directory is identical"

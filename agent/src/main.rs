@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use aitbc_backup_agent::{Agent, AgentConfig, config};
 use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +32,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    aitbc_backup_tls::install_crypto_provider();
     let env = aitbc_backup_config::process_env();
     let config: AgentConfig =
         aitbc_backup_config::load(args.config.as_deref(), &env, &config::SCHEMA)?;
@@ -53,17 +53,5 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
     let agent = Agent::bind(config).await?;
-    let shutdown = CancellationToken::new();
-    let mut running = tokio::spawn(agent.run(shutdown.clone()));
-    tokio::select! {
-        result = &mut running => return result.context("agent task")?,
-        signal = aitbc_backup_telemetry::shutdown_signal() => {
-            tracing::info!(signal = signal?, grace = ?grace, "shutting down");
-        }
-    }
-    shutdown.cancel();
-    match tokio::time::timeout(grace, running).await {
-        Ok(result) => result.context("agent task")?,
-        Err(_) => anyhow::bail!("shutdown did not finish within {grace:?}"),
-    }
+    aitbc_backup_telemetry::run_until_signal(|shutdown| agent.run(shutdown), grace).await
 }

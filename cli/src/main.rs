@@ -53,6 +53,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    aitbc_backup_tls::install_crypto_provider();
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             // Chunk work runs on the blocking pool; a small pool keeps memory bounded (every

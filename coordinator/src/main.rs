@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use aitbc_backup_coordinator::{Coordinator, CoordinatorConfig, config};
 use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +33,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    aitbc_backup_tls::install_crypto_provider();
     let env = aitbc_backup_config::process_env();
     let config: CoordinatorConfig =
         aitbc_backup_config::load(args.config.as_deref(), &env, &config::SCHEMA)?;
@@ -53,17 +53,5 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let grace = config.server.shutdown_grace;
     let coordinator = Coordinator::bind(config).await?;
-    let shutdown = CancellationToken::new();
-    let mut serving = tokio::spawn(coordinator.serve(shutdown.clone()));
-    tokio::select! {
-        result = &mut serving => return result.context("coordinator task")?,
-        signal = aitbc_backup_telemetry::shutdown_signal() => {
-            tracing::info!(signal = signal?, grace = ?grace, "shutting down");
-        }
-    }
-    shutdown.cancel();
-    match tokio::time::timeout(grace, serving).await {
-        Ok(result) => result.context("coordinator task")?,
-        Err(_) => anyhow::bail!("shutdown did not finish within {grace:?}"),
-    }
+    aitbc_backup_telemetry::run_until_signal(|shutdown| coordinator.serve(shutdown), grace).await
 }

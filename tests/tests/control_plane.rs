@@ -26,6 +26,7 @@ fn wait_online(
 }
 
 fn runtime() -> tokio::runtime::Runtime {
+    aitbc_backup_tls::install_crypto_provider();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

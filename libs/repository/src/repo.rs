@@ -304,20 +304,8 @@ impl Repository {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<ComponentManifest, RepoError> {
-        if !layout::is_manifest_id(id) {
-            return Err(RepoError::NoSuchManifest(id.to_owned()));
-        }
-        let path = layout::component_manifest(id);
-        let stored = match self.storage.get(&path, cancel).await {
-            Ok(bytes) => bytes,
-            Err(StorageError::NotFound(_)) => return Err(RepoError::NoSuchManifest(id.to_owned())),
-            Err(err) => return Err(err.into()),
-        };
-        let plain = self.open_manifest(&path, &stored)?;
-        manifest::decode(COMPONENT_FORMAT, &plain).map_err(|source| RepoError::Manifest {
-            object: path.to_string(),
-            source,
-        })
+        self.read_manifest(id, layout::component_manifest, COMPONENT_FORMAT, cancel)
+            .await
     }
 
     pub async fn set(
@@ -325,17 +313,28 @@ impl Repository {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<SetManifest, RepoError> {
+        self.read_manifest(id, layout::set_manifest, SET_FORMAT, cancel)
+            .await
+    }
+
+    async fn read_manifest<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        id: &str,
+        path_of: fn(&str) -> RemotePath,
+        format: &'static str,
+        cancel: &CancellationToken,
+    ) -> Result<T, RepoError> {
         if !layout::is_manifest_id(id) {
             return Err(RepoError::NoSuchManifest(id.to_owned()));
         }
-        let path = layout::set_manifest(id);
+        let path = path_of(id);
         let stored = match self.storage.get(&path, cancel).await {
             Ok(bytes) => bytes,
             Err(StorageError::NotFound(_)) => return Err(RepoError::NoSuchManifest(id.to_owned())),
             Err(err) => return Err(err.into()),
         };
         let plain = self.open_manifest(&path, &stored)?;
-        manifest::decode(SET_FORMAT, &plain).map_err(|source| RepoError::Manifest {
+        manifest::decode(format, &plain).map_err(|source| RepoError::Manifest {
             object: path.to_string(),
             source,
         })

@@ -83,6 +83,30 @@ pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
+/// Runs `task` (given the process's shutdown token) until it ends or SIGTERM/SIGINT arrives;
+/// then cancels the token and waits up to `grace` for the task to drain.
+pub async fn run_until_signal<F>(
+    task: impl FnOnce(CancellationToken) -> F,
+    grace: std::time::Duration,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let shutdown = CancellationToken::new();
+    let mut running = tokio::spawn(task(shutdown.clone()));
+    tokio::select! {
+        result = &mut running => return result.map_err(|e| anyhow::anyhow!("task panicked: {e}"))?,
+        signal = shutdown_signal() => {
+            tracing::info!(signal = signal?, ?grace, "shutting down");
+        }
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(grace, running).await {
+        Ok(result) => result.map_err(|e| anyhow::anyhow!("task panicked: {e}"))?,
+        Err(_) => anyhow::bail!("shutdown did not finish within {grace:?}"),
+    }
+}
+
 /// The probe and metrics routes: `/healthz` (the process runs), `/readyz` (`ready()` says it can
 /// do its job), `/metrics` (Prometheus text format).
 pub fn probe_router(

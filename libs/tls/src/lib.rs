@@ -14,3 +14,10 @@ pub mod identity;
 pub use authority::{CertificateAuthority, IssuedCertificate};
 pub use files::{TlsFiles, TlsFilesError};
 pub use identity::{IdentityError, PeerIdentity, Role};
+
+/// Selects rustls' process-wide crypto provider (ring, as tonic uses). Both ring and aws-lc-rs
+/// are compiled into the workspace (the AWS SDK brings aws-lc-rs), and rustls refuses to guess
+/// between them, so every binary calls this first. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
