@@ -15,7 +15,7 @@ source scripts/lib.sh bench
 bench_sessions() {
   local sessions="${1:-2000}" duration="${2:-60s}"
   # Each session holds a socket on both ends.
-  ulimit -n 65536
+  ulimit -n "$(ulimit -Hn)"
   "$BIN/aitbc-backup" certs init --dir "$WORK/certs" --agent bench >/dev/null
   local port; port=$(free_port)
   env AITBC_BACKUP_TLS__CERT="$WORK/certs/coordinator.pem" \

@@ -4,10 +4,14 @@
 //!   signal, wait, then SIGKILL) when its guard drops, including when a test panics.
 //! - [`postgres`], [`redis`], [`s3`]: PostgreSQL 15, Redis 7, s3s-fs and moto.
 //! - [`fleet`]: a dev PKI and the aitbc-backup binaries (coordinator, agents, CLI).
+//! - [`chain`]: the simulated blockchain node's ledger and the checks made on a chain.db; the
+//!   simulator itself is the `aitbc-node-sim` binary of this crate.
+//! - [`data`], [`repository`]: test data and repositories on every backend.
 //!
 //! Services are started synchronously from the test's own thread (start functions block until
 //! the service answers), which keeps the parent-death signal tied to the test's lifetime.
 
+pub mod chain;
 pub mod data;
 pub mod fleet;
 pub mod postgres;
