@@ -48,7 +48,7 @@ pub struct RepoArgs {
     #[arg(long, default_value_t = 8)]
     upload_concurrency: usize,
     /// Parallel chunk downloads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     download_concurrency: usize,
     #[command(subcommand)]
     command: RepoCommand,
