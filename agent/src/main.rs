@@ -33,14 +33,15 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     aitbc_backup_tls::install_crypto_provider();
-    let env = aitbc_backup_config::process_env();
-    let config: AgentConfig =
-        aitbc_backup_config::load(args.config.as_deref(), &env, &config::SCHEMA)?;
-    config.validate()?;
-    if args.check_config {
-        print!("{}", aitbc_backup_config::render(&config)?);
+    let Some(config) = aitbc_backup_config::load_for_main(
+        args.config.as_deref(),
+        &config::SCHEMA,
+        AgentConfig::validate,
+        args.check_config,
+    )?
+    else {
         return Ok(());
-    }
+    };
     aitbc_backup_telemetry::init_tracing(&config.log)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

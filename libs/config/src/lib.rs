@@ -97,6 +97,24 @@ pub fn render<T: serde::Serialize>(config: &T) -> Result<String, ConfigError> {
     toml::to_string_pretty(config).map_err(|err| ConfigError::Render(err.to_string()))
 }
 
+/// What a daemon's `main` does with its config: load from the file and the process environment,
+/// validate, and with `--check-config` print it (secrets redacted). `None` means it was printed
+/// and the process should exit.
+pub fn load_for_main<T: DeserializeOwned + serde::Serialize>(
+    file: Option<&Path>,
+    schema: &Schema,
+    validate: impl FnOnce(&T) -> Result<(), ConfigError>,
+    check_config: bool,
+) -> Result<Option<T>, ConfigError> {
+    let config: T = load(file, &process_env(), schema)?;
+    validate(&config)?;
+    if check_config {
+        print!("{}", render(&config)?);
+        return Ok(None);
+    }
+    Ok(Some(config))
+}
+
 /// The process environment as a map, for the binaries' `main`.
 pub fn process_env() -> BTreeMap<String, String> {
     std::env::vars().collect()

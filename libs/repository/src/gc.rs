@@ -74,8 +74,9 @@ pub async fn gc(
     report.referenced = referenced.len();
 
     let mut condemned_at: HashMap<String, u64> = HashMap::new();
-    let lists = repo.storage.list(layout::GC_CONDEMNED, cancel).await?;
-    for meta in &lists {
+    // (list object, when it was written), kept to remove expired lists at the end.
+    let mut lists = Vec::new();
+    for meta in repo.storage.list(layout::GC_CONDEMNED, cancel).await? {
         let bytes = repo.storage.get(&meta.path, cancel).await?;
         let list: Condemned = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
             object: meta.path.to_string(),
@@ -85,6 +86,7 @@ pub async fn gc(
             let at = condemned_at.entry(chunk).or_insert(list.at);
             *at = (*at).min(list.at);
         }
+        lists.push((meta.path, list.at));
     }
 
     let now_secs = epoch_secs(now);
@@ -129,12 +131,9 @@ pub async fn gc(
     }
     // Lists past the grace period have done their job: every chunk in them was just deleted or
     // is referenced again (and will be condemned afresh if it loses its last reference).
-    for meta in lists {
-        let bytes = repo.storage.get(&meta.path, cancel).await?;
-        if let Ok(list) = serde_json::from_slice::<Condemned>(&bytes)
-            && list.at <= cutoff
-        {
-            repo.storage.delete(&meta.path, cancel).await?;
+    for (path, at) in lists {
+        if at <= cutoff {
+            repo.storage.delete(&path, cancel).await?;
         }
     }
     Ok(report)
