@@ -15,12 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncRead;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
+use crate::chunker::Cutter;
 use crate::error::RepoError;
 use crate::layout;
 use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint, FileEntry};
@@ -40,7 +43,11 @@ pub struct BackupRequest {
 /// Live counters, readable while a backup or restore runs.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Bytes read from the source (backup) or written to the target (restore).
     pub bytes_read: AtomicU64,
+    /// Bytes of the stream taken from an earlier backup's chunks without reading them.
+    pub bytes_reused: AtomicU64,
+    /// Bytes uploaded (after compression and encryption).
     pub bytes_stored: AtomicU64,
 }
 
@@ -70,13 +77,120 @@ where
 /// Backs up a blocking reader (read on a dedicated thread) and commits its manifest.
 pub async fn backup<R>(
     repo: &Repository,
-    reader: R,
+    mut reader: R,
     request: BackupRequest,
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<ComponentManifest, RepoError>
 where
     R: std::io::Read + Send + 'static,
+{
+    let produce = move |sink: &mut ChunkSink| {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => sink.write_all(&buf[..n])?,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+    };
+    let (manifest, ()) = backup_with(repo, request, progress, cancel, produce).await?;
+    Ok(manifest)
+}
+
+/// One piece of the stream handed to the pipeline: new bytes, or a chunk already stored.
+enum Piece {
+    Data(Vec<u8>),
+    Stored(ChunkRef),
+}
+
+/// The pipeline's input, written to by a producer on a blocking thread: plain bytes (cut into
+/// content-defined chunks) and, at chunk boundaries, chunks of an earlier backup that are known
+/// to hold the next bytes — so unchanged data need not even be read.
+pub struct ChunkSink {
+    cutter: Cutter,
+    tx: tokio::sync::mpsc::Sender<Piece>,
+    stored: Known,
+    offset: u64,
+    progress: Arc<Progress>,
+}
+
+impl ChunkSink {
+    /// Stream bytes written so far (new and reused).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Ends the current chunk: the next byte written starts a new one.
+    pub fn boundary(&mut self) -> std::io::Result<()> {
+        let tx = &self.tx;
+        self.cutter
+            .finish(&mut |chunk| send(tx, Piece::Data(chunk.to_vec())))
+    }
+
+    /// Appends `chunks` (from an earlier backup) without their data, if every one of them is
+    /// still stored; returns false, appending nothing, otherwise. Ends the current chunk first.
+    pub fn reuse(&mut self, chunks: &[ChunkRef]) -> std::io::Result<bool> {
+        self.boundary()?;
+        let all_stored = {
+            let stored = self.stored.lock().map_err(|_| pipeline_stopped())?;
+            chunks
+                .iter()
+                .all(|c| stored.get(&c.id) == Some(&c.stored_len))
+        };
+        if !all_stored {
+            return Ok(false);
+        }
+        for chunk in chunks {
+            self.offset += u64::from(chunk.raw_len);
+            self.progress
+                .bytes_reused
+                .fetch_add(u64::from(chunk.raw_len), Ordering::Relaxed);
+            send(&self.tx, Piece::Stored(chunk.clone()))?;
+        }
+        Ok(true)
+    }
+}
+
+impl std::io::Write for ChunkSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let tx = &self.tx;
+        self.cutter
+            .push(buf, &mut |chunk| send(tx, Piece::Data(chunk.to_vec())))?;
+        self.offset += buf.len() as u64;
+        self.progress
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn send(tx: &tokio::sync::mpsc::Sender<Piece>, piece: Piece) -> std::io::Result<()> {
+    tx.blocking_send(piece).map_err(|_| pipeline_stopped())
+}
+
+fn pipeline_stopped() -> std::io::Error {
+    std::io::Error::other("the backup pipeline stopped")
+}
+
+/// Runs `produce` on a blocking thread, writing the stream into a [`ChunkSink`], stores the
+/// chunks and commits the manifest. Returns the manifest and what `produce` returned.
+pub async fn backup_with<T, F>(
+    repo: &Repository,
+    request: BackupRequest,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+    produce: F,
+) -> Result<(ComponentManifest, T), RepoError>
+where
+    F: FnOnce(&mut ChunkSink) -> std::io::Result<T> + Send + 'static,
+    T: Send + 'static,
 {
     let existing = repo.storage.list(layout::CHUNKS, cancel).await?;
     let known: Known = Arc::new(Mutex::new(
@@ -86,26 +200,19 @@ where
             .collect(),
     ));
 
-    // Stage 1: a blocking thread cuts the stream; nothing else is serial.
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
-    let params = repo.config.chunker;
-    let reader_progress = progress.clone();
-    let reader_task = tokio::task::spawn_blocking(move || {
-        let mut size = 0u64;
-        for chunk in params.stream(reader) {
-            let item = chunk.map(|c| c.data).map_err(std::io::Error::other);
-            if let Ok(data) = &item {
-                size += data.len() as u64;
-                reader_progress
-                    .bytes_read
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
-                break;
-            }
-        }
-        size
+    // Stage 1: the producer on a blocking thread; the sink cuts its bytes into chunks.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(2);
+    let mut sink = ChunkSink {
+        cutter: repo.config.chunker.cutter(),
+        tx,
+        stored: known.clone(),
+        offset: 0,
+        progress: progress.clone(),
+    };
+    let producer = tokio::task::spawn_blocking(move || {
+        let output = produce(&mut sink)?;
+        sink.boundary()?;
+        Ok::<_, std::io::Error>((output, sink.offset))
     });
 
     // Stage 2: id, dedup check, compression and sealing, on the blocking pool, in order.
@@ -118,10 +225,17 @@ where
             let repo = repo.clone();
             let known = known.clone();
             async move {
-                let data = item?;
-                tokio::task::spawn_blocking(move || prepare(&repo, &known, data))
-                    .await
-                    .map_err(|e| RepoError::Io(std::io::Error::other(e)))
+                match item {
+                    Piece::Stored(chunk) => Ok(Prepared {
+                        chunk,
+                        upload: None,
+                    }),
+                    Piece::Data(data) => {
+                        tokio::task::spawn_blocking(move || prepare(&repo, &known, data))
+                            .await
+                            .map_err(|e| RepoError::Io(std::io::Error::other(e)))
+                    }
+                }
             }
         })
         .buffered(workers);
@@ -162,11 +276,13 @@ where
         results = uploaded.try_collect() => results,
         _ = cancel.cancelled() => Err(RepoError::Cancelled),
     };
-    // On failure the stream is dropped here, which closes the channel and stops the reader.
-    let raw_size = reader_task
+    // On failure the stream is dropped here, which closes the channel and stops the producer;
+    // its "pipeline stopped" error is then only the echo of the error in `results`.
+    let produced = producer
         .await
         .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
     let results = results?;
+    let (output, raw_size) = produced?;
 
     let mut stats = BackupStats::default();
     let mut chunks = Vec::with_capacity(results.len());
@@ -192,7 +308,7 @@ where
         stats,
     };
     repo.commit_component(&manifest, cancel).await?;
-    Ok(manifest)
+    Ok((manifest, output))
 }
 
 fn prepare(repo: &Repository, known: &Known, data: Vec<u8>) -> Prepared {

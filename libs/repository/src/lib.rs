@@ -23,7 +23,7 @@ pub mod restore;
 pub mod storage;
 pub mod verify;
 
-pub use backup::{BackupRequest, Progress, backup, backup_async};
+pub use backup::{BackupRequest, ChunkSink, Progress, backup, backup_async, backup_with};
 pub use chunker::ChunkerParams;
 pub use error::RepoError;
 pub use keys::KeySecret;
