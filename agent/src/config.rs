@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub http: HttpSettings,
     pub tls: TlsFiles,
     pub repository: RepositorySettings,
+    /// The `ledger` component's settings.
+    pub ledger: crate::ledger::LedgerSettings,
     pub log: LogSettings,
     /// How long SIGTERM waits for running work to stop.
     #[serde(with = "humantime_serde")]
@@ -86,6 +88,7 @@ impl Default for AgentConfig {
             http: HttpSettings::default(),
             tls: TlsFiles::default(),
             repository: RepositorySettings::default(),
+            ledger: crate::ledger::LedgerSettings::default(),
             log: LogSettings::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
@@ -179,7 +182,19 @@ impl AgentConfig {
                 "reconnect.initial must be positive and at most reconnect.max",
             ));
         }
+        if self.component == Some(Component::Ledger) {
+            self.ledger.validate()?;
+        }
         self.repository.validate()
+    }
+
+    /// The name backups are recorded under: the configured name, else the component's.
+    pub fn backup_name(&self) -> String {
+        match (&self.name, self.component) {
+            (name, _) if !name.is_empty() => name.clone(),
+            (_, Some(component)) => component.to_string(),
+            (_, None) => "agent".to_owned(),
+        }
     }
 }
 

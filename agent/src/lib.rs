@@ -6,7 +6,9 @@
 //! - [`metrics`]: every metric the agent exports.
 
 pub mod config;
+pub mod ledger;
 pub mod metrics;
+pub mod oneshot;
 pub mod session;
 
 use std::sync::Arc;

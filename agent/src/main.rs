@@ -1,8 +1,9 @@
-//! `aitbc-backup-agent`: parse flags, load config, run until SIGTERM, drain.
+//! `aitbc-backup-agent`: parse flags, load config, then either run the sidecar until SIGTERM
+//! (no subcommand) or run one backup or restore of the configured component and exit.
 
 use std::path::PathBuf;
 
-use aitbc_backup_agent::{Agent, AgentConfig, config};
+use aitbc_backup_agent::{Agent, AgentConfig, config, oneshot};
 use anyhow::Context;
 use clap::Parser;
 
@@ -19,6 +20,28 @@ struct Args {
     /// Print the effective config (secrets redacted) and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Back up the configured component once, straight to the repository, and print a report.
+    Backup {
+        /// Read every file again instead of reusing unchanged ones from the last backup.
+        #[arg(long)]
+        full_scan: bool,
+    },
+    /// Restore a backup (a component manifest id) of the configured component.
+    Restore {
+        manifest: String,
+        /// The directory to restore into (ledger); default the configured data directory.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Replace a non-empty target.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,12 +66,29 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     aitbc_backup_telemetry::init_tracing(&config.log)?;
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(8)
         .enable_all()
         .build()
-        .context("start tokio runtime")?
-        .block_on(serve(config))
+        .context("start tokio runtime")?;
+    match args.command {
+        None => runtime.block_on(serve(config)),
+        Some(Command::Backup { full_scan }) => {
+            let report = runtime.block_on(oneshot::backup(&config, full_scan))?;
+            println!("{report:#}");
+            Ok(())
+        }
+        Some(Command::Restore {
+            manifest,
+            target,
+            force,
+        }) => {
+            let report = runtime.block_on(oneshot::restore(&config, &manifest, target, force))?;
+            println!("{report:#}");
+            Ok(())
+        }
+    }
 }
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {

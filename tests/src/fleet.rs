@@ -259,6 +259,10 @@ impl AgentProcess {
                 format!("127.0.0.1:{http_port}"),
             ),
             ("AITBC_BACKUP_RECONNECT__MAX".into(), "2s".into()),
+            (
+                "AITBC_BACKUP_LEDGER__DATA_DIR".into(),
+                dir.path().display().to_string(),
+            ),
         ]);
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let service = Service::spawn(Spec {

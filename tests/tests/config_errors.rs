@@ -169,6 +169,7 @@ fn missing_or_unreadable_tls_files_are_named() {
         &[],
         &[
             ("AITBC_BACKUP_COMPONENT", "ledger".into()),
+            ("AITBC_BACKUP_LEDGER__DATA_DIR", "/var/lib/node".into()),
             ("AITBC_BACKUP_TLS__CERT", "/nonexistent/agent.pem".into()),
         ],
     );

@@ -46,7 +46,22 @@ pub struct RepositorySettings {
     /// Encryption passphrase; a secret: environment only (`AITBC_BACKUP_REPOSITORY__PASSPHRASE`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passphrase: Option<Secret>,
+    /// S3 endpoint URL for S3-compatible servers; empty means AWS.
+    pub s3_endpoint: String,
+    /// S3 region; empty means the AWS configuration's, else us-east-1.
+    pub s3_region: String,
+    /// Path-style S3 addressing (most S3-compatible servers need it).
+    pub s3_path_style: bool,
+    /// Server-side encryption: empty, `AES256`, `aws:kms` or `aws:kms:<key-id>`.
+    pub s3_sse: String,
+    /// Chunks uploaded at once.
+    pub upload_concurrency: usize,
+    /// Chunks downloaded at once.
+    pub download_concurrency: usize,
 }
+
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
+pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 4;
 
 /// Keys of [`RepositorySettings`] that are secrets, as dotted paths under `repository`.
 pub const REPOSITORY_SECRETS: &[&str] = &["repository.passphrase"];
@@ -59,6 +74,12 @@ impl Default for RepositorySettings {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             passphrase: None,
+            s3_endpoint: String::new(),
+            s3_region: String::new(),
+            s3_path_style: false,
+            s3_sse: String::new(),
+            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
+            download_concurrency: DEFAULT_DOWNLOAD_CONCURRENCY,
         }
     }
 }
@@ -102,6 +123,18 @@ impl RepositorySettings {
                     "`{}` is not a valid Kubernetes namespace name",
                     self.namespace
                 ),
+            ));
+        }
+        if !(1..=64).contains(&self.upload_concurrency) {
+            return Err(ConfigError::invalid(
+                "repository.upload_concurrency",
+                format!("{} is out of range 1..=64", self.upload_concurrency),
+            ));
+        }
+        if !(1..=64).contains(&self.download_concurrency) {
+            return Err(ConfigError::invalid(
+                "repository.download_concurrency",
+                format!("{} is out of range 1..=64", self.download_concurrency),
             ));
         }
         let url = self.effective_url();

@@ -114,10 +114,16 @@ pub struct ChunkSink {
     tx: tokio::sync::mpsc::Sender<Piece>,
     stored: Known,
     offset: u64,
+    files: Vec<FileEntry>,
     progress: Arc<Progress>,
 }
 
 impl ChunkSink {
+    /// Records a file of a tar stream in the manifest's file index.
+    pub fn index_file(&mut self, entry: FileEntry) {
+        self.files.push(entry);
+    }
+
     /// Stream bytes written so far (new and reused).
     pub fn offset(&self) -> u64 {
         self.offset
@@ -207,12 +213,13 @@ where
         tx,
         stored: known.clone(),
         offset: 0,
+        files: Vec::new(),
         progress: progress.clone(),
     };
     let producer = tokio::task::spawn_blocking(move || {
         let output = produce(&mut sink)?;
         sink.boundary()?;
-        Ok::<_, std::io::Error>((output, sink.offset))
+        Ok::<_, std::io::Error>((output, sink.offset, std::mem::take(&mut sink.files)))
     });
 
     // Stage 2: id, dedup check, compression and sealing, on the blocking pool, in order.
@@ -282,7 +289,7 @@ where
         .await
         .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
     let results = results?;
-    let (output, raw_size) = produced?;
+    let (output, raw_size, indexed) = produced?;
 
     let mut stats = BackupStats::default();
     let mut chunks = Vec::with_capacity(results.len());
@@ -303,7 +310,7 @@ where
         created: now_rfc3339(),
         raw_size,
         chunks,
-        files: request.files,
+        files: request.files.into_iter().chain(indexed).collect(),
         consistency: request.consistency,
         stats,
     };

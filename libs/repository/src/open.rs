@@ -92,6 +92,40 @@ pub async fn open_storage(
     Ok(Storage::new(backend, limits))
 }
 
+/// Opens the repository a daemon's `[repository]` config section names.
+pub async fn open_configured(
+    settings: &aitbc_backup_config::settings::RepositorySettings,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<crate::Repository, crate::RepoError> {
+    let bad = |key: &str, e: String| crate::RepoError::BadConfig(format!("repository.{key}: {e}"));
+    let url = RepoUrl::parse(&settings.effective_url()).map_err(|e| bad("url", e))?;
+    let sse = Some(settings.s3_sse.as_str())
+        .filter(|s| !s.is_empty())
+        .map(parse_sse)
+        .transpose()
+        .map_err(|e| bad("s3_sse", e))?;
+    let non_empty = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+    let s3 = S3Options {
+        endpoint: non_empty(&settings.s3_endpoint),
+        region: non_empty(&settings.s3_region),
+        path_style: settings.s3_path_style,
+        sse,
+    };
+    let storage = open_storage(&url, &s3, StorageLimits::default()).await?;
+    let secret = settings
+        .passphrase
+        .as_ref()
+        .map(|p| crate::KeySecret::Passphrase(p.expose().to_owned()));
+    Ok(crate::Repository::open(storage, secret.as_ref(), cancel)
+        .await?
+        .with_settings(crate::RepoSettings {
+            compression_level: settings.compression_level,
+            upload_concurrency: settings.upload_concurrency.max(1),
+            download_concurrency: settings.download_concurrency.max(1),
+            limit_upload_bytes_per_sec: None,
+        }))
+}
+
 /// Default per-request timeout: generous for 4 MiB chunks on slow links.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 

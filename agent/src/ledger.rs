@@ -1,0 +1,21 @@
+//! The `ledger` component: a blockchain node's data directory (SQLite databases plus plain
+//! files), backed up at a cut anchored to a block height and restored through a staging
+//! directory.
+//!
+//! - [`config`]: the `[ledger]` section.
+//! - [`scan`]: what is in the data directory.
+//! - [`sqlite`]: consistent capture, integrity and hash-chain checks.
+//! - [`archive`]: the tar stream's layout (groups that make unchanged files free).
+//! - [`cache`]: the file cache between backups.
+//! - [`backup`], [`restore`], [`extract`]: the two directions.
+
+pub mod archive;
+pub mod backup;
+pub mod cache;
+pub mod config;
+pub mod extract;
+pub mod restore;
+pub mod scan;
+pub mod sqlite;
+
+pub use config::LedgerSettings;

@@ -1,0 +1,382 @@
+//! Backup of a node's data directory: prepare (find the databases), cut (capture every database
+//! in one instant and read the head from the captured chain), upload (one tar stream; groups of
+//! unchanged files reuse the previous backup's chunks).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aitbc_backup_repository::manifest::{ChunkRef, ComponentManifest, ConsistencyPoint, FileEntry};
+use aitbc_backup_repository::{BackupRequest, ChunkSink, Progress, Repository, backup_with};
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use super::archive::{self, Written};
+use super::cache::{self, FileCache, GroupSpan};
+use super::config::LedgerSettings;
+use super::scan::{self, Entry, Kind};
+use super::sqlite::{self, Head};
+
+/// The stream kind recorded in ledger manifests.
+pub const STREAM: &str = "tar";
+
+/// Ready to cut: the databases to capture are known.
+pub struct Prepared {
+    settings: LedgerSettings,
+    databases: Vec<String>,
+}
+
+/// The cut: consistent copies of every database and the head of the captured chain.
+pub struct Cut {
+    settings: LedgerSettings,
+    pub head: Head,
+    /// How long writers could have been held up (rollback-journal mode) by the capture.
+    pub capture: Duration,
+    copies: HashMap<String, PathBuf>,
+    workdir: ScratchDir,
+}
+
+/// What a ledger backup did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupReport {
+    pub manifest: String,
+    pub height: u64,
+    pub hash: String,
+    pub files: usize,
+    pub databases: usize,
+    pub bytes_read: u64,
+    pub bytes_reused: u64,
+    pub stream_bytes: u64,
+    pub new_stored_bytes: u64,
+    pub capture_ms: f64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Checks the data directory and finds its databases.
+pub fn prepare(settings: &LedgerSettings) -> anyhow::Result<Prepared> {
+    let found = scan::scan(&settings.data_dir, &settings.include)
+        .with_context(|| format!("scan {}", settings.data_dir.display()))?;
+    let databases: Vec<String> = found
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::Sqlite)
+        .map(|e| e.path.clone())
+        .collect();
+    let chain_db = chain_db_rel(settings);
+    if !databases.contains(&chain_db) {
+        bail!(
+            "the chain database {chain_db} is not a SQLite database under {} (ledger.chain_db, ledger.include)",
+            settings.data_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&settings.scratch_dir).with_context(|| {
+        format!(
+            "create ledger.scratch_dir {}",
+            settings.scratch_dir.display()
+        )
+    })?;
+    Ok(Prepared {
+        settings: settings.clone(),
+        databases,
+    })
+}
+
+fn chain_db_rel(settings: &LedgerSettings) -> String {
+    archive::safe_relative(&settings.chain_db)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl Prepared {
+    /// Opens a read transaction on every database at once (that instant is the cut), reads the
+    /// head inside the chain's, then copies each snapshot to the scratch directory.
+    pub fn cut(self) -> anyhow::Result<Cut> {
+        let settings = self.settings;
+        let busy = Duration::from_secs(settings.sqlite_busy_timeout_secs);
+        let started = Instant::now();
+        let snapshots = self
+            .databases
+            .iter()
+            .map(|rel| sqlite::begin(&settings.data_dir.join(rel), rel, busy))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let chain_db = chain_db_rel(&settings);
+        let head = snapshots
+            .iter()
+            .find(|s| s.rel == chain_db)
+            .context("the chain database vanished")?
+            .head(&settings.height_query)
+            .map_err(anyhow::Error::msg)?;
+        let workdir = ScratchDir::create(&settings.scratch_dir)?;
+        let mut copies = HashMap::new();
+        for (i, snapshot) in snapshots.into_iter().enumerate() {
+            let rel = snapshot.rel.clone();
+            let copy = snapshot
+                .copy_to(&workdir.0.join(format!("{i}.db")))
+                .map_err(anyhow::Error::msg)?;
+            copies.insert(rel, copy);
+        }
+        let capture = started.elapsed();
+        let copied_head = sqlite::check_chain(&copies[&chain_db], &settings.height_query)
+            .map_err(|e| anyhow::anyhow!("the captured {chain_db} is not a sound chain: {e}"))?;
+        if copied_head != head {
+            bail!("the captured {chain_db} ends at {copied_head:?}, its snapshot said {head:?}");
+        }
+        Ok(Cut {
+            settings,
+            head,
+            capture,
+            copies,
+            workdir,
+        })
+    }
+}
+
+/// Prepare, cut and upload in one go (the standalone `backup` command).
+pub async fn backup(
+    repo: &Repository,
+    settings: &LedgerSettings,
+    name: &str,
+    full_scan: bool,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<BackupReport> {
+    let settings = settings.clone();
+    let cut = tokio::task::spawn_blocking(move || prepare(&settings)?.cut()).await??;
+    // Boxed: the pipeline's future is deep enough to overflow the compiler's layout queries.
+    Box::pin(cut.upload(repo, name, full_scan, progress, cancel)).await
+}
+
+/// What the producer hands back.
+struct Produced {
+    spans: Vec<GroupSpan>,
+    files: usize,
+    warnings: Vec<String>,
+}
+
+impl Cut {
+    /// Streams the data directory into the repository and commits the component manifest.
+    pub async fn upload(
+        self,
+        repo: &Repository,
+        name: &str,
+        full_scan: bool,
+        progress: Arc<Progress>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<BackupReport> {
+        let started = Instant::now();
+        let settings = self.settings.clone();
+        let cache_path = cache::path_for(&settings.scratch_dir, &settings.data_dir);
+        let repo_id = repo.config().id.clone();
+        let (cache, cache_note) = if full_scan {
+            (
+                FileCache::default(),
+                Some("--full-scan: every file is read".to_owned()),
+            )
+        } else {
+            FileCache::load(&cache_path, &repo_id)
+        };
+        if let Some(note) = cache_note {
+            tracing::info!(cache = %cache_path.display(), "{note}");
+        }
+        let found = scan::scan(&settings.data_dir, &settings.include)
+            .with_context(|| format!("scan {}", settings.data_dir.display()))?;
+        let mut warnings = found.warnings;
+        let entries = found.entries;
+        let copies = self.copies.clone();
+        let data_dir = settings.data_dir.clone();
+        let request = BackupRequest {
+            name: name.to_owned(),
+            stream: STREAM.to_owned(),
+            consistency: Some(ConsistencyPoint::Ledger {
+                height: self.head.height,
+                hash: self.head.hash.clone(),
+            }),
+            files: Vec::new(),
+        };
+        let (manifest, produced) =
+            backup_with(repo, request, progress.clone(), cancel, move |sink| {
+                produce(sink, &entries, &data_dir, &copies, &cache)
+            })
+            .await
+            .context("store the ledger stream")?;
+        warnings.extend(produced.warnings);
+        for warning in &warnings {
+            tracing::warn!(manifest = %manifest.id, "{warning}");
+        }
+        let next = FileCache::from_backup(&repo_id, &manifest, &produced.spans);
+        if let Err(err) = next.save(&cache_path) {
+            tracing::warn!(cache = %cache_path.display(), error = %err, "could not save the file cache; the next backup reads every file");
+        }
+        drop(self.workdir);
+        Ok(report(
+            &manifest,
+            &self.head,
+            self.copies.len(),
+            produced.files,
+            &progress,
+            self.capture,
+            started,
+            warnings,
+        ))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    manifest: &ComponentManifest,
+    head: &Head,
+    databases: usize,
+    files: usize,
+    progress: &Progress,
+    capture: Duration,
+    started: Instant,
+    warnings: Vec<String>,
+) -> BackupReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    BackupReport {
+        manifest: manifest.id.clone(),
+        height: head.height,
+        hash: head.hash.clone(),
+        files,
+        databases,
+        bytes_read: progress.bytes_read.load(Relaxed),
+        bytes_reused: progress.bytes_reused.load(Relaxed),
+        stream_bytes: manifest.raw_size,
+        new_stored_bytes: manifest.stats.new_stored_bytes,
+        capture_ms: capture.as_secs_f64() * 1e3,
+        seconds: started.elapsed().as_secs_f64(),
+        warnings,
+    }
+}
+
+/// Writes the tar stream group by group, reusing cached chunks where a group is unchanged.
+fn produce(
+    sink: &mut ChunkSink,
+    entries: &[Entry],
+    data_dir: &Path,
+    copies: &HashMap<String, PathBuf>,
+    cache: &FileCache,
+) -> std::io::Result<Produced> {
+    let mut produced = Produced {
+        spans: Vec::new(),
+        files: 0,
+        warnings: Vec::new(),
+    };
+    for range in archive::groups(entries) {
+        let members = &entries[range];
+        let key = archive::group_key(members);
+        sink.boundary()?;
+        let start = sink.offset();
+        let cached = key.as_deref().and_then(|k| reusable(cache, k, members));
+        if let Some((chunks, index)) = cached
+            && sink.reuse(chunks)?
+        {
+            for (entry, offset, size) in index {
+                sink.index_file(FileEntry {
+                    path: entry.path.clone(),
+                    offset: start + offset,
+                    size,
+                });
+                produced.files += 1;
+            }
+            produced.spans.push(GroupSpan {
+                key,
+                start,
+                end: sink.offset(),
+            });
+            continue;
+        }
+        let mut unchanged = key.is_some();
+        for entry in members {
+            let source = match entry.kind {
+                Kind::Sqlite => copies.get(&entry.path).cloned().ok_or_else(|| {
+                    std::io::Error::other(format!(
+                        "{} became a database after the cut; it is not part of this backup's cut",
+                        entry.path
+                    ))
+                })?,
+                _ => data_dir.join(&entry.path),
+            };
+            let offset = sink.offset();
+            match archive::write_entry(sink, entry, &source)? {
+                Written::Entry {
+                    size,
+                    unchanged: same,
+                } => {
+                    unchanged &= same;
+                    if matches!(entry.kind, Kind::File | Kind::Sqlite) {
+                        sink.index_file(FileEntry {
+                            path: entry.path.clone(),
+                            offset,
+                            size,
+                        });
+                        produced.files += 1;
+                    }
+                }
+                Written::Vanished => {
+                    unchanged = false;
+                    produced.warnings.push(format!(
+                        "{} was removed during the backup; not included",
+                        entry.path
+                    ));
+                }
+            }
+        }
+        sink.boundary()?;
+        produced.spans.push(GroupSpan {
+            key: key.filter(|_| unchanged),
+            start,
+            end: sink.offset(),
+        });
+    }
+    // The end-of-archive marker.
+    sink.write_all(&[0u8; 1024])?;
+    Ok(produced)
+}
+
+/// A cached group's chunks and file index (entry, offset in the group, size), if the chunks
+/// add up to exactly the bytes its entries take.
+type Reusable<'c, 'e> = (&'c [ChunkRef], Vec<(&'e Entry, u64, u64)>);
+
+fn reusable<'c, 'e>(
+    cache: &'c FileCache,
+    key: &str,
+    members: &'e [Entry],
+) -> Option<Reusable<'c, 'e>> {
+    let chunks = cache.get(key)?;
+    let mut index = Vec::new();
+    let mut offset = 0u64;
+    for entry in members {
+        let size = match entry.kind {
+            Kind::File => entry.meta.size,
+            _ => 0,
+        };
+        if entry.kind == Kind::File {
+            index.push((entry, offset, size));
+        }
+        offset += archive::header(entry, size).ok()?.len() as u64 + archive::padded(size);
+    }
+    let cached: u64 = chunks.iter().map(|c| u64::from(c.raw_len)).sum();
+    (cached == offset).then_some((chunks, index))
+}
+
+/// A per-backup directory under the scratch directory, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(parent: &Path) -> anyhow::Result<Self> {
+        let path = parent.join(format!("ledger-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

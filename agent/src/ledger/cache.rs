@@ -1,0 +1,124 @@
+//! The file cache: for each group of unchanged entries, the chunks that hold its bytes, from the
+//! previous backup. It lives in the scratch directory; losing it only costs one full read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use aitbc_backup_repository::manifest::{ChunkRef, ComponentManifest};
+use serde::{Deserialize, Serialize};
+
+const CACHE_VERSION: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FileCache {
+    version: u32,
+    /// The repository the chunks are in.
+    repository: String,
+    /// The backup the chunks come from.
+    pub manifest: String,
+    /// Group key → the group's chunks, in order.
+    groups: HashMap<String, Vec<ChunkRef>>,
+}
+
+/// Where one group landed in the stream.
+#[derive(Debug, Clone)]
+pub struct GroupSpan {
+    /// None when the group must not be reused (a database, or a file that changed while read).
+    pub key: Option<String>,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The cache file of one data directory.
+pub fn path_for(scratch: &Path, data_dir: &Path) -> PathBuf {
+    let id = blake3::hash(data_dir.as_os_str().as_encoded_bytes()).to_hex();
+    scratch.join(format!("ledger-cache-{}.json", &id[..16]))
+}
+
+impl FileCache {
+    /// The cache for `repository`, or an empty one (with the reason) when there is none.
+    pub fn load(path: &Path, repository: &str) -> (FileCache, Option<String>) {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return (FileCache::default(), Some("no file cache yet".to_owned()));
+            }
+            Err(err) => {
+                return (
+                    FileCache::default(),
+                    Some(format!("{}: {err}", path.display())),
+                );
+            }
+        };
+        match serde_json::from_slice::<FileCache>(&bytes) {
+            Ok(cache) if cache.version == CACHE_VERSION && cache.repository == repository => {
+                (cache, None)
+            }
+            Ok(_) => (
+                FileCache::default(),
+                Some("the file cache belongs to another repository or version".to_owned()),
+            ),
+            Err(err) => (
+                FileCache::default(),
+                Some(format!("{} is damaged ({err})", path.display())),
+            ),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&[ChunkRef]> {
+        self.groups.get(key).map(Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// The cache a finished backup leaves for the next one.
+    pub fn from_backup(
+        repository: &str,
+        manifest: &ComponentManifest,
+        spans: &[GroupSpan],
+    ) -> Self {
+        let mut starts = Vec::with_capacity(manifest.chunks.len() + 1);
+        let mut offset = 0u64;
+        for chunk in &manifest.chunks {
+            starts.push(offset);
+            offset += u64::from(chunk.raw_len);
+        }
+        starts.push(offset);
+        let mut groups = HashMap::new();
+        for span in spans {
+            let Some(key) = &span.key else { continue };
+            // Groups start and end on chunk boundaries; anything else is not reusable.
+            let (Ok(first), Ok(end)) = (
+                starts.binary_search(&span.start),
+                starts.binary_search(&span.end),
+            ) else {
+                continue;
+            };
+            if first < end {
+                groups.insert(key.clone(), manifest.chunks[first..end].to_vec());
+            }
+        }
+        FileCache {
+            version: CACHE_VERSION,
+            repository: repository.to_owned(),
+            manifest: manifest.id.clone(),
+            groups,
+        }
+    }
+
+    /// Writes the cache atomically.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension(format!("tmp-{:08x}", rand::random::<u32>()));
+        let body = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+}

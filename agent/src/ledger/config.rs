@@ -1,0 +1,77 @@
+//! The `[ledger]` config section.
+
+use std::path::PathBuf;
+
+use aitbc_backup_config::ConfigError;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_INCLUDE: &[&str] = &["chain", "wallets", "receipts"];
+pub const DEFAULT_CHAIN_DB: &str = "chain/chain.db";
+pub const DEFAULT_HEIGHT_QUERY: &str =
+    "SELECT height, hash FROM block ORDER BY height DESC LIMIT 1";
+pub const DEFAULT_SCRATCH_DIR: &str = "/tmp/aitbc-backup";
+pub const DEFAULT_SQLITE_BUSY_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSettings {
+    /// The node's data directory. Required for the ledger component.
+    pub data_dir: PathBuf,
+    /// Paths under `data_dir` that are backed up; a missing one is skipped with a warning.
+    pub include: Vec<String>,
+    /// The chain database, relative to `data_dir`: the source of the height and hash.
+    pub chain_db: String,
+    /// Returns one row (height, hash) of the newest block; runs inside the captured snapshot of
+    /// `chain_db`, so the recorded head is exactly the captured one.
+    pub height_query: String,
+    /// Consistent copies of the SQLite databases and the file cache live here (a pod's
+    /// `emptyDir`); it needs room for the largest database.
+    pub scratch_dir: PathBuf,
+    /// How long the capture waits for a writer's lock (rollback-journal mode).
+    pub sqlite_busy_timeout_secs: u64,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            data_dir: PathBuf::new(),
+            include: DEFAULT_INCLUDE.iter().map(|s| (*s).to_owned()).collect(),
+            chain_db: DEFAULT_CHAIN_DB.to_owned(),
+            height_query: DEFAULT_HEIGHT_QUERY.to_owned(),
+            scratch_dir: DEFAULT_SCRATCH_DIR.into(),
+            sqlite_busy_timeout_secs: DEFAULT_SQLITE_BUSY_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl LedgerSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.data_dir.is_absolute() {
+            return Err(ConfigError::invalid(
+                "ledger.data_dir",
+                format!(
+                    "`{}`: the ledger component needs the node's data directory as an absolute path",
+                    self.data_dir.display()
+                ),
+            ));
+        }
+        if !self.scratch_dir.is_absolute() {
+            return Err(ConfigError::invalid(
+                "ledger.scratch_dir",
+                format!("`{}` is not an absolute path", self.scratch_dir.display()),
+            ));
+        }
+        for path in self.include.iter().chain([&self.chain_db]) {
+            if super::archive::safe_relative(path).is_none() {
+                return Err(ConfigError::invalid(
+                    "ledger.include",
+                    format!("`{path}` is not a relative path inside the data directory"),
+                ));
+            }
+        }
+        if self.include.is_empty() {
+            return Err(ConfigError::invalid("ledger.include", "is empty"));
+        }
+        Ok(())
+    }
+}

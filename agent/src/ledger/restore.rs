@@ -1,0 +1,298 @@
+//! Restore of a ledger backup into a data directory.
+//!
+//! The stream is unpacked into a staging directory inside the target (same filesystem, and a
+//! mounted volume works too), every SQLite database passes `PRAGMA integrity_check`, the chain is
+//! checked link by link and its head against the manifest, `metadata.json` is written, and only
+//! then are the target's old entries moved aside and the staged ones moved in (renames). A restore
+//! that fails or is killed before the swap leaves the target as it was.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use aitbc_backup_repository::manifest::{ComponentManifest, ConsistencyPoint};
+use aitbc_backup_repository::{Progress, Repository};
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use super::backup::STREAM;
+use super::extract;
+use super::scan::is_sqlite;
+use super::sqlite;
+
+const STAGING_PREFIX: &str = ".aitbc-backup-staging-";
+const PREVIOUS_PREFIX: &str = ".aitbc-backup-previous-";
+pub const METADATA_FILE: &str = "metadata.json";
+
+/// Where and how to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub target: PathBuf,
+    /// Replace a non-empty target.
+    pub force: bool,
+    /// The chain database, relative to the target.
+    pub chain_db: String,
+    pub height_query: String,
+    /// Recorded in `metadata.json` as `source`.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    pub manifest: String,
+    pub target: String,
+    pub height: u64,
+    pub hash: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub databases_checked: usize,
+    pub seconds: f64,
+}
+
+/// The metadata file the old tooling reads.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Metadata {
+    pub backup_name: String,
+    pub timestamp: String,
+    pub latest_block_height: u64,
+    pub latest_block_hash: String,
+    pub source: String,
+    pub restored_at: String,
+}
+
+pub async fn restore(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    options: &RestoreOptions,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestoreReport> {
+    let started = Instant::now();
+    let Some(ConsistencyPoint::Ledger { height, hash }) = manifest.consistency.clone() else {
+        bail!(
+            "manifest {} is not a ledger backup (it holds a `{}` stream of `{}`)",
+            manifest.id,
+            manifest.stream,
+            manifest.name
+        );
+    };
+    if manifest.stream != STREAM {
+        bail!(
+            "manifest {} holds a `{}` stream, not a tar stream",
+            manifest.id,
+            manifest.stream
+        );
+    }
+    let staging = prepare_target(&options.target, options.force)?;
+    let result = async {
+        let unpacked = unpack_stream(repo, manifest, &staging, progress, cancel).await?;
+        let options = options.clone();
+        let staged = staging.clone();
+        let expected = sqlite::Head {
+            height,
+            hash: hash.clone(),
+        };
+        let checked =
+            tokio::task::spawn_blocking(move || check_staged(&staged, &options, &expected))
+                .await??;
+        Ok::<_, anyhow::Error>((unpacked, checked))
+    }
+    .await;
+    let (unpacked, databases_checked) = match result {
+        Ok(done) => done,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(err);
+        }
+    };
+    let metadata = Metadata {
+        backup_name: manifest.id.clone(),
+        timestamp: manifest.created.clone(),
+        latest_block_height: height,
+        latest_block_hash: hash.clone(),
+        source: options.source.clone(),
+        restored_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let written = serde_json::to_vec_pretty(&metadata)
+        .map_err(std::io::Error::other)
+        .and_then(|body| std::fs::write(staging.join(METADATA_FILE), body));
+    if let Err(err) = written.and_then(|()| swap_in(&options.target, &staging)) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(anyhow::Error::new(err).context(format!(
+            "swap the restored data into {}",
+            options.target.display()
+        )));
+    }
+    Ok(RestoreReport {
+        manifest: manifest.id.clone(),
+        target: options.target.display().to_string(),
+        height,
+        hash,
+        files: unpacked.files,
+        bytes: unpacked.bytes,
+        databases_checked,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Checks the target and creates the staging directory in it.
+fn prepare_target(target: &Path, force: bool) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(target).with_context(|| format!("create {}", target.display()))?;
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir(target).with_context(|| format!("read {}", target.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PREVIOUS_PREFIX) {
+            bail!(
+                "{} holds {name}: an earlier restore was interrupted while swapping and the previous \
+                 data is in it; move it back or remove it, then restore again",
+                target.display()
+            );
+        }
+        if name.starts_with(STAGING_PREFIX) {
+            // Left by a restore that was killed before its swap.
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("remove the stale {}", entry.path().display()))?;
+            continue;
+        }
+        others.push(name);
+    }
+    if !others.is_empty() && !force {
+        others.sort();
+        bail!(
+            "target {} is not empty ({}{}); pass --force to replace its contents",
+            target.display(),
+            others
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if others.len() > 3 { ", ..." } else { "" }
+        );
+    }
+    let staging = target.join(format!("{STAGING_PREFIX}{:016x}", rand::random::<u64>()));
+    std::fs::create_dir(&staging).with_context(|| format!("create {}", staging.display()))?;
+    Ok(staging)
+}
+
+/// Streams the manifest through a pipe into the unpacker (a blocking thread).
+async fn unpack_stream(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    staging: &Path,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<extract::Unpacked> {
+    let (reader, writer) = tokio::io::simplex(1 << 20);
+    let reader = tokio_util::io::SyncIoBridge::new(reader);
+    let root = staging.to_owned();
+    let unpacker = tokio::task::spawn_blocking(move || extract::unpack(reader, &root));
+    let fetched = aitbc_backup_repository::restore(repo, manifest, writer, progress, cancel).await;
+    let unpacked = unpacker.await?;
+    // A refused entry stops the unpacker, which breaks the pipe: its error is the real one.
+    let unpacked = unpacked.map_err(anyhow::Error::msg)?;
+    fetched.with_context(|| format!("read backup {}", manifest.id))?;
+    Ok(unpacked)
+}
+
+/// Integrity of every database, the chain and its head; returns the number of databases.
+fn check_staged(
+    staging: &Path,
+    options: &RestoreOptions,
+    expected: &sqlite::Head,
+) -> anyhow::Result<usize> {
+    let mut databases = Vec::new();
+    find_databases(staging, &mut databases)?;
+    for db in &databases {
+        sqlite::integrity_check(db).map_err(|e| {
+            anyhow::anyhow!(
+                "restored database {} fails integrity_check: {e}",
+                relative(staging, db)
+            )
+        })?;
+    }
+    let chain = staging.join(&options.chain_db);
+    let head = sqlite::check_chain(&chain, &options.height_query)
+        .map_err(|e| anyhow::anyhow!("restored chain {}: {e}", options.chain_db))?;
+    if &head != expected {
+        bail!(
+            "restored chain ends at block {} {}, the backup recorded {} {}",
+            head.height,
+            head.hash,
+            expected.height,
+            expected.hash
+        );
+    }
+    Ok(databases.len())
+}
+
+fn find_databases(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            find_databases(&entry.path(), out)?;
+        } else if kind.is_file() && is_sqlite(&entry.path())? {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// Moves the target's entries into a `previous` directory and the staged ones into the target;
+/// on failure moves everything back.
+fn swap_in(target: &Path, staging: &Path) -> std::io::Result<()> {
+    let previous = target.join(format!("{PREVIOUS_PREFIX}{:016x}", rand::random::<u64>()));
+    std::fs::create_dir(&previous)?;
+    let names = |dir: &Path| -> std::io::Result<Vec<std::ffi::OsString>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let text = name.to_string_lossy();
+            if !text.starts_with(STAGING_PREFIX) && !text.starts_with(PREVIOUS_PREFIX) {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    };
+    let old = names(target)?;
+    let moved_out = move_all(&old, target, &previous)?;
+    let new = names(staging)?;
+    if let Err(err) = move_all(&new, staging, target) {
+        // Put the old data back; the staged entries already moved go back to staging first.
+        let _ = move_all(&new, target, staging);
+        let _ = move_all(&moved_out, &previous, target);
+        let _ = std::fs::remove_dir(&previous);
+        return Err(err);
+    }
+    std::fs::File::open(target)?.sync_all()?;
+    std::fs::remove_dir(staging)?;
+    std::fs::remove_dir_all(&previous)
+}
+
+/// Renames `names` from `from` to `to`; on failure moves back what it moved and fails.
+fn move_all(
+    names: &[std::ffi::OsString],
+    from: &Path,
+    to: &Path,
+) -> std::io::Result<Vec<std::ffi::OsString>> {
+    let mut moved = Vec::new();
+    for name in names {
+        if let Err(err) = std::fs::rename(from.join(name), to.join(name)) {
+            for back in &moved {
+                let _ = std::fs::rename(to.join(back), from.join(back));
+            }
+            return Err(err);
+        }
+        moved.push(name.clone());
+    }
+    Ok(moved)
+}

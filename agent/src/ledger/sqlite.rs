@@ -1,0 +1,146 @@
+//! SQLite at the cut: every database is copied through the online backup API inside a read
+//! transaction opened at the cut, and the chain's head is read in that same transaction.
+//!
+//! Why this is consistent in both journal modes: the first read of a transaction fixes its
+//! snapshot (WAL mode: an end mark in the WAL; rollback-journal mode: a SHARED lock, which keeps
+//! writers from committing until it is released). `sqlite3_backup_step` reuses the source
+//! connection's open transaction, so the copy is exactly that snapshot, page for page. In
+//! rollback-journal mode writers wait (their busy timeout) while the copy runs; in WAL mode they
+//! never wait.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+/// The newest block of a chain database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub height: u64,
+    pub hash: String,
+}
+
+/// A database with its read transaction open: the cut has happened for it.
+pub struct OpenSnapshot {
+    pub rel: String,
+    conn: Connection,
+}
+
+/// Opens a read transaction on `path` and reads from it, which fixes its snapshot.
+pub fn begin(path: &Path, rel: &str, busy_timeout: Duration) -> Result<OpenSnapshot, String> {
+    let fail = |what: &str, e: rusqlite::Error| format!("{rel}: {what}: {e}");
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| fail("open", e))?;
+    conn.busy_timeout(busy_timeout)
+        .map_err(|e| fail("busy timeout", e))?;
+    conn.execute_batch("BEGIN DEFERRED")
+        .map_err(|e| fail("begin", e))?;
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| fail("start the read transaction", e))?;
+    Ok(OpenSnapshot {
+        rel: rel.to_owned(),
+        conn,
+    })
+}
+
+impl OpenSnapshot {
+    /// Runs the height query inside the snapshot.
+    pub fn head(&self, query: &str) -> Result<Head, String> {
+        read_head(&self.conn, query).map_err(|e| format!("{}: height query: {e}", self.rel))
+    }
+
+    /// Copies the snapshot into a new database file at `dest` and ends the transaction.
+    pub fn copy_to(self, dest: &Path) -> Result<PathBuf, String> {
+        let fail = |what: &str, e: rusqlite::Error| format!("{}: {what}: {e}", self.rel);
+        let _ = std::fs::remove_file(dest);
+        let mut target = Connection::open(dest).map_err(|e| fail("create the copy", e))?;
+        {
+            let backup = rusqlite::backup::Backup::new(&self.conn, &mut target)
+                .map_err(|e| fail("start the copy", e))?;
+            match backup.step(-1).map_err(|e| fail("copy", e))? {
+                rusqlite::backup::StepResult::Done => {}
+                other => return Err(format!("{}: copy stopped early: {other:?}", self.rel)),
+            }
+        }
+        target.close().map_err(|(_, e)| fail("close the copy", e))?;
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(|e| fail("end the read transaction", e))?;
+        Ok(dest.to_owned())
+    }
+}
+
+fn read_head(conn: &Connection, query: &str) -> Result<Head, String> {
+    let (height, hash): (i64, String) = conn
+        .query_row(query, [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => "the chain has no blocks".to_owned(),
+        other => other.to_string(),
+    })?;
+    let height = u64::try_from(height).map_err(|_| format!("negative height {height}"))?;
+    Ok(Head { height, hash })
+}
+
+/// `PRAGMA integrity_check` of a database file; Err names the first problems.
+pub fn integrity_check(path: &Path) -> Result<(), String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| e.to_string())?;
+    let mut stmt = conn
+        .prepare("PRAGMA integrity_check")
+        .map_err(|e| e.to_string())?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.take(5).collect())
+        .map_err(|e| e.to_string())?;
+    if rows == ["ok"] {
+        Ok(())
+    } else {
+        Err(rows.join("; "))
+    }
+}
+
+/// Checks that the blocks form one unbroken chain up to its head (every block's `parent_hash` is
+/// the previous block's `hash`, heights without gaps) and returns the head.
+pub fn check_chain(path: &Path, height_query: &str) -> Result<Head, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| e.to_string())?;
+    let head = read_head(&conn, height_query)?;
+    let mut stmt = conn
+        .prepare("SELECT height, hash, parent_hash FROM block ORDER BY height")
+        .map_err(|e| e.to_string())?;
+    let mut rows = stmt.query([]).map_err(|e| e.to_string())?;
+    let mut previous: Option<(i64, String)> = None;
+    let mut last: Option<(i64, String)> = None;
+    while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+        let (height, hash, parent): (i64, String, String) = (
+            row.get(0).map_err(|e| e.to_string())?,
+            row.get(1).map_err(|e| e.to_string())?,
+            row.get(2).map_err(|e| e.to_string())?,
+        );
+        if let Some((prev_height, prev_hash)) = &previous {
+            if height != prev_height + 1 {
+                return Err(format!("block {prev_height} is followed by block {height}"));
+            }
+            if &parent != prev_hash {
+                return Err(format!(
+                    "block {height} names parent {parent}, but block {prev_height} is {prev_hash}"
+                ));
+            }
+        }
+        previous = Some((height, hash.clone()));
+        last = Some((height, hash));
+    }
+    match last {
+        Some((height, hash)) if height as u64 == head.height && hash == head.hash => Ok(head),
+        Some((height, hash)) => Err(format!(
+            "the last block is {height} {hash}, the height query says {} {}",
+            head.height, head.hash
+        )),
+        None => Err("the chain has no blocks".to_owned()),
+    }
+}
