@@ -3,67 +3,38 @@
 use std::time::Duration;
 
 use aitbc_backup_tests::chain::check_chain;
-use aitbc_backup_tests::fleet::{binary, http_get};
-use aitbc_backup_tests::process::{Service, Spec};
+use aitbc_backup_tests::fleet::http_get;
+use aitbc_backup_tests::node::NodeSim;
 use aitbc_backup_tests::wait_until;
-use nix::sys::signal::Signal;
 
-fn start(dir: &std::path::Path, journal: &str, port: u16) -> Service {
-    Service::spawn(Spec {
-        name: "aitbc-node-sim",
-        program: &binary("aitbc-node-sim"),
-        args: [
-            "--data-dir",
-            dir.join("node").to_str().expect("utf-8"),
-            "--rate",
-            "50",
-            "--journal",
-            journal,
-            "--http",
-            &format!("127.0.0.1:{port}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        env: vec![],
-        user: None,
-        cwd: Some(dir),
-        log: dir.join("node-sim.log"),
-        stop_signal: Signal::SIGTERM,
-    })
-}
-
-fn head(port: u16) -> Option<(u64, String)> {
-    let (status, body) = http_get(port, "/v1/blocks/head")?;
-    let value: serde_json::Value = serde_json::from_str(&body).ok()?;
-    (status == 200).then(|| {
-        (
-            value["height"].as_u64().unwrap_or(0),
-            value["hash"].as_str().unwrap_or("").to_owned(),
-        )
-    })
+fn start(dir: &std::path::Path, journal: &str) -> NodeSim {
+    NodeSim::start(dir, journal, 50, &[])
 }
 
 #[test]
 fn writes_a_hash_chained_ledger_in_both_journal_modes() {
     for journal in ["wal", "delete"] {
         let dir = aitbc_backup_tests::temp_dir("node-sim");
-        let port = aitbc_backup_tests::free_port();
-        let mut node = start(dir.path(), journal, port);
+        let mut node = start(dir.path(), journal);
         assert!(
-            wait_until(Duration::from_secs(10), || head(port)
+            wait_until(Duration::from_secs(10), || node
+                .head()
                 .is_some_and(|(h, _)| h >= 50)),
             "{}",
-            node.log()
+            node.service.log()
         );
-        assert_eq!(http_get(port, "/v1/health").map(|r| r.0), Some(200));
+        assert_eq!(http_get(node.port, "/v1/health").map(|r| r.0), Some(200));
 
         // A live read while the node writes: consistent and chained.
         let live = check_chain(&dir.path().join("node/chain/chain.db")).expect("live chain");
         assert!(live.height >= 50);
 
-        let status = node.stop().expect("exit status");
-        assert!(status.success(), "{journal}: {status}\n{}", node.log());
+        let status = node.service.stop().expect("exit status");
+        assert!(
+            status.success(),
+            "{journal}: {status}\n{}",
+            node.service.log()
+        );
         let stopped =
             check_chain(&dir.path().join("node/chain/chain.db")).expect("chain after stop");
         assert_eq!(stopped.blocks, stopped.height + 1);
@@ -79,10 +50,11 @@ fn writes_a_hash_chained_ledger_in_both_journal_modes() {
         }
 
         // Restarted on the same directory, it continues the chain.
-        let mut node = start(dir.path(), journal, port);
-        assert!(wait_until(Duration::from_secs(10), || head(port)
+        let mut node = start(dir.path(), journal);
+        assert!(wait_until(Duration::from_secs(10), || node
+            .head()
             .is_some_and(|(h, _)| h > stopped.height + 5)));
-        node.stop();
+        node.service.stop();
         let continued =
             check_chain(&dir.path().join("node/chain/chain.db")).expect("continued chain");
         assert!(continued.height > stopped.height);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aitbc_backup_repository::manifest::{ComponentManifest, ConsistencyPoint};
-use aitbc_backup_repository::{Progress, Repository};
+use aitbc_backup_repository::{Progress, RepoError, Repository};
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
@@ -184,16 +184,29 @@ async fn unpack_stream(
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<extract::Unpacked> {
-    let (reader, writer) = tokio::io::simplex(1 << 20);
-    let reader = tokio_util::io::SyncIoBridge::new(reader);
+    // An OS pipe: the async side writes the stream, the unpacker reads it on a blocking thread;
+    // closing either end ends the other (EOF, or EPIPE for the writer).
+    let (reader, writer) = std::io::pipe().context("create a pipe")?;
+    let writer = tokio::net::unix::pipe::Sender::from_file(std::fs::File::from(
+        std::os::fd::OwnedFd::from(writer),
+    ))
+    .context("set up the pipe")?;
+    let reader = std::io::BufReader::with_capacity(1 << 20, reader);
     let root = staging.to_owned();
     let unpacker = tokio::task::spawn_blocking(move || extract::unpack(reader, &root));
     let fetched = aitbc_backup_repository::restore(repo, manifest, writer, progress, cancel).await;
     let unpacked = unpacker.await?;
-    // A refused entry stops the unpacker, which breaks the pipe: its error is the real one.
-    let unpacked = unpacked.map_err(anyhow::Error::msg)?;
-    fetched.with_context(|| format!("read backup {}", manifest.id))?;
-    Ok(unpacked)
+    match (fetched, unpacked) {
+        (Ok(()), Ok(unpacked)) => Ok(unpacked),
+        // The unpacker stopped (a refused entry) and so broke the pipe: its error is the cause.
+        (Err(RepoError::Io(io)), Err(refused)) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::msg(refused))
+        }
+        (Ok(()), Err(refused)) => Err(anyhow::Error::msg(refused)),
+        (Err(err), _) => {
+            Err(anyhow::Error::new(err).context(format!("read backup {}", manifest.id)))
+        }
+    }
 }
 
 /// Integrity of every database, the chain and its head; returns the number of databases.

@@ -25,6 +25,10 @@ struct Args {
     blocks: u64,
     txs_per_block: u32,
     wallets: u32,
+    /// Exit once `blocks` are written (instead of serving the head until SIGTERM).
+    exit: bool,
+    /// Bytes of log data in each receipt file (bulk for benchmarks).
+    receipt_log_bytes: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -36,6 +40,8 @@ fn parse_args() -> Result<Args, String> {
         blocks: 0,
         txs_per_block: 8,
         wallets: 200,
+        exit: false,
+        receipt_log_bytes: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -54,6 +60,12 @@ fn parse_args() -> Result<Args, String> {
                 args.txs_per_block = value()?.parse().map_err(|_| "--txs-per-block: a count")?
             }
             "--wallets" => args.wallets = value()?.parse().map_err(|_| "--wallets: a count")?,
+            "--receipt-log-bytes" => {
+                args.receipt_log_bytes = value()?
+                    .parse()
+                    .map_err(|_| "--receipt-log-bytes: a size")?
+            }
+            "--exit" => args.exit = true,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -62,6 +74,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if !matches!(args.journal.as_str(), "wal" | "delete") {
         return Err("--journal: wal or delete".into());
+    }
+    if args.exit && args.blocks == 0 {
+        return Err("--exit needs --blocks".into());
     }
     if args.rate <= 0.0 || args.wallets == 0 {
         return Err("--rate and --wallets must be positive".into());
@@ -144,6 +159,7 @@ async fn run(args: Args) -> Result<(), String> {
     });
     println!("listening on {addr}");
 
+    let args_exit = args.exit;
     let writer_stop = stop.clone();
     let writer_head = head.clone();
     let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -174,8 +190,10 @@ async fn run(args: Args) -> Result<(), String> {
         _ = tokio::signal::ctrl_c() => {}
         result = &mut writer => {
             result.map_err(|e| e.to_string())??;
-            // --blocks reached: keep serving the head until told to stop.
-            term.recv().await;
+            // --blocks reached: keep serving the head until told to stop (or exit at once).
+            if !args_exit {
+                term.recv().await;
+            }
             stop.cancel();
             return server.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string());
         }
@@ -277,7 +295,8 @@ fn write_block(
         .join("receipts")
         .join(format!("{:06}", height / 1000));
     std::fs::create_dir_all(&receipts).map_err(|e| e.to_string())?;
-    let receipt = serde_json::json!({"height": height, "hash": hash, "transactions": tx_hashes});
+    let logs = receipt_logs(&hash, args.receipt_log_bytes);
+    let receipt = serde_json::json!({"height": height, "hash": hash, "transactions": tx_hashes, "logs": logs});
     std::fs::write(receipts.join(format!("{height}.json")), receipt.to_string())
         .map_err(|e| e.to_string())?;
     touched.sort();
@@ -295,4 +314,17 @@ fn write_wallet(data_dir: &Path, address: &str, height: u64) -> Result<(), Strin
         body.to_string(),
     )
     .map_err(|e| e.to_string())
+}
+
+/// Deterministic, incompressible-ish log text of `bytes` hex characters derived from the block.
+fn receipt_logs(hash: &str, bytes: usize) -> String {
+    let mut out = String::with_capacity(bytes);
+    let mut reader = blake3::Hasher::new().update(hash.as_bytes()).finalize_xof();
+    let mut buf = [0u8; 4096];
+    while out.len() < bytes {
+        reader.fill(&mut buf);
+        out.push_str(&hex::encode(buf));
+    }
+    out.truncate(bytes);
+    out
 }

@@ -1,0 +1,416 @@
+//! The ledger component end to end: the agent's backup and restore commands against a live
+//! simulated node (both journal modes), the file cache, hostile archives and interrupted
+//! restores.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aitbc_backup_repository::manifest::ConsistencyPoint;
+use aitbc_backup_repository::{BackupRequest, Progress};
+use aitbc_backup_tests::chain::check_chain;
+use aitbc_backup_tests::fleet::binary;
+use aitbc_backup_tests::node::{LedgerAgent, NodeSim, tree_digest};
+use aitbc_backup_tests::wait_until;
+use tokio_util::sync::CancellationToken;
+
+/// A data directory, a scratch directory and an initialized local repository.
+fn setup(dir: &Path) -> LedgerAgent {
+    let repository = format!("file://{}", dir.join("repo").display());
+    let out = std::process::Command::new(binary("aitbc-backup"))
+        .args(["repo", "--repository", &repository, "init"])
+        .output()
+        .expect("aitbc-backup repo init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    LedgerAgent {
+        data_dir: dir.join("node"),
+        repository,
+        scratch: dir.join("scratch"),
+    }
+}
+
+fn integrity(db: &Path) -> String {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check")
+}
+
+#[test]
+fn backup_of_a_live_node_restores_a_sound_chain_in_both_journal_modes() {
+    for journal in ["wal", "delete"] {
+        let dir = aitbc_backup_tests::temp_dir("ledger-live");
+        let agent = setup(dir.path());
+        let mut node = NodeSim::start(dir.path(), journal, 50, &[]);
+        assert!(
+            wait_until(Duration::from_secs(15), || node
+                .head()
+                .is_some_and(|(h, _)| h >= 100)),
+            "{}",
+            node.service.log()
+        );
+
+        // Two backups while the node writes 50 blocks/s.
+        let first = agent.ok(&["backup"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let report = agent.ok(&["backup"]);
+        let height = report["height"].as_u64().expect("height");
+        let hash = report["hash"].as_str().expect("hash").to_owned();
+        assert!(
+            height > first["height"].as_u64().expect("height"),
+            "{report}"
+        );
+        let (live_height, _) = node.head().expect("node head");
+        assert!(live_height >= height, "the node is behind its own backup?");
+
+        let target = dir.path().join("restored");
+        let target_arg = target.to_str().expect("utf-8");
+        let manifest = report["manifest"].as_str().expect("manifest");
+        let restored = agent.ok(&["restore", manifest, "--target", target_arg]);
+        assert_eq!(restored["height"].as_u64(), Some(height));
+
+        // The restored chain: intact, hash-chained (hashes recomputed), head = the manifest's.
+        let db = target.join("chain/chain.db");
+        assert_eq!(integrity(&db), "ok", "{journal}");
+        let chain = check_chain(&db).expect("restored chain is sound");
+        assert_eq!((chain.height, chain.hash.clone()), (height, hash.clone()));
+        assert_eq!(chain.blocks, height + 1);
+        for h in [0, height / 2, height] {
+            let receipt = target.join(format!("receipts/{:06}/{h}.json", h / 1000));
+            assert!(receipt.is_file(), "{journal}: receipt of block {h} missing");
+        }
+        let metadata: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(target.join("metadata.json")).expect("metadata.json"),
+        )
+        .expect("metadata JSON");
+        assert_eq!(metadata["latest_block_height"].as_u64(), Some(height));
+        assert_eq!(metadata["latest_block_hash"].as_str(), Some(hash.as_str()));
+        assert_eq!(metadata["backup_name"].as_str(), Some(manifest));
+
+        // A second restore needs --force, then yields the same tree. (The checks above opened
+        // the database read-only, which leaves its -wal and -shm files behind.)
+        let skip = ["metadata.json", "chain.db-wal", "chain.db-shm"];
+        let before = tree_digest(&target, &skip);
+        let err = agent.fails(&["restore", manifest, "--target", target_arg]);
+        assert!(
+            err.contains("not empty") && err.contains("--force"),
+            "{err}"
+        );
+        agent.ok(&["restore", manifest, "--target", target_arg, "--force"]);
+        assert_eq!(
+            tree_digest(&target, &["metadata.json"]),
+            before,
+            "{journal}"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&target)
+            .expect("read target")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".aitbc-backup"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        let status = node.service.stop().expect("node exit");
+        assert!(status.success(), "{}", node.service.log());
+    }
+}
+
+#[test]
+fn unchanged_files_are_not_read_again() {
+    let dir = aitbc_backup_tests::temp_dir("ledger-cache");
+    let agent = setup(dir.path());
+    NodeSim::write_blocks(dir.path(), "wal", 600, 8000);
+
+    let full = agent.ok(&["backup"]);
+    assert_eq!(full["bytes_reused"].as_u64(), Some(0), "{full}");
+    let stream = full["stream_bytes"].as_u64().expect("stream bytes");
+
+    NodeSim::write_blocks(dir.path(), "wal", 10, 8000);
+    let daily = agent.ok(&["backup"]);
+    let reused = daily["bytes_reused"].as_u64().expect("reused");
+    let read = daily["bytes_read"].as_u64().expect("read");
+    assert!(
+        reused > stream / 2 && read < stream / 2,
+        "after 10 new blocks: read {read}, reused {reused} of {stream}"
+    );
+    assert!(daily["height"].as_u64() > full["height"].as_u64());
+
+    // --full-scan reads everything again, and dedup stores next to nothing new.
+    let rescan = agent.ok(&["backup", "--full-scan"]);
+    assert_eq!(rescan["bytes_reused"].as_u64(), Some(0), "{rescan}");
+    assert_eq!(rescan["bytes_read"], rescan["stream_bytes"]);
+    assert!(
+        rescan["new_stored_bytes"].as_u64().expect("stored") < stream / 10,
+        "{rescan}"
+    );
+
+    // The incremental backup restores to exactly the data directory's files.
+    let target = dir.path().join("restored");
+    agent.ok(&[
+        "restore",
+        daily["manifest"].as_str().expect("id"),
+        "--target",
+        target.to_str().expect("utf-8"),
+    ]);
+    let skip = ["metadata.json", "chain.db"];
+    assert_eq!(
+        tree_digest(&target, &skip),
+        tree_digest(
+            &agent.data_dir,
+            &["chain.db-wal", "chain.db-shm", "chain.db"]
+        ),
+        "restored files differ from the source"
+    );
+    let chain = check_chain(&target.join("chain/chain.db")).expect("chain");
+    assert_eq!(chain.height, daily["height"].as_u64().expect("height"));
+}
+
+/// A tar entry header with a raw (unchecked) name, type and optional link name.
+fn raw_entry(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(link) = link {
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    header.set_entry_type(kind);
+    header.set_mode(0o644);
+    header.set_size(data.len() as u64);
+    header.set_cksum();
+    let mut out = header.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+#[test]
+fn hostile_archives_are_refused_and_nothing_is_written_outside() {
+    let dir = aitbc_backup_tests::temp_dir("ledger-hostile");
+    let agent = setup(dir.path());
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    let target = dir.path().join("deep/target");
+    std::fs::create_dir_all(target.join("chain")).expect("mkdir");
+    std::fs::write(target.join("chain/old.txt"), b"the old data").expect("write");
+    let abs = outside.join("absolute.txt");
+    let abs = abs.to_str().expect("utf-8");
+
+    let regular = tar::EntryType::Regular;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "`../../outside/dotdot.txt`",
+            raw_entry("../../outside/dotdot.txt", regular, None, b"x"),
+        ),
+        ("`/", raw_entry(abs, regular, None, b"x")),
+        (
+            "symlink to `/`",
+            [
+                raw_entry("chain/root", tar::EntryType::Symlink, Some("/"), b""),
+                raw_entry("chain/root/tmp/escaped.txt", regular, None, b"x"),
+            ]
+            .concat(),
+        ),
+        (
+            "symlink to `../../../outside`",
+            raw_entry(
+                "chain/up",
+                tar::EntryType::Symlink,
+                Some("../../../outside"),
+                b"",
+            ),
+        ),
+        (
+            "hard link to `../../outside/victim.txt`",
+            raw_entry(
+                "wallets/pw",
+                tar::EntryType::Link,
+                Some("../../outside/victim.txt"),
+                b"",
+            ),
+        ),
+        (
+            "hard link to `/etc/passwd`",
+            raw_entry("wallets/pw", tar::EntryType::Link, Some("/etc/passwd"), b""),
+        ),
+        (
+            "Char",
+            raw_entry("chain/tty", tar::EntryType::Char, None, b""),
+        ),
+    ];
+    std::fs::write(outside.join("victim.txt"), b"victim").expect("write");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let repo = runtime.block_on(async {
+        let url = aitbc_backup_repository::RepoUrl::parse(&agent.repository).expect("url");
+        let storage =
+            aitbc_backup_repository::open_storage(&url, &Default::default(), Default::default())
+                .await
+                .expect("storage");
+        aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
+            .await
+            .expect("open")
+    });
+    for (expected, mut archive) in cases {
+        archive.extend([0u8; 1024]);
+        let manifest = runtime
+            .block_on(aitbc_backup_repository::backup(
+                &repo,
+                std::io::Cursor::new(archive),
+                BackupRequest {
+                    name: "ledger".into(),
+                    stream: "tar".into(),
+                    consistency: Some(ConsistencyPoint::Ledger {
+                        height: 1,
+                        hash: "ab".repeat(32),
+                    }),
+                    files: vec![],
+                },
+                std::sync::Arc::new(Progress::default()),
+                &CancellationToken::new(),
+            ))
+            .expect("store the crafted archive");
+        let err = agent.fails(&[
+            "restore",
+            &manifest.id,
+            "--target",
+            target.to_str().expect("utf-8"),
+            "--force",
+        ]);
+        assert!(
+            err.contains("refused archive entry") && err.contains(expected),
+            "expected a refusal naming {expected}: {err}"
+        );
+        // Nothing outside, the target as it was, no staging left behind.
+        let outside_now = tree_digest(&outside, &[]);
+        assert_eq!(outside_now.len(), 1, "{outside_now:?}");
+        assert_eq!(
+            std::fs::read(outside.join("victim.txt")).expect("victim"),
+            b"victim"
+        );
+        assert!(!Path::new("/tmp/escaped.txt").exists());
+        assert_eq!(
+            tree_digest(&target, &[])
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>(),
+            ["chain/", "chain/old.txt"]
+        );
+    }
+}
+
+#[test]
+fn a_failed_or_killed_restore_leaves_the_old_data_directory() {
+    let dir = aitbc_backup_tests::temp_dir("ledger-interrupt");
+    let agent = setup(dir.path());
+    NodeSim::write_blocks(dir.path(), "delete", 100, 0);
+    // Some bulk, so that the restore takes long enough to be killed midway.
+    let bulk = agent.data_dir.join("receipts/bulk");
+    std::fs::create_dir_all(&bulk).expect("mkdir");
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..12 {
+        let data: Vec<u8> = (0..8 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        std::fs::write(bulk.join(format!("{i}.bin")), data).expect("write");
+    }
+    let report = agent.ok(&["backup"]);
+    let manifest = report["manifest"].as_str().expect("id").to_owned();
+
+    // The target holds an older node's data.
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(target.join("chain")).expect("mkdir");
+    std::fs::write(target.join("chain/chain.db"), b"the old ledger").expect("write");
+    let old = tree_digest(&target, &[]);
+    let target_arg = target.to_str().expect("utf-8").to_owned();
+
+    // Killed (SIGKILL) while unpacking: the old data stays.
+    let mut child = std::process::Command::new(binary("aitbc-backup-agent"))
+        .args(["restore", &manifest, "--target", &target_arg, "--force"])
+        .env("AITBC_BACKUP_COMPONENT", "ledger")
+        .env("AITBC_BACKUP_LEDGER__DATA_DIR", &agent.data_dir)
+        .env("AITBC_BACKUP_LEDGER__SCRATCH_DIR", &agent.scratch)
+        .env("AITBC_BACKUP_REPOSITORY__URL", &agent.repository)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn restore");
+    let staging_has_data = || {
+        std::fs::read_dir(&target)
+            .map(|entries| {
+                entries.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(".aitbc-backup-staging")
+                        && tree_digest(&e.path(), &[]).len() > 5
+                })
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), staging_has_data),
+        "no staging seen"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    let after_kill = tree_digest(&target, &[]);
+    let visible: std::collections::BTreeMap<_, _> = after_kill
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".aitbc-backup-staging"))
+        .collect();
+    assert_eq!(visible, old, "a killed restore changed the target");
+
+    // A failed restore (a damaged chunk) leaves the old data and no staging.
+    let chunks = dir.path().join("repo/chunks");
+    let victim = first_file(&chunks).expect("a chunk");
+    let original = std::fs::read(&victim).expect("read chunk");
+    let mut damaged = original.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(&victim, &damaged).expect("damage");
+    let err = agent.fails(&["restore", &manifest, "--target", &target_arg, "--force"]);
+    assert!(err.contains(&manifest), "{err}");
+    assert_eq!(
+        tree_digest(&target, &[]),
+        old,
+        "a failed restore changed the target"
+    );
+
+    // Repaired, the restore completes and cleans up what the killed one left.
+    std::fs::write(&victim, &original).expect("repair");
+    let done = agent.ok(&["restore", &manifest, "--target", &target_arg, "--force"]);
+    assert_eq!(done["height"], report["height"]);
+    let restored = tree_digest(&target, &["metadata.json"]);
+    assert!(
+        restored.keys().all(|k| !k.starts_with(".aitbc-backup")),
+        "{restored:?}"
+    );
+    assert_eq!(
+        restored.get("receipts/bulk/3.bin"),
+        tree_digest(&agent.data_dir, &[]).get("receipts/bulk/3.bin")
+    );
+}
+
+fn first_file(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            if let Some(found) = first_file(&path) {
+                return Some(found);
+            }
+        } else {
+            return Some(path);
+        }
+    }
+    None
+}
