@@ -3,7 +3,6 @@
 aitbc-backup (local directory and s3s-fs) beside tar czf, tar + zstd -3 -T2 and restic, in one
 run. Prints one JSON line per measurement, with ratios against the baselines."""
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -11,34 +10,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def measure(command, env=None):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "measure.py"), command],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.stderr.write(out.stderr)
-        raise SystemExit(f"benchmark command failed: {command}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def du(path):
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def emit(**fields):
-    print(json.dumps(fields), flush=True)
+from common import du, emit, free_port, measure  # noqa: E402
 
 
 def main():

@@ -3,6 +3,8 @@
 #   scripts/bench.sh sessions [N] [DURATION]   coordinator holding N agent sessions (default 2000, 60s)
 #   scripts/bench.sh repository [BIG_GIB]      1 GiB ledger-like data vs tar czf, tar+zstd, restic;
 #                                              peak RSS on a BIG_GIB stream (default 10)
+#   scripts/bench.sh ledger                    a 1 GiB node data directory: the ledger component
+#                                              vs tar czf and restic, full, +1 % blocks, restore
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,8 +49,20 @@ bench_repository() {
     --big-stream-gib "$big"
 }
 
+bench_ledger() {
+  command -v restic >/dev/null || {
+    echo "[bench] installing restic (baseline)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic >/dev/null
+  }
+  # The generated node data is kept between runs (it takes a while and is deterministic).
+  local data_dir="${AITBC_BENCH_DIR:-/tmp/aitbc-bench-ledger}"
+  mkdir -p "$data_dir"
+  python3 bench/ledger.py --bin "$BIN" --work "$data_dir" "$@"
+}
+
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
   repository) shift || true; bench_repository "$@" ;;
+  ledger) shift || true; bench_ledger "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac

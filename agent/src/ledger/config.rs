@@ -46,6 +46,13 @@ impl Default for LedgerSettings {
 
 impl LedgerSettings {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "ledger.data_dir",
+                "is required for the ledger component: the node's data directory \
+                 (AITBC_BACKUP_LEDGER__DATA_DIR)",
+            ));
+        }
         if !self.data_dir.is_absolute() {
             return Err(ConfigError::invalid(
                 "ledger.data_dir",
