@@ -75,7 +75,12 @@ async fn open(config: &AgentConfig, cancel: &CancellationToken) -> anyhow::Resul
         .with_context(|| format!("open repository {}", config.repository.effective_url()))
 }
 
-/// A token cancelled by SIGINT or SIGTERM, so an interrupted command stops cleanly.
+/// How long a cancelled command may take to stop before the process exits anyway (a restore
+/// only ever swaps complete, checked data in, so exiting is always safe).
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A token cancelled by SIGINT or SIGTERM, so an interrupted command stops cleanly; the process
+/// exits with status 130 if it has not stopped within [`CANCEL_GRACE`].
 fn cancel_on_signal() -> CancellationToken {
     let cancel = CancellationToken::new();
     let token = cancel.clone();
@@ -89,7 +94,13 @@ fn cancel_on_signal() -> CancellationToken {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        tracing::warn!("interrupted; stopping");
         token.cancel();
+        tokio::time::sleep(CANCEL_GRACE).await;
+        eprintln!(
+            "aitbc-backup-agent: did not stop within {CANCEL_GRACE:?} of the signal; exiting"
+        );
+        std::process::exit(130);
     });
     cancel
 }

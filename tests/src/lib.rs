@@ -14,6 +14,7 @@
 pub mod chain;
 pub mod data;
 pub mod fleet;
+pub mod mirror;
 pub mod node;
 pub mod postgres;
 pub mod process;

@@ -77,3 +77,60 @@ fn walk_count(dir: &std::path::Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+#[test]
+fn mirrors_every_block_into_postgres_then_redis() {
+    let pg = aitbc_backup_tests::postgres::Postgres::start();
+    let redis = aitbc_backup_tests::redis::Redis::start();
+    let dir = aitbc_backup_tests::temp_dir("node-sim-mirror");
+    let redis_addr = format!("127.0.0.1:{}", redis.port);
+    let pg_url = pg.url("postgres");
+    let mut node = NodeSim::start(
+        dir.path(),
+        "wal",
+        50,
+        &["--mirror-postgres", &pg_url, "--mirror-redis", &redis_addr],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || node
+            .head()
+            .is_some_and(|(h, _)| h >= 40)),
+        "{}",
+        node.service.log()
+    );
+    // While it runs: Redis never ahead of PostgreSQL, PostgreSQL never ahead of the ledger.
+    let redis_height = |r: &aitbc_backup_tests::redis::Redis| -> u64 {
+        let head: serde_json::Value =
+            serde_json::from_str(&r.cli(&["GET", "chain:head"])).expect("chain:head JSON");
+        head["height"].as_u64().expect("height")
+    };
+    let r = redis_height(&redis);
+    let p: u64 = pg
+        .psql("postgres", "SELECT max(height) FROM chain_blocks")
+        .parse()
+        .expect("pg height");
+    let l = check_chain(&dir.path().join("node/chain/chain.db"))
+        .expect("chain")
+        .height;
+    assert!(r <= p && p <= l, "redis {r}, postgres {p}, ledger {l}");
+
+    let status = node.service.stop().expect("exit");
+    assert!(status.success(), "{}", node.service.log());
+    let ledger = check_chain(&dir.path().join("node/chain/chain.db")).expect("chain");
+    let rows: u64 = pg
+        .psql("postgres", "SELECT count(*) FROM chain_blocks")
+        .parse()
+        .expect("count");
+    assert_eq!(rows, ledger.blocks);
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            &format!(
+                "SELECT hash FROM chain_blocks WHERE height = {}",
+                ledger.height
+            )
+        ),
+        ledger.hash
+    );
+    assert_eq!(redis_height(&redis), ledger.height);
+}

@@ -6,6 +6,8 @@
 //! - `receipts/<height / 1000>/<height>.json`: one file per block.
 //! - `wallets/<address>.json`: small files rewritten in place as balances change.
 //! - HTTP: `GET /v1/blocks/head` → `{"height", "hash"}`, `GET /v1/health`.
+//! - optionally (`--mirror-postgres URL`, `--mirror-redis HOST:PORT`) every block mirrored into
+//!   PostgreSQL (`chain_blocks`) and then Redis (`chain:head`), after its SQLite commit.
 //!
 //! Prints `listening on <addr>` once serving; stops on SIGTERM/SIGINT (exit 0).
 
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aitbc_backup_tests::chain::{GENESIS_PARENT, SCHEMA, block_hash};
+use aitbc_backup_tests::mirror::Mirrors;
 use axum::routing::get;
 use rusqlite::{Connection, params};
 
@@ -29,6 +32,9 @@ struct Args {
     exit: bool,
     /// Bytes of log data in each receipt file (bulk for benchmarks).
     receipt_log_bytes: usize,
+    /// Mirror every block into PostgreSQL (`chain_blocks`), then Redis (`chain:head`).
+    mirror_postgres: Option<String>,
+    mirror_redis: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,6 +48,8 @@ fn parse_args() -> Result<Args, String> {
         wallets: 200,
         exit: false,
         receipt_log_bytes: 0,
+        mirror_postgres: None,
+        mirror_redis: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +74,8 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|_| "--receipt-log-bytes: a size")?
             }
             "--exit" => args.exit = true,
+            "--mirror-postgres" => args.mirror_postgres = Some(value()?),
+            "--mirror-redis" => args.mirror_redis = Some(value()?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -126,8 +136,14 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
     let head: Head = Arc::new(Mutex::new(load_head(&conn)?));
+    let mut mirrors = Mirrors::connect(
+        args.mirror_postgres.as_deref(),
+        args.mirror_redis.as_deref(),
+    )
+    .await?;
     if head.lock().map_err(|e| e.to_string())?.1.is_empty() {
         let genesis = write_block(&mut conn, &args, 0, GENESIS_PARENT)?;
+        mirrors.block(0, &genesis, GENESIS_PARENT).await?;
         *head.lock().map_err(|e| e.to_string())? = (0, genesis);
     }
 
@@ -162,6 +178,7 @@ async fn run(args: Args) -> Result<(), String> {
     let args_exit = args.exit;
     let writer_stop = stop.clone();
     let writer_head = head.clone();
+    let runtime = tokio::runtime::Handle::current();
     let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let interval = Duration::from_secs_f64(1.0 / args.rate);
         let mut next = std::time::Instant::now();
@@ -173,6 +190,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .map(|h| h.clone())
                 .map_err(|e| e.to_string())?;
             let hash = write_block(&mut conn, &args, height + 1, &parent)?;
+            runtime.block_on(mirrors.block(height + 1, &hash, &parent))?;
             *writer_head.lock().map_err(|e| e.to_string())? = (height + 1, hash);
             written += 1;
             if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
