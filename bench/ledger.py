@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import du, emit, measure  # noqa: E402
 
-DATA_VERSION = "ledger-data.v1"
+DATA_VERSION = "ledger-data.v2"
 
 
 def sim(bin_dir, node, blocks, txs, receipt_bytes):

@@ -182,7 +182,10 @@ impl Cut {
         if let Some(note) = cache_note {
             tracing::info!(cache = %cache_path.display(), "{note}");
         }
-        let found = scan::scan(&settings.data_dir, &settings.include)
+        // Files are listed after the cut, so every file the captured chain refers to is there.
+        let (root, include) = (settings.data_dir.clone(), settings.include.clone());
+        let found = tokio::task::spawn_blocking(move || scan::scan(&root, &include))
+            .await?
             .with_context(|| format!("scan {}", settings.data_dir.display()))?;
         let mut warnings = found.warnings;
         let entries = found.entries;

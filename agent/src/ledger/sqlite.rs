@@ -36,6 +36,9 @@ pub fn begin(path: &Path, rel: &str, busy_timeout: Duration) -> Result<OpenSnaps
     .map_err(|e| fail("open", e))?;
     conn.busy_timeout(busy_timeout)
         .map_err(|e| fail("busy timeout", e))?;
+    // Memory-mapped reads: the copy below reads every page once, far faster than page by page.
+    conn.execute_batch("PRAGMA mmap_size = 1099511627776")
+        .map_err(|e| fail("enable mmap", e))?;
     conn.execute_batch("BEGIN DEFERRED")
         .map_err(|e| fail("begin", e))?;
     conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
@@ -59,6 +62,10 @@ impl OpenSnapshot {
         let fail = |what: &str, e: rusqlite::Error| format!("{}: {what}: {e}", self.rel);
         let _ = std::fs::remove_file(dest);
         let mut target = Connection::open(dest).map_err(|e| fail("create the copy", e))?;
+        // A scratch file: no journal and no fsyncs (the copy is streamed, then deleted).
+        target
+            .execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+            .map_err(|e| fail("set up the copy", e))?;
         {
             let backup = rusqlite::backup::Backup::new(&self.conn, &mut target)
                 .map_err(|e| fail("start the copy", e))?;
