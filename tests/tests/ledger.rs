@@ -240,39 +240,12 @@ fn hostile_archives_are_refused_and_nothing_is_written_outside() {
     ];
     std::fs::write(outside.join("victim.txt"), b"victim").expect("write");
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let repo = runtime.block_on(async {
-        let url = aitbc_backup_repository::RepoUrl::parse(&agent.repository).expect("url");
-        let storage =
-            aitbc_backup_repository::open_storage(&url, &Default::default(), Default::default())
-                .await
-                .expect("storage");
-        aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
-            .await
-            .expect("open")
-    });
     for (expected, mut archive) in cases {
         archive.extend([0u8; 1024]);
-        let manifest = runtime
-            .block_on(aitbc_backup_repository::backup(
-                &repo,
-                std::io::Cursor::new(archive),
-                BackupRequest {
-                    name: "ledger".into(),
-                    stream: "tar".into(),
-                    consistency: Some(ConsistencyPoint::Ledger {
-                        height: 1,
-                        hash: "ab".repeat(32),
-                    }),
-                    files: vec![],
-                },
-                std::sync::Arc::new(Progress::default()),
-                &CancellationToken::new(),
-            ))
-            .expect("store the crafted archive");
+        let id = store_crafted(&agent, archive, 1, &"ab".repeat(32));
         let err = agent.fails(&[
             "restore",
-            &manifest.id,
+            &id,
             "--target",
             target.to_str().expect("utf-8"),
             "--force",
@@ -413,4 +386,86 @@ fn first_file(dir: &Path) -> Option<std::path::PathBuf> {
         }
     }
     None
+}
+
+#[test]
+fn a_broken_chain_in_a_backup_is_refused_before_the_swap() {
+    let dir = aitbc_backup_tests::temp_dir("ledger-broken");
+    let agent = setup(dir.path());
+    // A database whose block 2 names the wrong parent.
+    let db = dir.path().join("broken.db");
+    let conn = rusqlite::Connection::open(&db).expect("create");
+    conn.execute_batch(aitbc_backup_tests::chain::SCHEMA)
+        .expect("schema");
+    for (height, hash, parent) in [(0, "h0", "p"), (1, "h1", "h0"), (2, "h2", "not-h1")] {
+        conn.execute(
+            "INSERT INTO block VALUES (?1, ?2, ?3, 'v', 0, 0, 'root')",
+            rusqlite::params![height, hash, parent],
+        )
+        .expect("insert");
+    }
+    drop(conn);
+    let bytes = std::fs::read(&db).expect("read db");
+    let mut archive = raw_entry("chain/", tar::EntryType::Directory, None, b"");
+    archive.extend(raw_entry(
+        "chain/chain.db",
+        tar::EntryType::Regular,
+        None,
+        &bytes,
+    ));
+    archive.extend([0u8; 1024]);
+    let id = store_crafted(&agent, archive, 2, "h2");
+
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    std::fs::write(target.join("keep.txt"), b"old").expect("write");
+    let err = agent.fails(&[
+        "restore",
+        &id,
+        "--target",
+        target.to_str().expect("utf-8"),
+        "--force",
+    ]);
+    assert!(err.contains("block 2 names parent not-h1"), "{err}");
+    assert_eq!(
+        tree_digest(&target, &[])
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["keep.txt"]
+    );
+}
+
+/// Stores a crafted tar stream as a ledger backup with the given head; returns its id.
+fn store_crafted(agent: &LedgerAgent, archive: Vec<u8>, height: u64, hash: &str) -> String {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let url = aitbc_backup_repository::RepoUrl::parse(&agent.repository).expect("url");
+        let storage =
+            aitbc_backup_repository::open_storage(&url, &Default::default(), Default::default())
+                .await
+                .expect("storage");
+        let repo =
+            aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
+                .await
+                .expect("open");
+        aitbc_backup_repository::backup(
+            &repo,
+            std::io::Cursor::new(archive),
+            BackupRequest {
+                name: "ledger".into(),
+                stream: "tar".into(),
+                consistency: Some(ConsistencyPoint::Ledger {
+                    height,
+                    hash: hash.into(),
+                }),
+                files: vec![],
+            },
+            std::sync::Arc::new(Progress::default()),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("store the crafted archive")
+        .id
+    })
 }

@@ -24,8 +24,13 @@ struct DirAttrs {
     owner: Option<(u32, u32)>,
 }
 
-/// Unpacks `reader` into `root` (an existing, empty directory).
-pub fn unpack(reader: impl Read, root: &Path) -> Result<Unpacked, String> {
+/// Unpacks `reader` into `root` (an existing, empty directory), calling `on_file` with each
+/// regular file once it is complete.
+pub fn unpack(
+    reader: impl Read,
+    root: &Path,
+    on_file: &mut dyn FnMut(&Path),
+) -> Result<Unpacked, String> {
     let as_root = std::fs::metadata(root)
         .map(|m| m.uid() == 0)
         .map_err(|e| format!("{}: {e}", root.display()))?;
@@ -80,6 +85,8 @@ pub fn unpack(reader: impl Read, root: &Path) -> Result<Unpacked, String> {
                 if let Some((uid, gid)) = owner {
                     std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io)?;
                 }
+                drop(file);
+                on_file(&path);
             }
             tar::EntryType::Symlink => {
                 let target = entry

@@ -84,19 +84,13 @@ pub async fn restore(
         );
     }
     let staging = prepare_target(&options.target, options.force)?;
-    let result = async {
-        let unpacked = unpack_stream(repo, manifest, &staging, progress, cancel).await?;
-        let options = options.clone();
-        let staged = staging.clone();
-        let expected = sqlite::Head {
-            height,
-            hash: hash.clone(),
-        };
-        let checked =
-            tokio::task::spawn_blocking(move || check_staged(&staged, &options, &expected))
-                .await??;
-        Ok::<_, anyhow::Error>((unpacked, checked))
-    }
+    let expected = sqlite::Head {
+        height,
+        hash: hash.clone(),
+    };
+    let result = unpack_and_check(
+        repo, manifest, &staging, options, &expected, progress, cancel,
+    )
     .await;
     let (unpacked, databases_checked) = match result {
         Ok(done) => done,
@@ -176,14 +170,22 @@ fn prepare_target(target: &Path, force: bool) -> anyhow::Result<PathBuf> {
     Ok(staging)
 }
 
-/// Streams the manifest through a pipe into the unpacker (a blocking thread).
-async fn unpack_stream(
+/// A database check running beside the unpacker: integrity, and for the chain its head.
+type Check = std::thread::JoinHandle<Result<Option<sqlite::Head>, String>>;
+
+/// Streams the manifest through a pipe into the unpacker (a blocking thread). Each database is
+/// checked on its own thread as soon as it is unpacked, while the rest of the stream unpacks;
+/// then every check must pass and the chain's head must be the manifest's. Returns what was
+/// unpacked and the number of databases checked.
+async fn unpack_and_check(
     repo: &Repository,
     manifest: &ComponentManifest,
     staging: &Path,
+    options: &RestoreOptions,
+    expected: &sqlite::Head,
     progress: Arc<Progress>,
     cancel: &CancellationToken,
-) -> anyhow::Result<extract::Unpacked> {
+) -> anyhow::Result<(extract::Unpacked, usize)> {
     // An OS pipe: the async side writes the stream, the unpacker reads it on a blocking thread;
     // closing either end ends the other (EOF, or EPIPE for the writer).
     let (reader, writer) = std::io::pipe().context("create a pipe")?;
@@ -193,41 +195,59 @@ async fn unpack_stream(
     .context("set up the pipe")?;
     let reader = std::io::BufReader::with_capacity(1 << 20, reader);
     let root = staging.to_owned();
-    let unpacker = tokio::task::spawn_blocking(move || extract::unpack(reader, &root));
+    let chain = staging.join(&options.chain_db);
+    let query = options.height_query.clone();
+    let unpacker = tokio::task::spawn_blocking(move || {
+        let mut checks: Vec<(PathBuf, Check)> = Vec::new();
+        let mut on_file = |path: &Path| {
+            if is_sqlite(path).unwrap_or(false) {
+                let is_chain = path == chain;
+                let (owned, query) = (path.to_owned(), query.clone());
+                let check = std::thread::spawn(move || {
+                    check_database(&owned, is_chain.then_some(query.as_str()))
+                });
+                checks.push((path.to_owned(), check));
+            }
+        };
+        let unpacked = extract::unpack(reader, &root, &mut on_file);
+        (unpacked, checks)
+    });
     let fetched = aitbc_backup_repository::restore(repo, manifest, writer, progress, cancel).await;
-    let unpacked = unpacker.await?;
-    match (fetched, unpacked) {
-        (Ok(()), Ok(unpacked)) => Ok(unpacked),
+    let (unpacked, checks) = unpacker.await?;
+    // Wait for every check, whatever happened, so no thread outlives the staging directory.
+    let results: Vec<_> = checks
+        .into_iter()
+        .map(|(path, check)| {
+            let result = check
+                .join()
+                .unwrap_or_else(|_| Err("the check panicked".to_owned()));
+            (path, result)
+        })
+        .collect();
+    let unpacked = match (fetched, unpacked) {
+        (Ok(()), Ok(unpacked)) => unpacked,
         // The unpacker stopped (a refused entry) and so broke the pipe: its error is the cause.
         (Err(RepoError::Io(io)), Err(refused)) if io.kind() == std::io::ErrorKind::BrokenPipe => {
-            Err(anyhow::Error::msg(refused))
+            bail!(refused)
         }
-        (Ok(()), Err(refused)) => Err(anyhow::Error::msg(refused)),
+        (Ok(()), Err(refused)) => bail!(refused),
         (Err(err), _) => {
-            Err(anyhow::Error::new(err).context(format!("read backup {}", manifest.id)))
+            return Err(anyhow::Error::new(err).context(format!("read backup {}", manifest.id)));
+        }
+    };
+    let mut head = None;
+    for (path, result) in &results {
+        match result {
+            Ok(found) => head = head.or_else(|| found.clone()),
+            Err(e) => bail!("restored database {}: {e}", relative(staging, path)),
         }
     }
-}
-
-/// Integrity of every database, the chain and its head; returns the number of databases.
-fn check_staged(
-    staging: &Path,
-    options: &RestoreOptions,
-    expected: &sqlite::Head,
-) -> anyhow::Result<usize> {
-    let mut databases = Vec::new();
-    find_databases(staging, &mut databases)?;
-    for db in &databases {
-        sqlite::integrity_check(db).map_err(|e| {
-            anyhow::anyhow!(
-                "restored database {} fails integrity_check: {e}",
-                relative(staging, db)
-            )
-        })?;
-    }
-    let chain = staging.join(&options.chain_db);
-    let head = sqlite::check_chain(&chain, &options.height_query)
-        .map_err(|e| anyhow::anyhow!("restored chain {}: {e}", options.chain_db))?;
+    let head = head.with_context(|| {
+        format!(
+            "the backup holds no SQLite database at {} (ledger.chain_db)",
+            options.chain_db
+        )
+    })?;
     if &head != expected {
         bail!(
             "restored chain ends at block {} {}, the backup recorded {} {}",
@@ -237,20 +257,15 @@ fn check_staged(
             expected.hash
         );
     }
-    Ok(databases.len())
+    Ok((unpacked, results.len()))
 }
 
-fn find_databases(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            find_databases(&entry.path(), out)?;
-        } else if kind.is_file() && is_sqlite(&entry.path())? {
-            out.push(entry.path());
-        }
-    }
-    Ok(())
+/// `PRAGMA integrity_check`, and for the chain database the hash chain and its head.
+fn check_database(path: &Path, chain_query: Option<&str>) -> Result<Option<sqlite::Head>, String> {
+    sqlite::integrity_check(path).map_err(|e| format!("fails integrity_check: {e}"))?;
+    chain_query
+        .map(|query| sqlite::check_chain(path, query).map_err(|e| format!("chain: {e}")))
+        .transpose()
 }
 
 fn relative(root: &Path, path: &Path) -> String {
