@@ -36,9 +36,8 @@ pub fn begin(path: &Path, rel: &str, busy_timeout: Duration) -> Result<OpenSnaps
     .map_err(|e| fail("open", e))?;
     conn.busy_timeout(busy_timeout)
         .map_err(|e| fail("busy timeout", e))?;
-    // Memory-mapped reads: the copy below reads every page once, far faster than page by page.
-    conn.execute_batch("PRAGMA mmap_size = 1099511627776")
-        .map_err(|e| fail("enable mmap", e))?;
+    // No memory-mapped reads here: they halve the copy time but count the whole database into
+    // the agent's resident memory (measured: 158 MiB peak for a 150 MB chain.db, 80 without).
     conn.execute_batch("BEGIN DEFERRED")
         .map_err(|e| fail("begin", e))?;
     conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
