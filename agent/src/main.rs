@@ -72,23 +72,28 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start tokio runtime")?;
-    match args.command {
-        None => runtime.block_on(serve(config)),
-        Some(Command::Backup { full_scan }) => {
-            let report = runtime.block_on(oneshot::backup(&config, full_scan))?;
-            println!("{report:#}");
-            Ok(())
-        }
+    let run = match args.command {
+        None => return runtime.block_on(serve(config)),
+        Some(Command::Backup { full_scan }) => oneshot::Command::Backup { full_scan },
         Some(Command::Restore {
             manifest,
             target,
             force,
-        }) => {
-            let report = runtime.block_on(oneshot::restore(&config, &manifest, target, force))?;
+        }) => oneshot::Command::Restore {
+            manifest,
+            target,
+            force,
+        },
+    };
+    let grace = config.shutdown_grace;
+    runtime.block_on(aitbc_backup_telemetry::run_until_signal(
+        move |cancel| async move {
+            let report = run.execute(&config, &cancel).await?;
             println!("{report:#}");
             Ok(())
-        }
-    }
+        },
+        grace,
+    ))
 }
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {

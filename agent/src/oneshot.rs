@@ -1,5 +1,6 @@
 //! One backup or restore of the configured component, run from the command line (no
-//! coordinator): for first steps, scripted jobs and disaster recovery.
+//! coordinator): for first steps, scripted jobs and disaster recovery. A signal cancels the
+//! token; a restore only ever swaps complete, checked data in, so stopping is always safe.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,9 +14,12 @@ use crate::AgentConfig;
 use crate::ledger;
 
 /// Backs up the configured component; returns the report as JSON.
-pub async fn backup(config: &AgentConfig, full_scan: bool) -> anyhow::Result<serde_json::Value> {
-    let cancel = cancel_on_signal();
-    let repo = open(config, &cancel).await?;
+pub async fn backup(
+    config: &AgentConfig,
+    full_scan: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<serde_json::Value> {
+    let repo = open(config, cancel).await?;
     match config.component {
         Some(Component::Ledger) => {
             let report = ledger::backup::backup(
@@ -24,7 +28,7 @@ pub async fn backup(config: &AgentConfig, full_scan: bool) -> anyhow::Result<ser
                 &config.backup_name(),
                 full_scan,
                 Arc::new(Progress::default()),
-                &cancel,
+                cancel,
             )
             .await?;
             Ok(serde_json::to_value(report)?)
@@ -39,11 +43,11 @@ pub async fn restore(
     id: &str,
     target: Option<PathBuf>,
     force: bool,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<serde_json::Value> {
-    let cancel = cancel_on_signal();
-    let repo = open(config, &cancel).await?;
+    let repo = open(config, cancel).await?;
     let manifest = repo
-        .component(id, &cancel)
+        .component(id, cancel)
         .await
         .with_context(|| format!("read backup {id}"))?;
     match config.component {
@@ -60,7 +64,7 @@ pub async fn restore(
                 &manifest,
                 &options,
                 Arc::new(Progress::default()),
-                &cancel,
+                cancel,
             )
             .await?;
             Ok(serde_json::to_value(report)?)
@@ -75,32 +79,34 @@ async fn open(config: &AgentConfig, cancel: &CancellationToken) -> anyhow::Resul
         .with_context(|| format!("open repository {}", config.repository.effective_url()))
 }
 
-/// How long a cancelled command may take to stop before the process exits anyway (a restore
-/// only ever swaps complete, checked data in, so exiting is always safe).
-const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// A one-shot command, owned so it can run as a spawned task.
+pub enum Command {
+    Backup {
+        full_scan: bool,
+    },
+    Restore {
+        manifest: String,
+        target: Option<PathBuf>,
+        force: bool,
+    },
+}
 
-/// A token cancelled by SIGINT or SIGTERM, so an interrupted command stops cleanly; the process
-/// exits with status 130 if it has not stopped within [`CANCEL_GRACE`].
-fn cancel_on_signal() -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let token = cancel.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+impl Command {
+    /// Runs the command; returns its JSON report.
+    pub async fn execute(
+        self,
+        config: &AgentConfig,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<serde_json::Value> {
+        // Boxed: the pipelines' futures are deep enough to overflow the compiler's layout queries
+        // in every caller.
+        match self {
+            Command::Backup { full_scan } => Box::pin(backup(config, full_scan, cancel)).await,
+            Command::Restore {
+                manifest,
+                target,
+                force,
+            } => Box::pin(restore(config, &manifest, target, force, cancel)).await,
         }
-        tracing::warn!("interrupted; stopping");
-        token.cancel();
-        tokio::time::sleep(CANCEL_GRACE).await;
-        eprintln!(
-            "aitbc-backup-agent: did not stop within {CANCEL_GRACE:?} of the signal; exiting"
-        );
-        std::process::exit(130);
-    });
-    cancel
+    }
 }

@@ -280,16 +280,8 @@ fn a_failed_or_killed_restore_leaves_the_old_data_directory() {
     // Some bulk, so that the restore takes long enough to be killed midway.
     let bulk = agent.data_dir.join("receipts/bulk");
     std::fs::create_dir_all(&bulk).expect("mkdir");
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..12 {
-        let data: Vec<u8> = (0..8 << 20)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let data = aitbc_backup_tests::data::generate(8 << 20, i);
         std::fs::write(bulk.join(format!("{i}.bin")), data).expect("write");
     }
     let report = agent.ok(&["backup"]);

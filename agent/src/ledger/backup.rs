@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aitbc_backup_repository::manifest::{ChunkRef, ComponentManifest, ConsistencyPoint, FileEntry};
+use aitbc_backup_repository::manifest::{ChunkRef, ConsistencyPoint, FileEntry};
 use aitbc_backup_repository::{BackupRequest, ChunkSink, Progress, Repository, backup_with};
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -59,12 +59,7 @@ pub struct BackupReport {
 pub fn prepare(settings: &LedgerSettings) -> anyhow::Result<Prepared> {
     let found = scan::scan(&settings.data_dir, &settings.include)
         .with_context(|| format!("scan {}", settings.data_dir.display()))?;
-    let databases: Vec<String> = found
-        .entries
-        .iter()
-        .filter(|e| e.kind == Kind::Sqlite)
-        .map(|e| e.path.clone())
-        .collect();
+    let databases = found.databases();
     let chain_db = chain_db_rel(settings);
     if !databases.contains(&chain_db) {
         bail!(
@@ -215,44 +210,21 @@ impl Cut {
             tracing::warn!(cache = %cache_path.display(), error = %err, "could not save the file cache; the next backup reads every file");
         }
         drop(self.workdir);
-        Ok(report(
-            &manifest,
-            &self.head,
-            self.copies.len(),
-            produced.files,
-            &progress,
-            self.capture,
-            started,
+        use std::sync::atomic::Ordering::Relaxed;
+        Ok(BackupReport {
+            manifest: manifest.id.clone(),
+            height: self.head.height,
+            hash: self.head.hash.clone(),
+            files: produced.files,
+            databases: self.copies.len(),
+            bytes_read: progress.bytes_read.load(Relaxed),
+            bytes_reused: progress.bytes_reused.load(Relaxed),
+            stream_bytes: manifest.raw_size,
+            new_stored_bytes: manifest.stats.new_stored_bytes,
+            capture_ms: self.capture.as_secs_f64() * 1e3,
+            seconds: started.elapsed().as_secs_f64(),
             warnings,
-        ))
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report(
-    manifest: &ComponentManifest,
-    head: &Head,
-    databases: usize,
-    files: usize,
-    progress: &Progress,
-    capture: Duration,
-    started: Instant,
-    warnings: Vec<String>,
-) -> BackupReport {
-    use std::sync::atomic::Ordering::Relaxed;
-    BackupReport {
-        manifest: manifest.id.clone(),
-        height: head.height,
-        hash: head.hash.clone(),
-        files,
-        databases,
-        bytes_read: progress.bytes_read.load(Relaxed),
-        bytes_reused: progress.bytes_reused.load(Relaxed),
-        stream_bytes: manifest.raw_size,
-        new_stored_bytes: manifest.stats.new_stored_bytes,
-        capture_ms: capture.as_secs_f64() * 1e3,
-        seconds: started.elapsed().as_secs_f64(),
-        warnings,
+        })
     }
 }
 

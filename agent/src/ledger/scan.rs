@@ -59,6 +59,17 @@ pub struct Scan {
     pub warnings: Vec<String>,
 }
 
+impl Scan {
+    /// Paths of the SQLite databases found.
+    pub fn databases(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == Kind::Sqlite)
+            .map(|e| e.path.clone())
+            .collect()
+    }
+}
+
 /// Walks `include` under `root`. Sockets, FIFOs and device files are skipped with a warning;
 /// the `-wal`, `-shm` and `-journal` files of a database are skipped (the capture includes them).
 pub fn scan(root: &Path, include: &[String]) -> std::io::Result<Scan> {
@@ -76,12 +87,7 @@ pub fn scan(root: &Path, include: &[String]) -> std::io::Result<Scan> {
             Err(err) => return Err(annotate(err, &path)),
         }
     }
-    let databases: Vec<String> = scan
-        .entries
-        .iter()
-        .filter(|e| e.kind == Kind::Sqlite)
-        .map(|e| e.path.clone())
-        .collect();
+    let databases = scan.databases();
     scan.entries.retain(|e| {
         !databases.iter().any(|db| {
             ["-wal", "-shm", "-journal"]
