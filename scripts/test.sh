@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs everything CI runs: setup (skips what is installed), formatting, lints, every test.
 set -euo pipefail
+# No incremental cache: a CI build runs once and the cache would double the target directory.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
