@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use aitbc_backup_backoff::Backoff;
-use aitbc_backup_config::settings::{
-    REPOSITORY_LEGACY_VARS, REPOSITORY_SECRETS, RepositorySettings,
-};
+use aitbc_backup_config::settings::{REPOSITORY_LEGACY_VARS, RepositorySettings};
 use aitbc_backup_config::{ConfigError, Schema};
 use aitbc_backup_proto::model::Component;
 use aitbc_backup_telemetry::LogSettings;
@@ -23,9 +21,12 @@ pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Secrets the agent accepts (environment only).
+pub const SECRETS: &[&str] = &["repository.passphrase", "postgres.password"];
+
 pub const SCHEMA: Schema = Schema {
     legacy: REPOSITORY_LEGACY_VARS,
-    secrets: REPOSITORY_SECRETS,
+    secrets: SECRETS,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +44,8 @@ pub struct AgentConfig {
     pub repository: RepositorySettings,
     /// The `ledger` component's settings.
     pub ledger: crate::ledger::LedgerSettings,
+    /// The `postgres` component's settings.
+    pub postgres: crate::postgres::PostgresSettings,
     pub log: LogSettings,
     /// How long SIGTERM waits for running work to stop.
     #[serde(with = "humantime_serde")]
@@ -89,6 +92,7 @@ impl Default for AgentConfig {
             tls: TlsFiles::default(),
             repository: RepositorySettings::default(),
             ledger: crate::ledger::LedgerSettings::default(),
+            postgres: crate::postgres::PostgresSettings::default(),
             log: LogSettings::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
@@ -184,6 +188,9 @@ impl AgentConfig {
         }
         if self.component == Some(Component::Ledger) {
             self.ledger.validate()?;
+        }
+        if self.component == Some(Component::Postgres) {
+            self.postgres.validate()?;
         }
         self.repository.validate()
     }

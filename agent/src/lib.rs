@@ -9,6 +9,7 @@ pub mod config;
 pub mod ledger;
 pub mod metrics;
 pub mod oneshot;
+pub mod postgres;
 pub mod session;
 
 use std::sync::Arc;

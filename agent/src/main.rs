@@ -28,19 +28,36 @@ struct Args {
 enum Command {
     /// Back up the configured component once, straight to the repository, and print a report.
     Backup {
-        /// Read every file again instead of reusing unchanged ones from the last backup.
+        /// Ledger: read every file again instead of reusing unchanged ones from the last backup.
         #[arg(long)]
         full_scan: bool,
+        /// PostgreSQL: lock postgres.fence_tables around the cut (an exact cut; writers wait
+        /// for at most postgres.fence_max_pause).
+        #[arg(long)]
+        fenced: bool,
     },
     /// Restore a backup (a component manifest id) of the configured component.
     Restore {
         manifest: String,
-        /// The directory to restore into (ledger); default the configured data directory.
+        /// Ledger: the directory to restore into; default the configured data directory.
         #[arg(long)]
         target: Option<PathBuf>,
-        /// Replace a non-empty target.
+        /// Replace a non-empty directory (ledger), or a database other sessions use,
+        /// terminating them (PostgreSQL).
         #[arg(long)]
         force: bool,
+        /// PostgreSQL: restore into this server (libpq URL, no password) instead of postgres.url.
+        #[arg(long)]
+        target_url: Option<String>,
+        /// PostgreSQL: restore only this database of the backup.
+        #[arg(long)]
+        database: Option<String>,
+        /// PostgreSQL: restore under this name (with --database when the backup has several).
+        #[arg(long = "as", value_name = "NAME")]
+        rename: Option<String>,
+        /// PostgreSQL: create the backup's roles and tablespaces first (an empty server).
+        #[arg(long)]
+        globals: bool,
     },
 }
 
@@ -74,15 +91,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("start tokio runtime")?;
     let run = match args.command {
         None => return runtime.block_on(serve(config)),
-        Some(Command::Backup { full_scan }) => oneshot::Command::Backup { full_scan },
+        Some(Command::Backup { full_scan, fenced }) => {
+            oneshot::Command::Backup(oneshot::BackupOptions { full_scan, fenced })
+        }
         Some(Command::Restore {
             manifest,
             target,
             force,
+            target_url,
+            database,
+            rename,
+            globals,
         }) => oneshot::Command::Restore {
             manifest,
-            target,
-            force,
+            options: oneshot::RestoreOptions {
+                target,
+                force,
+                postgres: aitbc_backup_agent::postgres::restore::RestoreOptions {
+                    server_url: target_url,
+                    database,
+                    rename,
+                    force,
+                    globals,
+                },
+            },
         },
     };
     let grace = config.shutdown_grace;

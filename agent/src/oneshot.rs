@@ -12,15 +12,29 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AgentConfig;
 use crate::ledger;
+use crate::postgres;
 
 /// Backs up the configured component; returns the report as JSON.
 pub async fn backup(
     config: &AgentConfig,
-    full_scan: bool,
+    options: &BackupOptions,
     cancel: &CancellationToken,
 ) -> anyhow::Result<serde_json::Value> {
     let repo = open(config, cancel).await?;
+    let full_scan = options.full_scan;
     match config.component {
+        Some(Component::Postgres) => {
+            let report = postgres::backup::backup(
+                &repo,
+                &config.postgres,
+                &config.backup_name(),
+                options.fenced,
+                Arc::new(Progress::default()),
+                cancel,
+            )
+            .await?;
+            Ok(serde_json::to_value(report)?)
+        }
         Some(Component::Ledger) => {
             let report = ledger::backup::backup(
                 &repo,
@@ -41,16 +55,41 @@ pub async fn backup(
 pub async fn restore(
     config: &AgentConfig,
     id: &str,
-    target: Option<PathBuf>,
-    force: bool,
+    options: RestoreOptions,
     cancel: &CancellationToken,
 ) -> anyhow::Result<serde_json::Value> {
+    let RestoreOptions {
+        target,
+        force,
+        postgres: pg_options,
+    } = options;
     let repo = open(config, cancel).await?;
     let manifest = repo
         .component(id, cancel)
         .await
         .with_context(|| format!("read backup {id}"))?;
     match config.component {
+        Some(Component::Postgres) => {
+            if target.is_some() {
+                bail!(
+                    "--target names a directory (ledger); for PostgreSQL use --target-url, --database and --as"
+                );
+            }
+            let options = postgres::restore::RestoreOptions {
+                force,
+                ..pg_options
+            };
+            let report = postgres::restore::restore(
+                &repo,
+                &manifest,
+                &config.postgres,
+                &options,
+                Arc::new(Progress::default()),
+                cancel,
+            )
+            .await?;
+            Ok(serde_json::to_value(report)?)
+        }
         Some(Component::Ledger) => {
             let options = ledger::restore::RestoreOptions {
                 target: target.unwrap_or_else(|| config.ledger.data_dir.clone()),
@@ -79,15 +118,32 @@ async fn open(config: &AgentConfig, cancel: &CancellationToken) -> anyhow::Resul
         .with_context(|| format!("open repository {}", config.repository.effective_url()))
 }
 
+/// What a one-shot backup may be asked for.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Ledger: read every file again instead of reusing unchanged ones.
+    pub full_scan: bool,
+    /// PostgreSQL: hold writers on the fence tables for the cut.
+    pub fenced: bool,
+}
+
+/// What a one-shot restore may be asked for.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Ledger: the directory to restore into.
+    pub target: Option<PathBuf>,
+    /// Replace a non-empty directory (ledger) or a database in use (PostgreSQL).
+    pub force: bool,
+    /// PostgreSQL: server, database selection and name, globals.
+    pub postgres: postgres::restore::RestoreOptions,
+}
+
 /// A one-shot command, owned so it can run as a spawned task.
 pub enum Command {
-    Backup {
-        full_scan: bool,
-    },
+    Backup(BackupOptions),
     Restore {
         manifest: String,
-        target: Option<PathBuf>,
-        force: bool,
+        options: RestoreOptions,
     },
 }
 
@@ -101,12 +157,10 @@ impl Command {
         // Boxed: the pipelines' futures are deep enough to overflow the compiler's layout queries
         // in every caller.
         match self {
-            Command::Backup { full_scan } => Box::pin(backup(config, full_scan, cancel)).await,
-            Command::Restore {
-                manifest,
-                target,
-                force,
-            } => Box::pin(restore(config, &manifest, target, force, cancel)).await,
+            Command::Backup(options) => Box::pin(backup(config, &options, cancel)).await,
+            Command::Restore { manifest, options } => {
+                Box::pin(restore(config, &manifest, options, cancel)).await
+            }
         }
     }
 }

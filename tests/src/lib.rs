@@ -11,6 +11,7 @@
 //! Services are started synchronously from the test's own thread (start functions block until
 //! the service answers), which keeps the parent-death signal tied to the test's lifetime.
 
+pub mod agent;
 pub mod chain;
 pub mod data;
 pub mod fleet;

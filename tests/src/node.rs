@@ -6,6 +6,7 @@ use std::process::Output;
 
 use nix::sys::signal::Signal;
 
+use crate::agent::OneShot;
 use crate::fleet::{binary, http_get};
 use crate::process::{Service, Spec};
 
@@ -90,41 +91,29 @@ pub struct LedgerAgent {
 }
 
 impl LedgerAgent {
-    /// Runs `aitbc-backup-agent ARGS` with the ledger config in its environment.
+    /// The agent with the ledger config in its environment.
+    pub fn oneshot(&self) -> OneShot {
+        OneShot::new("ledger", &self.repository)
+            .with(
+                "AITBC_BACKUP_LEDGER__DATA_DIR",
+                self.data_dir.display().to_string(),
+            )
+            .with(
+                "AITBC_BACKUP_LEDGER__SCRATCH_DIR",
+                self.scratch.display().to_string(),
+            )
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
-        std::process::Command::new(binary("aitbc-backup-agent"))
-            .args(args)
-            .env_remove("AITBC_BACKUP_CONFIG")
-            .env("AITBC_BACKUP_COMPONENT", "ledger")
-            .env("AITBC_BACKUP_LEDGER__DATA_DIR", &self.data_dir)
-            .env("AITBC_BACKUP_LEDGER__SCRATCH_DIR", &self.scratch)
-            .env("AITBC_BACKUP_REPOSITORY__URL", &self.repository)
-            .env("AITBC_BACKUP_LOG__FORMAT", "json")
-            .output()
-            .expect("run aitbc-backup-agent")
+        self.oneshot().run(args)
     }
 
-    /// Runs a command that must succeed; returns its JSON report.
     pub fn ok(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "aitbc-backup-agent {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON report")
+        self.oneshot().ok(args)
     }
 
-    /// Runs a command that must fail; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "aitbc-backup-agent {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        self.oneshot().fails(args)
     }
 }
 

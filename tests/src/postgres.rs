@@ -22,7 +22,8 @@ pub struct Postgres {
     _dir: tempfile::TempDir,
 }
 
-fn bin(name: &str) -> PathBuf {
+/// A PostgreSQL 15 program (`psql`, `pg_dump`, `pgbench`, ...).
+pub fn bin(name: &str) -> PathBuf {
     PathBuf::from(format!("/usr/lib/postgresql/{PG_MAJOR}/bin/{name}"))
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use aitbc_backup_repository::manifest::ConsistencyPoint;
 use aitbc_backup_repository::{BackupRequest, Progress};
+use aitbc_backup_tests::agent::init_local_repository;
 use aitbc_backup_tests::chain::check_chain;
 use aitbc_backup_tests::fleet::binary;
 use aitbc_backup_tests::node::{LedgerAgent, NodeSim, tree_digest};
@@ -15,16 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A data directory, a scratch directory and an initialized local repository.
 fn setup(dir: &Path) -> LedgerAgent {
-    let repository = format!("file://{}", dir.join("repo").display());
-    let out = std::process::Command::new(binary("aitbc-backup"))
-        .args(["repo", "--repository", &repository, "init"])
-        .output()
-        .expect("aitbc-backup repo init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let repository = init_local_repository(dir);
     LedgerAgent {
         data_dir: dir.join("node"),
         repository,

@@ -115,6 +115,7 @@ pub struct ChunkSink {
     stored: Known,
     offset: u64,
     files: Vec<FileEntry>,
+    consistency: Option<ConsistencyPoint>,
     progress: Arc<Progress>,
 }
 
@@ -122,6 +123,12 @@ impl ChunkSink {
     /// Records a file of a tar stream in the manifest's file index.
     pub fn index_file(&mut self, entry: FileEntry) {
         self.files.push(entry);
+    }
+
+    /// Sets the manifest's consistency point, replacing the request's: for what is only known
+    /// once the stream is written (row counts taken while it was).
+    pub fn set_consistency(&mut self, point: ConsistencyPoint) {
+        self.consistency = Some(point);
     }
 
     /// Stream bytes written so far (new and reused).
@@ -214,12 +221,14 @@ where
         stored: known.clone(),
         offset: 0,
         files: Vec::new(),
+        consistency: None,
         progress: progress.clone(),
     };
     let producer = tokio::task::spawn_blocking(move || {
         let output = produce(&mut sink)?;
         sink.boundary()?;
-        Ok::<_, std::io::Error>((output, sink.offset, std::mem::take(&mut sink.files)))
+        let indexed = std::mem::take(&mut sink.files);
+        Ok::<_, std::io::Error>((output, sink.offset, indexed, sink.consistency.take()))
     });
 
     // Stage 2: id, dedup check, compression and sealing, on the blocking pool, in order.
@@ -289,7 +298,7 @@ where
         .await
         .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
     let results = results?;
-    let (output, raw_size, indexed) = produced?;
+    let (output, raw_size, indexed, consistency) = produced?;
 
     let mut stats = BackupStats::default();
     let mut chunks = Vec::with_capacity(results.len());
@@ -311,7 +320,7 @@ where
         raw_size,
         chunks,
         files: request.files.into_iter().chain(indexed).collect(),
-        consistency: request.consistency,
+        consistency: consistency.or(request.consistency),
         stats,
     };
     repo.commit_component(&manifest, cancel).await?;

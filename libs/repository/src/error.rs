@@ -34,8 +34,9 @@ pub enum RepoError {
     ManifestExists(String),
     #[error("no manifest with id `{0}`")]
     NoSuchManifest(String),
+    /// The message carries the cause (not `source`, so chains do not print it twice).
     #[error("stream I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error(
         "chunk {0} was removed while this backup ran (garbage collection with a grace period \
          shorter than the backup); nothing was committed, run the backup again"
@@ -56,5 +57,11 @@ impl From<CryptoError> for RepoError {
             }
             CryptoError::Kdf(message) => RepoError::KeyManagement(message),
         }
+    }
+}
+
+impl From<std::io::Error> for RepoError {
+    fn from(err: std::io::Error) -> Self {
+        RepoError::Io(err)
     }
 }

@@ -36,11 +36,19 @@ pub struct FileEntry {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ConsistencyPoint {
     Postgres {
+        /// WAL position at the cut (`pg_current_wal_lsn()`, or the replay position on a standby).
         lsn: String,
+        /// The exported snapshot of the first database (each database's is in `databases`).
         snapshot: String,
         system_identifier: String,
         timeline: u32,
         server_version: String,
+        /// `pg_current_snapshot()` of the cut: xmin:xmax:xip-list.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        txid_snapshot: String,
+        /// Every database in the backup, with what restore needs and checks.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        databases: Vec<PgDatabase>,
     },
     Redis {
         replid: String,
@@ -51,6 +59,22 @@ pub enum ConsistencyPoint {
         height: u64,
         hash: String,
     },
+}
+
+/// One database of a PostgreSQL backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgDatabase {
+    pub name: String,
+    /// The snapshot its dump was taken at.
+    pub snapshot: String,
+    /// `pg_current_snapshot()` in that snapshot: which transactions the dump contains.
+    pub txid_snapshot: String,
+    pub owner: String,
+    pub encoding: String,
+    pub collate: String,
+    pub ctype: String,
+    /// Rows per table (`schema.table`, quoted where needed) at the cut; restore checks them.
+    pub row_counts: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a backup wrote (informational; not needed to restore).

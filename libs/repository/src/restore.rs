@@ -112,3 +112,37 @@ fn temp_sibling(path: &Path) -> PathBuf {
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.partial-{:08x}", rand::random::<u32>()))
 }
+
+/// The part of `manifest`'s stream indexed as `path`, as a manifest of its own, for streams
+/// whose parts each start and end on chunk boundaries (PostgreSQL's dumps): restoring it
+/// fetches only that part's chunks.
+pub fn part(manifest: &ComponentManifest, path: &str) -> Result<ComponentManifest, RepoError> {
+    let corrupt = |reason: String| RepoError::Corrupt {
+        object: layout::component_manifest(&manifest.id).to_string(),
+        reason,
+    };
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.path == path)
+        .ok_or_else(|| corrupt(format!("its stream has no part `{path}`")))?;
+    let (start, end) = (entry.offset, entry.offset + entry.size);
+    let mut offset = 0u64;
+    let mut chunks = Vec::new();
+    for chunk in &manifest.chunks {
+        let next = offset + u64::from(chunk.raw_len);
+        if offset >= start && next <= end {
+            chunks.push(chunk.clone());
+        } else if offset < end && next > start {
+            return Err(corrupt(format!(
+                "part `{path}` does not start and end on chunk boundaries"
+            )));
+        }
+        offset = next;
+    }
+    let mut part = manifest.clone();
+    part.chunks = chunks;
+    part.raw_size = entry.size;
+    part.files.clear();
+    Ok(part)
+}

@@ -1,0 +1,183 @@
+//! The `[postgres]` config section.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aitbc_backup_config::{ConfigError, Secret};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_JOBS: u32 = 2;
+pub const DEFAULT_SCRATCH_DIR: &str = "/tmp/aitbc-backup";
+pub const DEFAULT_FENCE_MAX_PAUSE: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// libpq URL or key-value string of the server (its database is where the agent connects to
+    /// list databases and create restored ones). A Unix socket: `host=/var/run/postgresql`.
+    /// Never a password: use `password` (environment only) or `password_file`.
+    pub url: String,
+    /// A secret, environment only: `AITBC_BACKUP_POSTGRES__PASSWORD` (or `PGPASSWORD`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// A file holding the password (a mounted Kubernetes secret).
+    pub password_file: Option<PathBuf>,
+    /// Databases to back up; empty means every database that accepts connections.
+    pub databases: Vec<String>,
+    /// Where `pg_dump`, `pg_dumpall`, `pg_restore` and `psql` are; empty means
+    /// `/usr/lib/postgresql/<server major>/bin` when it exists, else `PATH`.
+    pub bin_dir: PathBuf,
+    /// `pg_restore --jobs`.
+    pub jobs: u32,
+    /// Restores spool each database's dump here before `pg_restore --jobs` reads it.
+    pub scratch_dir: PathBuf,
+    /// Tables locked `IN SHARE ROW EXCLUSIVE MODE` around a fenced cut: `schema.table` (in the
+    /// URL's database) or `database.schema.table`.
+    pub fence_tables: Vec<String>,
+    /// The longest a fence may hold writers; the agent (and the server, through
+    /// `idle_in_transaction_session_timeout`) ends it then even if nobody releases it.
+    #[serde(with = "humantime_serde")]
+    pub fence_max_pause: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            url: DEFAULT_URL.to_owned(),
+            password: None,
+            password_file: None,
+            databases: Vec::new(),
+            bin_dir: PathBuf::new(),
+            jobs: DEFAULT_JOBS,
+            scratch_dir: DEFAULT_SCRATCH_DIR.into(),
+            fence_tables: Vec::new(),
+            fence_max_pause: DEFAULT_FENCE_MAX_PAUSE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// A fenced table: its database (None: the URL's) and its `schema.table`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceTable {
+    pub database: Option<String>,
+    pub schema: String,
+    pub table: String,
+}
+
+impl PostgresSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let config = self.url.parse::<tokio_postgres::Config>().map_err(|err| {
+            ConfigError::invalid("postgres.url", format!("`{}`: {err}", self.url))
+        })?;
+        if config.get_password().is_some() {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                "holds a password; set AITBC_BACKUP_POSTGRES__PASSWORD or postgres.password_file instead",
+            ));
+        }
+        if self.jobs == 0 {
+            return Err(ConfigError::invalid("postgres.jobs", "must be at least 1"));
+        }
+        if !self.scratch_dir.is_absolute() {
+            return Err(ConfigError::invalid(
+                "postgres.scratch_dir",
+                format!("`{}` is not an absolute path", self.scratch_dir.display()),
+            ));
+        }
+        if self.fence_max_pause.is_zero() {
+            return Err(ConfigError::invalid(
+                "postgres.fence_max_pause",
+                "must be positive",
+            ));
+        }
+        self.fence_tables()?;
+        Ok(())
+    }
+
+    pub fn fence_tables(&self) -> Result<Vec<FenceTable>, ConfigError> {
+        self.fence_tables
+            .iter()
+            .map(|name| {
+                let parts: Vec<&str> = name.split('.').collect();
+                let valid = parts.iter().all(|p| !p.is_empty());
+                match parts.as_slice() {
+                    [schema, table] if valid => Ok(FenceTable {
+                        database: None,
+                        schema: (*schema).to_owned(),
+                        table: (*table).to_owned(),
+                    }),
+                    [database, schema, table] if valid => Ok(FenceTable {
+                        database: Some((*database).to_owned()),
+                        schema: (*schema).to_owned(),
+                        table: (*table).to_owned(),
+                    }),
+                    _ => Err(ConfigError::invalid(
+                        "postgres.fence_tables",
+                        format!("`{name}` is not schema.table or database.schema.table"),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// The password: the environment's, else `password_file`'s first line.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(secret) = &self.password {
+            return Ok(Some(secret.expose().to_owned()));
+        }
+        match &self.password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| {
+                    anyhow::anyhow!("read postgres.password_file {}: {err}", path.display())
+                })?;
+                Ok(Some(text.lines().next().unwrap_or_default().to_owned()))
+            }
+            None => Ok(std::env::var("PGPASSWORD").ok()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_in_the_url_is_refused() {
+        let settings = PostgresSettings {
+            url: "postgres://app:hunter2@db:5432/app".into(),
+            ..Default::default()
+        };
+        let err = settings
+            .validate()
+            .expect_err("password in url")
+            .to_string();
+        assert!(
+            err.contains("postgres.url") && err.contains("password"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("hunter2"),
+            "the error must not echo the password: {err}"
+        );
+    }
+
+    #[test]
+    fn fence_tables_are_qualified() {
+        let mut settings = PostgresSettings {
+            fence_tables: vec!["public.jobs".into(), "app.public.offers".into()],
+            ..Default::default()
+        };
+        let tables = settings.fence_tables().expect("valid");
+        assert_eq!(tables[0].database, None);
+        assert_eq!(tables[1].database.as_deref(), Some("app"));
+        assert_eq!(tables[1].table, "offers");
+        settings.fence_tables = vec!["jobs".into()];
+        let err = settings.validate().expect_err("unqualified").to_string();
+        assert!(err.contains("`jobs`"), "{err}");
+    }
+}

@@ -1,0 +1,353 @@
+//! The cut: one `REPEATABLE READ READ ONLY` transaction per database exports its snapshot (all
+//! databases at once), the first records the WAL position; in fenced mode the configured tables
+//! are locked `IN SHARE ROW EXCLUSIVE MODE` around it. The exporting transactions stay open
+//! until every dump has imported its snapshot (the whole upload).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use aitbc_backup_repository::manifest::{ConsistencyPoint, PgDatabase};
+use anyhow::{Context, bail};
+use futures::future::try_join_all;
+use tokio::sync::oneshot;
+use tokio_postgres::Client;
+
+use super::config::PostgresSettings;
+use super::server::{Server, ServerInfo, describe, ident, literal};
+
+/// A database to back up, as `pg_database` describes it.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pub name: String,
+    pub owner: String,
+    pub encoding: String,
+    pub collate: String,
+    pub ctype: String,
+}
+
+/// Connected and checked; nothing is held yet.
+pub struct Prepared {
+    pub server: Server,
+    pub info: ServerInfo,
+    exporters: Vec<(Database, Client)>,
+    /// Per database with fenced tables: its connection and the `LOCK TABLE` list.
+    fences: Vec<(Client, String)>,
+    max_pause: Duration,
+}
+
+/// Snapshots exported and held.
+pub struct Cut {
+    pub server: Server,
+    pub point: Point,
+    /// The exporting transactions, one per database, in `point.databases` order.
+    pub exporters: Vec<Client>,
+    pub fence: Option<Fence>,
+    /// When the cut was taken (for skew across components).
+    pub at: Instant,
+}
+
+/// The consistency point before row counts are known.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub lsn: String,
+    pub timeline: u32,
+    pub info: ServerInfo,
+    pub databases: Vec<(Database, Exported)>,
+}
+
+/// What a database's exporting transaction returned.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// The id `pg_dump --snapshot` imports.
+    pub snapshot: String,
+    /// `pg_current_snapshot()`: which transactions the snapshot sees.
+    pub txid_snapshot: String,
+}
+
+impl Point {
+    /// The manifest's record, with the row counts taken inside each snapshot.
+    pub fn record(&self, counts: Vec<BTreeMap<String, u64>>) -> ConsistencyPoint {
+        ConsistencyPoint::Postgres {
+            lsn: self.lsn.clone(),
+            snapshot: self
+                .databases
+                .first()
+                .map(|(_, e)| e.snapshot.clone())
+                .unwrap_or_default(),
+            system_identifier: self.info.system_identifier.clone(),
+            timeline: self.timeline,
+            server_version: self.info.version.clone(),
+            txid_snapshot: self
+                .databases
+                .first()
+                .map(|(_, e)| e.txid_snapshot.clone())
+                .unwrap_or_default(),
+            databases: self
+                .databases
+                .iter()
+                .zip(counts)
+                .map(|((db, exported), row_counts)| PgDatabase {
+                    name: db.name.clone(),
+                    snapshot: exported.snapshot.clone(),
+                    txid_snapshot: exported.txid_snapshot.clone(),
+                    owner: db.owner.clone(),
+                    encoding: db.encoding.clone(),
+                    collate: db.collate.clone(),
+                    ctype: db.ctype.clone(),
+                    row_counts,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Writers held by table locks; ends at [`Fence::release`] or at the deadline, whichever is
+/// first.
+pub struct Fence {
+    release: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Duration>,
+}
+
+impl Fence {
+    /// Lets writers go; returns how long they were held.
+    pub async fn release(mut self) -> Duration {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.unwrap_or_default()
+    }
+}
+
+/// Connects to every database, checks the fenced tables exist and finds the client tools.
+pub async fn prepare(settings: &PostgresSettings) -> anyhow::Result<Prepared> {
+    let mut server = Server::new(settings, None)?;
+    let admin = server.connect(&server.maintenance_db.clone()).await?;
+    let info = server.info(&admin).await?;
+    server.resolve_tools(info.major)?;
+    let databases = list_databases(&admin, &settings.databases, &server).await?;
+    let exporters = try_join_all(databases.into_iter().map(|db| {
+        let server = server.clone();
+        async move {
+            let client = server.connect(&db.name).await?;
+            Ok::<_, anyhow::Error>((db, client))
+        }
+    }))
+    .await?;
+    let mut by_database: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for table in settings.fence_tables()? {
+        let database = table
+            .database
+            .unwrap_or_else(|| server.maintenance_db.clone());
+        by_database.entry(database).or_default().push(format!(
+            "{}.{}",
+            ident(&table.schema),
+            ident(&table.table)
+        ));
+    }
+    let mut fences = Vec::new();
+    for (database, tables) in by_database {
+        let client = server.connect(&database).await?;
+        for table in &tables {
+            let found: Option<String> = client
+                .query_one("SELECT to_regclass($1)::text", &[table])
+                .await?
+                .get(0);
+            if found.is_none() {
+                bail!(
+                    "fence table {table} does not exist in database `{database}` (postgres.fence_tables)"
+                );
+            }
+        }
+        fences.push((client, tables.join(", ")));
+    }
+    Ok(Prepared {
+        server,
+        info,
+        exporters,
+        fences,
+        max_pause: settings.fence_max_pause,
+    })
+}
+
+async fn list_databases(
+    admin: &Client,
+    wanted: &[String],
+    server: &Server,
+) -> anyhow::Result<Vec<Database>> {
+    let rows = admin
+        .query(
+            "SELECT datname::text, pg_get_userbyid(datdba)::text, pg_encoding_to_char(encoding)::text, \
+                    datcollate::text, datctype::text \
+             FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname",
+            &[],
+        )
+        .await
+        .context("list databases")?;
+    let all: Vec<Database> = rows
+        .iter()
+        .map(|row| Database {
+            name: row.get(0),
+            owner: row.get(1),
+            encoding: row.get(2),
+            collate: row.get(3),
+            ctype: row.get(4),
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(all);
+    }
+    wanted
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|db| &db.name == name)
+                .cloned()
+                .with_context(|| {
+                    format!(
+                        "database `{name}` does not exist on {} (postgres.databases)",
+                        server.endpoint()
+                    )
+                })
+        })
+        .collect()
+}
+
+impl Prepared {
+    /// Takes the cut: fence (if asked), export every database's snapshot at once, record the
+    /// WAL position. The fence stays up until [`Fence::release`] or its deadline.
+    pub async fn cut(self, fenced: bool) -> anyhow::Result<Cut> {
+        let fence = if fenced && !self.fences.is_empty() {
+            Some(raise_fence(self.fences, self.max_pause).await?)
+        } else {
+            None
+        };
+        let exported = try_join_all(self.exporters.iter().map(|(db, client)| async move {
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .with_context(|| format!("begin the snapshot transaction in `{}`", db.name))?;
+            let row = client
+                .query_one(
+                    "SELECT pg_export_snapshot(), pg_current_snapshot()::text",
+                    &[],
+                )
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("export a snapshot of `{}`: {}", db.name, describe(&e))
+                })?;
+            Ok::<Exported, anyhow::Error>(Exported {
+                snapshot: row.get(0),
+                txid_snapshot: row.get(1),
+            })
+        }))
+        .await?;
+        let at = Instant::now();
+        let first = &self.exporters.first().context("no database to back up")?.1;
+        let row = first
+            .query_one(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                              ELSE pg_current_wal_lsn() END)::text, \
+                        (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("read the WAL position: {}", describe(&e)))?;
+        let (databases, exporters): (Vec<Database>, Vec<Client>) =
+            self.exporters.into_iter().unzip();
+        Ok(Cut {
+            server: self.server,
+            point: Point {
+                lsn: row.get(0),
+                timeline: row.get::<_, i32>(1) as u32,
+                info: self.info,
+                databases: databases.into_iter().zip(exported).collect(),
+            },
+            exporters,
+            fence,
+            at,
+        })
+    }
+}
+
+/// Locks the fenced tables. The server also ends the fence: a session idle in its transaction
+/// for longer than the pause is terminated, so a vanished agent cannot hold writers.
+async fn raise_fence(fences: Vec<(Client, String)>, max_pause: Duration) -> anyhow::Result<Fence> {
+    let millis = max_pause.as_millis().max(1);
+    try_join_all(fences.iter().map(|(client, tables)| async move {
+        client
+            .batch_execute(&format!(
+                "SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}; \
+                 BEGIN; LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE",
+                literal(&format!("{millis}ms")),
+                literal(&format!("{millis}ms")),
+            ))
+            .await
+            .map_err(|e| anyhow::anyhow!("fence {tables}: {}", describe(&e)))
+    }))
+    .await?;
+    let held = Instant::now();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = rx => {}
+            _ = tokio::time::sleep(max_pause) => {
+                tracing::warn!(pause = ?max_pause, "fence deadline passed before release; letting writers go");
+            }
+        }
+        for (client, _) in &fences {
+            // Fails only if the server already ended the session, which released the locks.
+            let _ = client.batch_execute("COMMIT").await;
+        }
+        held.elapsed()
+    });
+    Ok(Fence {
+        release: Some(tx),
+        task,
+    })
+}
+
+/// Exact row counts of every table whose data `pg_dump` writes, in a connection of its own
+/// that imports the exported snapshot (an error here must not end the exporting transaction).
+pub async fn row_counts(
+    server: &Server,
+    database: &str,
+    snapshot: &str,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let client = server.connect(database).await?;
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            literal(snapshot)
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("import the snapshot of `{database}`: {}", describe(&e)))?;
+    let tables = client
+        .query(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                               AND d.objid = c.oid AND d.deptype = 'e') \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .with_context(|| format!("list the tables of `{database}`"))?;
+    let mut counts = BTreeMap::new();
+    for row in tables {
+        let table: String = row.get(0);
+        let count: i64 = client
+            .query_one(&format!("SELECT count(*) FROM ONLY {table}"), &[])
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "count the rows of {table} in `{database}`: {}",
+                    describe(&e)
+                )
+            })?
+            .get(0);
+        counts.insert(table, count as u64);
+    }
+    Ok(counts)
+}

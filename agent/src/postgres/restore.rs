@@ -1,0 +1,494 @@
+//! Restore of PostgreSQL databases: each database's dump is spooled to the scratch directory
+//! (pg_restore needs a seekable file to run `--jobs` in parallel), restored into a new database
+//! under a temporary name, its row counts checked against the manifest, and only then swapped
+//! in under the target name. A failure at any step before the swap drops the temporary database
+//! and leaves the target as it was.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aitbc_backup_repository::manifest::{ComponentManifest, ConsistencyPoint, PgDatabase};
+use aitbc_backup_repository::{Progress, Repository};
+use anyhow::{Context, bail};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::backup::{GLOBALS, dump_path};
+use super::config::PostgresSettings;
+use super::server::{Server, Session, conninfo, describe, ident, literal};
+
+/// Temporary databases are named `<target>_aitbc_restore_<hex>`; leftovers of an interrupted
+/// restore are dropped by the next restore of the same target.
+const TEMP_MARK: &str = "_aitbc_restore_";
+/// The replaced database, kept until the new one is in place.
+const PREVIOUS_MARK: &str = "_aitbc_previous_";
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Another server (libpq URL) instead of the configured one.
+    pub server_url: Option<String>,
+    /// Only this database of the backup (default: all of them).
+    pub database: Option<String>,
+    /// Restore under this name (needs `database` when the backup holds several).
+    pub rename: Option<String>,
+    /// Replace a database that has other sessions, terminating them.
+    pub force: bool,
+    /// Apply the backup's roles and tablespaces first (rebuilding an empty server).
+    pub globals: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoredDatabase {
+    pub name: String,
+    pub from: String,
+    pub replaced: bool,
+    pub tables: usize,
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    pub manifest: String,
+    pub server: String,
+    pub globals: bool,
+    pub databases: Vec<RestoredDatabase>,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+pub async fn restore(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    settings: &PostgresSettings,
+    options: &RestoreOptions,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestoreReport> {
+    let started = Instant::now();
+    let Some(ConsistencyPoint::Postgres {
+        databases,
+        server_version,
+        ..
+    }) = &manifest.consistency
+    else {
+        bail!("backup {} is not a PostgreSQL backup", manifest.id);
+    };
+    let selected = select(databases, options)?;
+    let mut server = Server::new(settings, options.server_url.as_deref())?;
+    let admin = server.connect(&server.maintenance_db.clone()).await?;
+    let info = server.info(&admin).await?;
+    server.resolve_tools(info.major)?;
+    let mut warnings = Vec::new();
+    if info.major < major_of(server_version) {
+        warnings.push(format!(
+            "restoring a PostgreSQL {server_version} backup into an older server ({})",
+            info.version
+        ));
+    }
+    // Refuse early (before any download) when a target is in use.
+    if !options.force {
+        for (_, target) in &selected {
+            refuse_if_in_use(&server, &admin, target).await?;
+        }
+    }
+    let spool = Spool::create(&settings.scratch_dir)?;
+    if options.globals {
+        let path = spool.0.join("globals.sql");
+        let part = aitbc_backup_repository::part(manifest, GLOBALS)?;
+        aitbc_backup_repository::restore_to_file(repo, &part, &path, progress.clone(), cancel)
+            .await
+            .context("fetch the globals")?;
+        apply_globals(&server, &path, &mut warnings)?;
+    }
+    let mut restored = Vec::new();
+    for (i, (db, target)) in selected.iter().enumerate() {
+        let began = Instant::now();
+        let path = spool.0.join(format!("{i}.dump"));
+        let part = aitbc_backup_repository::part(manifest, &dump_path(&db.name))?;
+        aitbc_backup_repository::restore_to_file(repo, &part, &path, progress.clone(), cancel)
+            .await
+            .with_context(|| format!("fetch the dump of `{}`", db.name))?;
+        let replaced = restore_one(
+            &server,
+            &admin,
+            db,
+            target,
+            &path,
+            settings.jobs,
+            options.force,
+            cancel,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "restore `{}` as `{target}` on {}",
+                db.name,
+                server.endpoint()
+            )
+        })?;
+        let _ = std::fs::remove_file(&path);
+        restored.push(RestoredDatabase {
+            name: target.clone(),
+            from: db.name.clone(),
+            replaced,
+            tables: db.row_counts.len(),
+            rows: db.row_counts.values().sum(),
+            seconds: began.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(RestoreReport {
+        manifest: manifest.id.clone(),
+        server: server.endpoint(),
+        globals: options.globals,
+        databases: restored,
+        seconds: started.elapsed().as_secs_f64(),
+        warnings,
+    })
+}
+
+/// The databases to restore, each with its target name.
+fn select<'a>(
+    databases: &'a [PgDatabase],
+    options: &RestoreOptions,
+) -> anyhow::Result<Vec<(&'a PgDatabase, String)>> {
+    let chosen: Vec<&PgDatabase> = match &options.database {
+        Some(name) => vec![
+            databases
+                .iter()
+                .find(|db| &db.name == name)
+                .with_context(|| {
+                    format!(
+                        "the backup has no database `{name}` (it has: {})",
+                        databases
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?,
+        ],
+        None => databases.iter().collect(),
+    };
+    if chosen.is_empty() {
+        bail!("the backup holds no database");
+    }
+    match &options.rename {
+        Some(rename) if chosen.len() == 1 => Ok(vec![(chosen[0], rename.clone())]),
+        Some(_) => bail!("--as needs --database: the backup holds several databases"),
+        None => Ok(chosen.into_iter().map(|db| (db, db.name.clone())).collect()),
+    }
+}
+
+fn major_of(version: &str) -> u32 {
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn refuse_if_in_use(server: &Server, admin: &Client, target: &str) -> anyhow::Result<()> {
+    let sessions = server.sessions(admin, target).await?;
+    if sessions.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "database `{target}` is in use by {} other session(s): {}; stop them or restore with --force (which terminates them)",
+        sessions.len(),
+        sessions
+            .iter()
+            .map(Session::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    )
+}
+
+/// Restores one database under a temporary name, checks it, swaps it in. Returns whether an
+/// existing database was replaced.
+#[allow(clippy::too_many_arguments)]
+async fn restore_one(
+    server: &Server,
+    admin: &Client,
+    db: &PgDatabase,
+    target: &str,
+    dump: &std::path::Path,
+    jobs: u32,
+    force: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<bool> {
+    drop_leftovers(admin, target).await?;
+    let temp = temp_name(target, TEMP_MARK);
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {} WITH TEMPLATE template0 OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+            ident(&temp),
+            ident(&db.owner),
+            literal(&db.encoding),
+            literal(&db.collate),
+            literal(&db.ctype)
+        ))
+        .await
+        .map_err(|e| {
+            let hint = if describe(&e).contains("role") {
+                " (restore with --globals to create the backup's roles)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("create database {temp}: {}{hint}", describe(&e))
+        })?;
+    let result = async {
+        pg_restore(server, &temp, dump, jobs, cancel).await?;
+        check_counts(server, &temp, &db.row_counts).await?;
+        swap(server, admin, &temp, target, force).await
+    }
+    .await;
+    if result.is_err() {
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                ident(&temp)
+            ))
+            .await;
+    }
+    result
+}
+
+fn temp_name(target: &str, mark: &str) -> String {
+    // PostgreSQL names are at most 63 bytes.
+    let mut base: String = target.to_owned();
+    while base.len() > 63 - mark.len() - 8 {
+        base.pop();
+    }
+    format!("{base}{mark}{:08x}", rand::random::<u32>())
+}
+
+async fn drop_leftovers(admin: &Client, target: &str) -> anyhow::Result<()> {
+    let rows = admin
+        .query(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE $1 || '%'",
+            &[&format!(
+                "{}{TEMP_MARK}",
+                target.replace('_', "\\_").replace('%', "\\%")
+            )],
+        )
+        .await?;
+    for row in rows {
+        let name: String = row.get(0);
+        tracing::info!(database = %name, "dropping the leftover of an interrupted restore");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                ident(&name)
+            ))
+            .await
+            .map_err(|e| anyhow::anyhow!("drop leftover {name}: {}", describe(&e)))?;
+    }
+    Ok(())
+}
+
+async fn pg_restore(
+    server: &Server,
+    database: &str,
+    dump: &std::path::Path,
+    jobs: u32,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut command = server.tool("pg_restore");
+    command
+        .arg(format!("--jobs={jobs}"))
+        .args(["--exit-on-error", "--no-password"])
+        .arg(format!("--dbname={}", conninfo(database)))
+        .arg(dump)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut command = tokio::process::Command::from(command);
+    let child = command
+        .kill_on_drop(true)
+        .spawn()
+        .context("start pg_restore")?;
+    let output = tokio::select! {
+        output = child.wait_with_output() => output.context("run pg_restore")?,
+        _ = cancel.cancelled() => bail!("cancelled"),
+    };
+    if !output.status.success() {
+        bail!(
+            "pg_restore failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Compares every table's rows with the counts taken at the cut.
+async fn check_counts(
+    server: &Server,
+    database: &str,
+    expected: &BTreeMap<String, u64>,
+) -> anyhow::Result<()> {
+    let client = server.connect(database).await?;
+    let mut wrong = Vec::new();
+    for (table, want) in expected {
+        let got = match client
+            .query_one(&format!("SELECT count(*) FROM ONLY {table}"), &[])
+            .await
+        {
+            Ok(row) => row.get::<_, i64>(0).to_string(),
+            Err(err) => describe(&err),
+        };
+        if got != want.to_string() {
+            wrong.push(format!("{table}: {got} rows, the backup counted {want}"));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "the restored data does not match the backup: {}",
+            wrong.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Puts `temp` in place of `target`: the old database is closed to new connections, its
+/// sessions checked (refused without `force`, terminated with it), renamed aside, the new one
+/// renamed in, the old one dropped.
+async fn swap(
+    server: &Server,
+    admin: &Client,
+    temp: &str,
+    target: &str,
+    force: bool,
+) -> anyhow::Result<bool> {
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&target])
+        .await?
+        .is_some();
+    if !exists {
+        rename(admin, temp, target).await?;
+        return Ok(false);
+    }
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS false",
+            ident(target)
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("close `{target}` to new connections: {}", describe(&e)))?;
+    let reopen = || async {
+        let _ = admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS true",
+                ident(target)
+            ))
+            .await;
+    };
+    let sessions = server.sessions(admin, target).await?;
+    if !sessions.is_empty() {
+        if !force {
+            reopen().await;
+            refuse_if_in_use(server, admin, target).await?;
+        }
+        admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&target],
+            )
+            .await
+            .context("terminate the sessions on the target")?;
+        tracing::warn!(database = %target, sessions = sessions.len(), "--force: terminated the sessions on the replaced database");
+    }
+    let previous = temp_name(target, PREVIOUS_MARK);
+    // Terminated backends take a moment to leave; renaming waits for that.
+    let mut attempts = 0;
+    loop {
+        match rename(admin, target, &previous).await {
+            Ok(()) => break,
+            Err(err) if attempts < 50 && err.to_string().contains("being accessed") => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(err) => {
+                reopen().await;
+                return Err(err);
+            }
+        }
+    }
+    if let Err(err) = rename(admin, temp, target).await {
+        let _ = rename(admin, &previous, target).await;
+        reopen().await;
+        return Err(err);
+    }
+    if let Err(err) = admin
+        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", ident(&previous)))
+        .await
+    {
+        tracing::warn!(database = %previous, error = %describe(&err), "the replaced database could not be dropped; drop it by hand");
+    }
+    Ok(true)
+}
+
+async fn rename(admin: &Client, from: &str, to: &str) -> anyhow::Result<()> {
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            ident(from),
+            ident(to)
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("rename database `{from}` to `{to}`: {}", describe(&e)))
+}
+
+/// Runs the backup's `pg_dumpall --globals-only` script. Objects that already exist (the
+/// restoring role itself, roles of an earlier restore) are expected errors; others are warned.
+fn apply_globals(
+    server: &Server,
+    script: &std::path::Path,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let output = server
+        .tool("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=0"])
+        .arg(format!("--dbname={}", conninfo(&server.maintenance_db)))
+        .arg("-f")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .context("run psql for the globals")?;
+    for line in String::from_utf8_lossy(&output.stderr).lines() {
+        if line.contains("ERROR") && !line.contains("already exists") {
+            warnings.push(format!("globals: {line}"));
+        }
+    }
+    if !output.status.success() {
+        bail!(
+            "applying the globals failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The scratch directory for one restore, removed when done.
+struct Spool(PathBuf);
+
+impl Spool {
+    fn create(root: &std::path::Path) -> anyhow::Result<Spool> {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("create postgres.scratch_dir {}", root.display()))?;
+        let dir = root.join(format!("pg-restore-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Spool(dir))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
