@@ -5,6 +5,8 @@
 #                                              peak RSS on a BIG_GIB stream (default 10)
 #   scripts/bench.sh ledger                    a 1 GiB node data directory: the ledger component
 #                                              vs tar czf and restic, full, +1 % blocks, restore
+#   scripts/bench.sh postgres [--scale N]      pgbench scale 50: the postgres component vs pg_dump -Fc
+#                                              (-Z0, default, | gzip) and pg_restore -j2 from a file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,9 +62,18 @@ bench_ledger() {
   python3 bench/ledger.py --bin "$BIN" --work "$data_dir" "$@"
 }
 
+bench_postgres() {
+  bash scripts/setup.sh
+  # The pgbench cluster is kept between runs (initializing scale 50 takes a while).
+  local data_dir="${AITBC_BENCH_DIR:-/tmp/aitbc-bench-postgres}"
+  mkdir -p "$data_dir"
+  python3 bench/postgres.py --bin "$BIN" --work "$data_dir" "$@"
+}
+
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
   repository) shift || true; bench_repository "$@" ;;
   ledger) shift || true; bench_ledger "$@" ;;
+  postgres) shift || true; bench_postgres "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac
