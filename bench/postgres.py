@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=int, default=50)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per compared case (the median counts)")
     args = ap.parse_args()
     work = args.work
     pgdata = os.path.join(work, "pgdata")
@@ -84,9 +85,12 @@ def run_bench(args, url, work):
 
     results = {}
 
-    def run(name, command, env=None):
-        m = measure(command, env)
+    def run(name, command, env=None, repeat=1):
+        """Median of `repeat` runs (this machine's timings vary by tens of percent)."""
+        runs = sorted((measure(command, env) for _ in range(repeat)), key=lambda m: m["wall_s"])
+        m = runs[len(runs) // 2]
         m["mb_s"] = round(mb / m["wall_s"], 1)
+        m["runs_wall_s"] = [r["wall_s"] for r in runs]
         results[name] = m
         emit(bench="postgres", case=name, database_mb=round(mb, 1), **m)
         return m
@@ -107,13 +111,13 @@ def run_bench(args, url, work):
                      AITBC_BACKUP_REPOSITORY__URL=repo, AITBC_BACKUP_LOG__LEVEL="warn")
 
     # Backups.
-    run("pg_dump_Fc_Z0", f"{dump} -Fc -Z0 -d {url}/bench > {scratch}/z0.dump")
+    run("pg_dump_Fc_Z0", f"{dump} -Fc -Z0 -d {url}/bench > {scratch}/z0.dump", repeat=args.repeat)
     results["pg_dump_Fc_Z0"]["stored_bytes"] = os.path.getsize(f"{scratch}/z0.dump")
     run("pg_dump_Fc", f"{dump} -Fc -d {url}/bench > {scratch}/fc.dump")
     results["pg_dump_Fc"]["stored_bytes"] = os.path.getsize(f"{scratch}/fc.dump")
     run("pg_dump_Fc_gzip", f"{dump} -Fc -d {url}/bench | gzip > {scratch}/fc.dump.gz")
     results["pg_dump_Fc_gzip"]["stored_bytes"] = os.path.getsize(f"{scratch}/fc.dump.gz")
-    run("aitbc", f"{agent} backup > {scratch}/full.json", agent_env)
+    run("aitbc", f"{agent} backup > {scratch}/full.json", agent_env, repeat=args.repeat)
     full = json.load(open(f"{scratch}/full.json"))
     results["aitbc"]["stored_bytes"] = du(f"{scratch}/repo")
     run("aitbc_again", f"{agent} backup > {scratch}/again.json", agent_env)
@@ -121,10 +125,13 @@ def run_bench(args, url, work):
     results["aitbc_again"]["new_stored_bytes"] = again["new_stored_bytes"]
 
     # Restores into new databases on the same server.
-    psql(f"{url}/postgres", "CREATE DATABASE r_pg_restore")
-    run("pg_restore_j2", f"{PG_BIN}/pg_restore -j {args.jobs} -d {url}/r_pg_restore {scratch}/z0.dump")
+    # (each pg_restore run starts from a fresh database; the agent replaces its target itself)
+    restore_into = (f"{PG_BIN}/psql -X -q -d {url}/postgres -c 'DROP DATABASE IF EXISTS r_pg_restore' "
+                    f"-c 'CREATE DATABASE r_pg_restore' && ")
+    run("pg_restore_j2", restore_into +
+        f"{PG_BIN}/pg_restore -j {args.jobs} -d {url}/r_pg_restore {scratch}/z0.dump", repeat=args.repeat)
     run("aitbc_restore", f"{agent} restore {full['manifest']} --database bench --as r_aitbc > {scratch}/restore.json",
-        agent_env)
+        agent_env, repeat=args.repeat)
     rows = psql(f"{url}/r_aitbc", "SELECT count(*) FROM pgbench_accounts")
 
     backup_ratio = results["aitbc"]["wall_s"] / results["pg_dump_Fc_Z0"]["wall_s"]

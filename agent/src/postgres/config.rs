@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aitbc_backup_config::{ConfigError, Secret};
+use aitbc_backup_config::{ConfigError, Secret, secret_or_file};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -125,20 +125,15 @@ impl PostgresSettings {
             .collect()
     }
 
-    /// The password: the environment's, else `password_file`'s first line.
+    /// The password: the environment's, else `password_file`'s first line, else `PGPASSWORD`.
     pub fn password(&self) -> anyhow::Result<Option<String>> {
-        if let Some(secret) = &self.password {
-            return Ok(Some(secret.expose().to_owned()));
-        }
-        match &self.password_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|err| {
-                    anyhow::anyhow!("read postgres.password_file {}: {err}", path.display())
-                })?;
-                Ok(Some(text.lines().next().unwrap_or_default().to_owned()))
-            }
-            None => Ok(std::env::var("PGPASSWORD").ok()),
-        }
+        let found = secret_or_file(
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+            "postgres.password_file",
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(found.or_else(|| std::env::var("PGPASSWORD").ok()))
     }
 }
 

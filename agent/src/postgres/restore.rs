@@ -95,11 +95,10 @@ pub async fn restore(
             refuse_if_in_use(&server, &admin, target).await?;
         }
     }
-    let spool = Spool::create(&settings.scratch_dir)?;
+    let scratch = Spool::create(&settings.scratch_dir)?;
     if options.globals {
-        let path = spool.0.join("globals.sql");
-        let part = aitbc_backup_repository::part(manifest, GLOBALS)?;
-        aitbc_backup_repository::restore_to_file(repo, &part, &path, progress.clone(), cancel)
+        let path = scratch.0.join("globals.sql");
+        spool(repo, manifest, GLOBALS, &path, progress.clone(), cancel)
             .await
             .context("fetch the globals")?;
         apply_globals(&server, &path, &mut warnings)?;
@@ -107,11 +106,17 @@ pub async fn restore(
     let mut restored = Vec::new();
     for (i, (db, target)) in selected.iter().enumerate() {
         let began = Instant::now();
-        let path = spool.0.join(format!("{i}.dump"));
-        let part = aitbc_backup_repository::part(manifest, &dump_path(&db.name))?;
-        aitbc_backup_repository::restore_to_file(repo, &part, &path, progress.clone(), cancel)
-            .await
-            .with_context(|| format!("fetch the dump of `{}`", db.name))?;
+        let path = scratch.0.join(format!("{i}.dump"));
+        spool(
+            repo,
+            manifest,
+            &dump_path(&db.name),
+            &path,
+            progress.clone(),
+            cancel,
+        )
+        .await
+        .with_context(|| format!("fetch the dump of `{}`", db.name))?;
         let replaced = restore_one(
             &server,
             &admin,
@@ -148,6 +153,25 @@ pub async fn restore(
         seconds: started.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// Writes one part of the stream to a scratch file. Not synced: the file is read back at once
+/// and thrown away (a crash restarts the restore), and syncing 500 MB cost seconds.
+async fn spool(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    part: &str,
+    path: &std::path::Path,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let part = aitbc_backup_repository::part(manifest, part)?;
+    let file = tokio::fs::File::create(path)
+        .await
+        .with_context(|| format!("create {}", path.display()))?;
+    let mut writer = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    aitbc_backup_repository::restore(repo, &part, &mut writer, progress, cancel).await?;
+    Ok(())
 }
 
 /// The databases to restore, each with its target name.

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 
 pub use env::{ENV_PREFIX, LegacyVar};
 pub use error::ConfigError;
-pub use secret::Secret;
+pub use secret::{Secret, secret_or_file};
 
 /// Where a key's value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,3 +38,21 @@ impl<'de> Deserialize<'de> for Secret {
         String::deserialize(deserializer).map(Secret)
     }
 }
+
+/// A secret given directly (from the environment), else the first line of `file` (a mounted
+/// Kubernetes secret), else none. `file_key` names the file's config key in errors.
+pub fn secret_or_file(
+    secret: Option<&Secret>,
+    file: Option<&std::path::Path>,
+    file_key: &str,
+) -> Result<Option<String>, String> {
+    if let Some(secret) = secret {
+        return Ok(Some(secret.expose().to_owned()));
+    }
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|text| Some(text.lines().next().unwrap_or_default().to_owned()))
+            .map_err(|err| format!("read {file_key} {}: {err}", path.display())),
+        None => Ok(None),
+    }
+}
