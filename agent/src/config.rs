@@ -22,7 +22,11 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Secrets the agent accepts (environment only).
-pub const SECRETS: &[&str] = &["repository.passphrase", "postgres.password"];
+pub const SECRETS: &[&str] = &[
+    "repository.passphrase",
+    "postgres.password",
+    "redis.password",
+];
 
 pub const SCHEMA: Schema = Schema {
     legacy: REPOSITORY_LEGACY_VARS,
@@ -46,6 +50,8 @@ pub struct AgentConfig {
     pub ledger: crate::ledger::LedgerSettings,
     /// The `postgres` component's settings.
     pub postgres: crate::postgres::PostgresSettings,
+    /// The `redis` component's settings.
+    pub redis: crate::redis::RedisSettings,
     pub log: LogSettings,
     /// How long SIGTERM waits for running work to stop.
     #[serde(with = "humantime_serde")]
@@ -93,6 +99,7 @@ impl Default for AgentConfig {
             repository: RepositorySettings::default(),
             ledger: crate::ledger::LedgerSettings::default(),
             postgres: crate::postgres::PostgresSettings::default(),
+            redis: crate::redis::RedisSettings::default(),
             log: LogSettings::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
@@ -189,8 +196,10 @@ impl AgentConfig {
         if self.component == Some(Component::Ledger) {
             self.ledger.validate()?;
         }
-        if self.component == Some(Component::Postgres) {
-            self.postgres.validate()?;
+        match self.component {
+            Some(Component::Postgres) => self.postgres.validate()?,
+            Some(Component::Redis) => self.redis.validate()?,
+            _ => {}
         }
         self.repository.validate()
     }

@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod oneshot;
 pub mod postgres;
+pub mod redis;
 pub mod session;
 
 use std::sync::Arc;

@@ -31,22 +31,23 @@ enum Command {
         /// Ledger: read every file again instead of reusing unchanged ones from the last backup.
         #[arg(long)]
         full_scan: bool,
-        /// PostgreSQL: lock postgres.fence_tables around the cut (an exact cut; writers wait
-        /// for at most postgres.fence_max_pause).
+        /// Hold writers for an exact cut: PostgreSQL locks postgres.fence_tables, Redis runs
+        /// CLIENT PAUSE WRITE; at most postgres/redis.fence_max_pause.
         #[arg(long)]
         fenced: bool,
     },
     /// Restore a backup (a component manifest id) of the configured component.
     Restore {
         manifest: String,
-        /// Ledger: the directory to restore into; default the configured data directory.
+        /// Ledger: the directory to restore into (default the configured data directory);
+        /// Redis: write dump.rdb into this directory of a stopped server instead.
         #[arg(long)]
         target: Option<PathBuf>,
-        /// Replace a non-empty directory (ledger), or a database other sessions use,
-        /// terminating them (PostgreSQL).
+        /// Replace a non-empty directory (ledger), a database other sessions use, terminating
+        /// them (PostgreSQL), or an existing dump.rdb (Redis, offline).
         #[arg(long)]
         force: bool,
-        /// PostgreSQL: restore into this server (libpq URL, no password) instead of postgres.url.
+        /// Restore into another server: PostgreSQL libpq URL (no password), Redis host:port.
         #[arg(long)]
         target_url: Option<String>,
         /// PostgreSQL: restore only this database of the backup.

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AgentConfig;
 use crate::ledger;
 use crate::postgres;
+use crate::redis;
 
 /// Backs up the configured component; returns the report as JSON.
 pub async fn backup(
@@ -27,6 +28,18 @@ pub async fn backup(
             let report = postgres::backup::backup(
                 &repo,
                 &config.postgres,
+                &config.backup_name(),
+                options.fenced,
+                Arc::new(Progress::default()),
+                cancel,
+            )
+            .await?;
+            Ok(serde_json::to_value(report)?)
+        }
+        Some(Component::Redis) => {
+            let report = redis::backup::backup(
+                &repo,
+                &config.redis,
                 &config.backup_name(),
                 options.fenced,
                 Arc::new(Progress::default()),
@@ -90,6 +103,23 @@ pub async fn restore(
             .await?;
             Ok(serde_json::to_value(report)?)
         }
+        Some(Component::Redis) => {
+            let options = redis::restore::RestoreOptions {
+                address: pg_options.server_url,
+                offline_dir: target,
+                force,
+            };
+            let report = redis::restore::restore(
+                &repo,
+                &manifest,
+                &config.redis,
+                &options,
+                Arc::new(Progress::default()),
+                cancel,
+            )
+            .await?;
+            Ok(serde_json::to_value(report)?)
+        }
         Some(Component::Ledger) => {
             let options = ledger::restore::RestoreOptions {
                 target: target.unwrap_or_else(|| config.ledger.data_dir.clone()),
@@ -123,18 +153,19 @@ async fn open(config: &AgentConfig, cancel: &CancellationToken) -> anyhow::Resul
 pub struct BackupOptions {
     /// Ledger: read every file again instead of reusing unchanged ones.
     pub full_scan: bool,
-    /// PostgreSQL: hold writers on the fence tables for the cut.
+    /// PostgreSQL (fence tables) and Redis (`CLIENT PAUSE WRITE`): hold writers for the cut.
     pub fenced: bool,
 }
 
 /// What a one-shot restore may be asked for.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
-    /// Ledger: the directory to restore into.
+    /// Ledger: the directory to restore into; Redis: write `dump.rdb` there (offline).
     pub target: Option<PathBuf>,
     /// Replace a non-empty directory (ledger) or a database in use (PostgreSQL).
     pub force: bool,
-    /// PostgreSQL: server, database selection and name, globals.
+    /// PostgreSQL: server, database selection and name, globals; Redis: `server_url` is the
+    /// `host:port` of another server.
     pub postgres: postgres::restore::RestoreOptions,
 }
 

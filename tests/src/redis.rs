@@ -10,6 +10,8 @@ use crate::process::{Service, Spec};
 
 pub struct Redis {
     pub port: u16,
+    /// `--requirepass`, used by [`Redis::cli`].
+    pub password: Option<String>,
     pub dir: PathBuf,
     service: Service,
     _dir: tempfile::TempDir,
@@ -54,8 +56,14 @@ impl Redis {
             log: dir.path().join("redis.log"),
             stop_signal: Signal::SIGTERM,
         });
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .and_then(|i| extra.get(i + 1))
+            .map(|p| (*p).to_owned());
         let redis = Redis {
             port,
+            password,
             dir: dir.path().to_owned(),
             service,
             _dir: dir,
@@ -77,6 +85,11 @@ impl Redis {
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|p| ["-a", p.as_str(), "--no-auth-warning"]),
+            )
             .args(args)
             .output()
             .ok()?;

@@ -51,9 +51,23 @@ pub enum ConsistencyPoint {
         databases: Vec<PgDatabase>,
     },
     Redis {
+        /// The master's replication id and offset at the fork.
         replid: String,
         offset: u64,
         version: String,
+        #[serde(default)]
+        rdb_version: u32,
+        #[serde(default)]
+        used_memory: u64,
+        /// Keys per database, counted in the stream itself.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        databases: Vec<RedisDb>,
+        /// Keys whose values restore compares (`DUMP`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        samples: Vec<RedisSample>,
+        /// False when the stream held a value type the agent could not walk (counts unknown).
+        #[serde(default)]
+        counted: bool,
     },
     Ledger {
         height: u64,
@@ -75,6 +89,28 @@ pub struct PgDatabase {
     pub ctype: String,
     /// Rows per table (`schema.table`, quoted where needed) at the cut; restore checks them.
     pub row_counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// One Redis database of an RDB stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisDb {
+    pub db: u32,
+    pub keys: u64,
+    /// Keys with a time to live.
+    pub expires: u64,
+}
+
+/// A key whose value a restore checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisSample {
+    pub db: u32,
+    /// The key name, hex (names are binary-safe).
+    pub key_hex: String,
+    /// BLAKE3 of the value as `DUMP` serializes it (type byte and value, without its footer).
+    pub value_blake3: String,
+    /// Absolute expiry, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_ms: Option<i64>,
 }
 
 /// What a backup wrote (informational; not needed to restore).

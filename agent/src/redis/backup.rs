@@ -1,0 +1,236 @@
+//! Backup of a running Redis over its own replication protocol: the agent connects as an
+//! RDB-only replica (`REPLCONF rdb-only 1`, `PSYNC ? -1`), the master forks (that instant is the
+//! cut: `+FULLRESYNC <replid> <offset>`) and streams the RDB, which goes straight into the
+//! repository while it is walked (counted, sampled, checked whole). No shared volume, no BGSAVE
+//! file, no restart.
+
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aitbc_backup_repository::manifest::ConsistencyPoint;
+use aitbc_backup_repository::{BackupRequest, ChunkSink, Progress, Repository, backup_with};
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use super::config::RedisSettings;
+use super::rdb;
+use super::resp::{Connection, Reply};
+use super::sync::{Framing, Payload, Tee, read_header};
+
+/// The stream kind recorded in Redis manifests.
+pub const STREAM: &str = "rdb";
+
+/// The server checked; nothing held yet.
+pub struct Prepared {
+    settings: RedisSettings,
+    control: Connection,
+    version: String,
+    used_memory: u64,
+}
+
+/// The fork happened; the RDB is waiting on `replica`.
+pub struct Cut {
+    replica: Connection,
+    framing: Framing,
+    pub replid: String,
+    pub offset: u64,
+    version: String,
+    used_memory: u64,
+    /// Writers paused (fenced mode) since this instant, on this connection.
+    fence: Option<(Connection, Instant)>,
+    pub at: Instant,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupReport {
+    pub manifest: String,
+    pub replid: String,
+    pub offset: u64,
+    pub version: String,
+    pub keys: u64,
+    pub databases: Vec<aitbc_backup_repository::manifest::RedisDb>,
+    pub stream_bytes: u64,
+    pub new_stored_bytes: u64,
+    pub write_pause_ms: Option<f64>,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+pub fn prepare(settings: &RedisSettings) -> anyhow::Result<Prepared> {
+    let mut control = Connection::open(settings)?;
+    let server = control.info("server")?;
+    let memory = control.info("memory")?;
+    Ok(Prepared {
+        settings: settings.clone(),
+        control,
+        version: server.get("redis_version").cloned().unwrap_or_default(),
+        used_memory: memory
+            .get("used_memory")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+impl Prepared {
+    /// Pauses writers (fenced), then asks for a full sync: the fork is the cut.
+    pub fn cut(mut self, fenced: bool) -> anyhow::Result<Cut> {
+        let fence = if fenced {
+            let millis = self.settings.fence_max_pause.as_millis().to_string();
+            self.control.ok(&["CLIENT", "PAUSE", &millis, "WRITE"])?;
+            Some(Instant::now())
+        } else {
+            None
+        };
+        let mut replica = Connection::open(&self.settings)?;
+        replica.ok(&["REPLCONF", "capa", "eof", "capa", "psync2"])?;
+        // Redis 7+: send only the RDB, not the command stream after it.
+        if let Reply::Error(err) = replica.call(&[b"REPLCONF", b"rdb-only", b"1"])? {
+            tracing::debug!(error = %err, "REPLCONF rdb-only not supported; the sync is closed after the RDB");
+        }
+        let reply = replica.ok(&["PSYNC", "?", "-1"])?.text();
+        let at = Instant::now();
+        let mut words = reply.split_whitespace();
+        let (Some("FULLRESYNC"), Some(replid), Some(offset)) =
+            (words.next(), words.next(), words.next())
+        else {
+            bail!(
+                "Redis at {} answered PSYNC with `{reply}`, not FULLRESYNC",
+                replica.address
+            );
+        };
+        let (replid, offset) = (
+            replid.to_owned(),
+            offset.parse().context("the FULLRESYNC offset")?,
+        );
+        let framing = read_header(replica.raw())?;
+        Ok(Cut {
+            replica,
+            framing,
+            replid,
+            offset,
+            version: self.version,
+            used_memory: self.used_memory,
+            fence: fence.map(|at| (self.control, at)),
+            at,
+        })
+    }
+}
+
+impl Cut {
+    /// Lets writers go (fenced mode); returns how long they were paused.
+    pub fn release(&mut self) -> anyhow::Result<Option<Duration>> {
+        match self.fence.take() {
+            Some((mut control, since)) => {
+                control.ok(&["CLIENT", "UNPAUSE"])?;
+                Ok(Some(since.elapsed()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Streams the RDB into the repository and commits the manifest.
+    pub async fn upload(
+        mut self,
+        repo: &Repository,
+        name: &str,
+        progress: Arc<Progress>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<BackupReport> {
+        let started = Instant::now();
+        self.release()?;
+        let request = BackupRequest {
+            name: name.to_owned(),
+            stream: STREAM.to_owned(),
+            consistency: None,
+            files: Vec::new(),
+        };
+        let (replid, offset, version, used_memory) = (
+            self.replid.clone(),
+            self.offset,
+            self.version.clone(),
+            self.used_memory,
+        );
+        let Cut {
+            mut replica,
+            framing,
+            ..
+        } = self;
+        let point = (replid.clone(), offset, version.clone(), used_memory);
+        let (manifest, summary) = backup_with(repo, request, progress, cancel, move |sink| {
+            produce(sink, replica.raw(), framing, point)
+        })
+        .await
+        .context("store the RDB stream")?;
+        let mut warnings = Vec::new();
+        if let Some(note) = &summary.incomplete {
+            warnings.push(note.clone());
+        }
+        let databases: Vec<_> = summary.databases.into_values().collect();
+        Ok(BackupReport {
+            manifest: manifest.id.clone(),
+            replid,
+            offset,
+            version,
+            keys: databases.iter().map(|d| d.keys).sum(),
+            databases,
+            stream_bytes: manifest.raw_size,
+            new_stored_bytes: manifest.stats.new_stored_bytes,
+            write_pause_ms: None,
+            seconds: started.elapsed().as_secs_f64(),
+            warnings,
+        })
+    }
+}
+
+/// Copies the payload into the pipeline while walking it; records the consistency point.
+fn produce(
+    sink: &mut ChunkSink,
+    socket: &mut BufReader<std::net::TcpStream>,
+    framing: Framing,
+    (replid, offset, version, used_memory): (String, u64, String, u64),
+) -> std::io::Result<rdb::Summary> {
+    let payload = Payload::new(socket, framing);
+    let tee = Tee {
+        input: payload,
+        out: &mut *sink,
+    };
+    let mut buffered = BufReader::with_capacity(1 << 20, tee);
+    let summary = rdb::walk(&mut buffered, None).map_err(std::io::Error::other)?;
+    let rest = rdb::drain(&mut buffered)?;
+    if rest > 0 && summary.incomplete.is_none() {
+        return Err(std::io::Error::other(format!(
+            "{rest} bytes follow the RDB's end marker"
+        )));
+    }
+    sink.set_consistency(ConsistencyPoint::Redis {
+        replid,
+        offset,
+        version,
+        rdb_version: summary.version,
+        used_memory,
+        databases: summary.databases.values().cloned().collect(),
+        samples: summary.samples.clone(),
+        counted: summary.incomplete.is_none(),
+    });
+    Ok(summary)
+}
+
+/// Prepare, cut (releasing any fence at once) and upload: the standalone `backup` command.
+pub async fn backup(
+    repo: &Repository,
+    settings: &RedisSettings,
+    name: &str,
+    fenced: bool,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<BackupReport> {
+    let started = Instant::now();
+    let settings = settings.clone();
+    let mut cut = tokio::task::spawn_blocking(move || prepare(&settings)?.cut(fenced)).await??;
+    let pause = cut.release()?;
+    let mut report = Box::pin(cut.upload(repo, name, progress, cancel)).await?;
+    report.write_pause_ms = pause.map(|p| p.as_secs_f64() * 1e3);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}

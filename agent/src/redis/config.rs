@@ -1,0 +1,107 @@
+//! The `[redis]` config section.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aitbc_backup_config::{ConfigError, Secret, secret_or_file};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:6379";
+pub const DEFAULT_RESTORE_LISTEN: &str = "127.0.0.1:0";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_FENCE_MAX_PAUSE: Duration = Duration::from_secs(5);
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `host:port` of the Redis server.
+    pub address: String,
+    /// ACL user (Redis 6+); empty means `default` (or `requirepass` alone).
+    pub username: String,
+    /// A secret, environment only: `AITBC_BACKUP_REDIS__PASSWORD`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// A file holding the password (a mounted secret).
+    pub password_file: Option<PathBuf>,
+    /// Where a restore serves the RDB to the server (which connects here as a replica).
+    pub restore_listen: SocketAddr,
+    /// The address Redis reaches `restore_listen` on; empty means its IP and bound port.
+    pub restore_advertise: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The longest any read or write may stall (the RDB transfer included).
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    /// How long a restore waits for the server to load the data.
+    #[serde(with = "humantime_serde")]
+    pub load_timeout: Duration,
+    /// The longest a fence (`CLIENT PAUSE ... WRITE`) holds writers; Redis itself ends the
+    /// pause then, whoever is gone.
+    #[serde(with = "humantime_serde")]
+    pub fence_max_pause: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            address: DEFAULT_ADDRESS.to_owned(),
+            username: String::new(),
+            password: None,
+            password_file: None,
+            restore_listen: DEFAULT_RESTORE_LISTEN
+                .parse()
+                .unwrap_or_else(|err| panic!("default address: {err}")),
+            restore_advertise: String::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
+            fence_max_pause: DEFAULT_FENCE_MAX_PAUSE,
+        }
+    }
+}
+
+impl RedisSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.address.contains('@') || self.address.contains("://") {
+            return Err(ConfigError::invalid(
+                "redis.address",
+                "is host:port only; credentials go in redis.username and AITBC_BACKUP_REDIS__PASSWORD",
+            ));
+        }
+        if self
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(ConfigError::invalid(
+                "redis.address",
+                format!("`{}` is not host:port", self.address),
+            ));
+        }
+        for (key, value) in [
+            ("redis.connect_timeout", self.connect_timeout),
+            ("redis.io_timeout", self.io_timeout),
+            ("redis.load_timeout", self.load_timeout),
+            ("redis.fence_max_pause", self.fence_max_pause),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(key, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The password: the environment's, else `password_file`'s first line.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        secret_or_file(
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+            "redis.password_file",
+        )
+        .map_err(anyhow::Error::msg)
+    }
+}

@@ -1,0 +1,176 @@
+//! The replication stream's framing, both directions: reading the RDB a master sends after
+//! `+FULLRESYNC` (length-prefixed, or diskless with an EOF mark; newline keepalives before
+//! either), and a reader that copies what it reads to a writer (the pipeline or a replica).
+
+use std::io::{BufRead, Read, Write};
+
+use anyhow::{Context, bail};
+
+/// How the master frames the RDB payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framing {
+    Length(u64),
+    /// Diskless: the payload ends with these 40 bytes.
+    EofMark(Vec<u8>),
+}
+
+/// Reads the payload header, skipping keepalive newlines.
+pub fn read_header(input: &mut impl BufRead) -> anyhow::Result<Framing> {
+    loop {
+        let mut line = Vec::new();
+        if input
+            .read_until(b'\n', &mut line)
+            .context("wait for the RDB payload")?
+            == 0
+        {
+            bail!("the master closed the connection before sending the RDB");
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        if text.is_empty() {
+            continue; // keepalive while the master forks
+        }
+        if let Some(mark) = text.strip_prefix("$EOF:") {
+            if mark.len() != 40 {
+                bail!("malformed diskless RDB header `{text}`");
+            }
+            return Ok(Framing::EofMark(mark.as_bytes().to_vec()));
+        }
+        if let Some(len) = text.strip_prefix('$') {
+            return Ok(Framing::Length(
+                len.parse()
+                    .with_context(|| format!("malformed RDB header `{text}`"))?,
+            ));
+        }
+        if let Some(err) = text.strip_prefix('-') {
+            bail!("the master refused the sync: {err}");
+        }
+        bail!("unexpected line before the RDB payload: `{text}`");
+    }
+}
+
+/// The payload: exactly its length, or everything up to the EOF mark (held back 40 bytes at a
+/// time, so the mark itself is never passed on). An early end is an error.
+pub struct Payload<R> {
+    input: R,
+    framing: Framing,
+    remaining: u64,
+    pending: Vec<u8>,
+    done: bool,
+}
+
+impl<R: Read> Payload<R> {
+    pub fn new(input: R, framing: Framing) -> Self {
+        let remaining = match &framing {
+            Framing::Length(n) => *n,
+            Framing::EofMark(_) => 0,
+        };
+        Payload {
+            input,
+            framing,
+            remaining,
+            pending: Vec::new(),
+            done: false,
+        }
+    }
+}
+
+fn truncated() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the replication connection closed in the middle of the RDB",
+    )
+}
+
+impl<R: Read> Read for Payload<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &self.framing {
+            Framing::Length(_) => {
+                if self.remaining == 0 || buf.is_empty() {
+                    return Ok(0);
+                }
+                let want = buf
+                    .len()
+                    .min(self.remaining.min(usize::MAX as u64) as usize);
+                let n = self.input.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(truncated());
+                }
+                self.remaining -= n as u64;
+                Ok(n)
+            }
+            Framing::EofMark(mark) => loop {
+                let keep = if self.done { 0 } else { mark.len() };
+                if self.pending.len() > keep {
+                    let n = buf.len().min(self.pending.len() - keep);
+                    buf[..n].copy_from_slice(&self.pending[..n]);
+                    self.pending.drain(..n);
+                    return Ok(n);
+                }
+                if self.done {
+                    return Ok(0);
+                }
+                let mut chunk = vec![0u8; 256 * 1024];
+                let n = self.input.read(&mut chunk)?;
+                if n == 0 {
+                    return Err(truncated());
+                }
+                self.pending.extend_from_slice(&chunk[..n]);
+                if self.pending.ends_with(mark) {
+                    let len = self.pending.len() - mark.len();
+                    self.pending.truncate(len);
+                    self.done = true;
+                }
+            },
+        }
+    }
+}
+
+/// Copies everything read through it to `out`.
+pub struct Tee<R, W> {
+    pub input: R,
+    pub out: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.input.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_framings_yield_exactly_the_payload() {
+        let mut input: &[u8] = b"\n\n$5\r\nhelloEXTRA";
+        let framing = read_header(&mut input).expect("header");
+        assert_eq!(framing, Framing::Length(5));
+        let mut out = Vec::new();
+        Payload::new(&mut input, framing)
+            .read_to_end(&mut out)
+            .expect("payload");
+        assert_eq!(out, b"hello");
+
+        let mark = "a".repeat(40);
+        let body = format!("\n$EOF:{mark}\r\n{}{mark}", "x".repeat(100_000));
+        let mut input = body.as_bytes();
+        let framing = read_header(&mut input).expect("header");
+        let mut out = Vec::new();
+        Payload::new(&mut input, framing)
+            .read_to_end(&mut out)
+            .expect("payload");
+        assert_eq!(out.len(), 100_000);
+        assert!(out.iter().all(|b| *b == b'x'));
+
+        let mut cut_short: &[u8] = b"$10\r\nhello";
+        let framing = read_header(&mut cut_short).expect("header");
+        let err = Payload::new(&mut cut_short, framing)
+            .read_to_end(&mut Vec::new())
+            .expect_err("truncated");
+        assert!(err.to_string().contains("closed in the middle"), "{err}");
+    }
+}
