@@ -429,14 +429,18 @@ mod tests {
         rdb.extend(string(b"hello"));
         rdb.extend([0xFC]);
         rdb.extend(1_900_000_000_000i64.to_le_bytes());
-        rdb.extend([2]); // set
-        rdb.extend(string(b"s"));
+        rdb.extend([1]); // list
+        rdb.extend(string(b"l"));
         rdb.extend(len(2));
         rdb.extend(string(b"x"));
         rdb.extend([0xC0, 7]); // int8-encoded member
         rdb.extend([0xFE, 3, 0]); // db 3
         rdb.extend(string(b"b"));
         rdb.extend([0xC1, 0x39, 0x30]); // int16 12345
+        rdb.extend([2]); // a set: its order is per process, so it is not sampled
+        rdb.extend(string(b"s"));
+        rdb.extend(len(1));
+        rdb.extend(string(b"x"));
         rdb.extend([0xFF]);
         rdb.extend([0u8; 8]);
         let summary = walk(&mut rdb.as_slice(), Some(2_000_000_000_000)).expect("walk");
@@ -453,7 +457,7 @@ mod tests {
             summary.databases[&3],
             DbCount {
                 db: 3,
-                keys: 1,
+                keys: 2,
                 expires: 0
             }
         );
