@@ -7,6 +7,8 @@
 #                                              vs tar czf and restic, full, +1 % blocks, restore
 #   scripts/bench.sh postgres [--scale N]      pgbench scale 50: the postgres component vs pg_dump -Fc
 #                                              (-Z0, default, | gzip) and pg_restore -j2 from a file
+#   scripts/bench.sh redis [--keys N]          ~1 GB in Redis: the redis component vs redis-cli --rdb
+#                                              (and | gzip); restore live vs restart with dump.rdb
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,10 +72,16 @@ bench_postgres() {
   python3 bench/postgres.py --bin "$BIN" --work "$data_dir" "$@"
 }
 
+bench_redis() {
+  bash scripts/setup.sh
+  python3 bench/redis.py --bin "$BIN" --work "${AITBC_BENCH_DIR:-/tmp/aitbc-bench-redis}" "$@"
+}
+
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
   repository) shift || true; bench_repository "$@" ;;
   ledger) shift || true; bench_ledger "$@" ;;
   postgres) shift || true; bench_postgres "$@" ;;
+  redis) shift || true; bench_redis "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac
