@@ -37,3 +37,15 @@ def free_port():
 
 def emit(**fields):
     print(json.dumps(fields), flush=True)
+
+
+def run_case(results, bench, name, command, data_mb, env=None, repeat=1, **labels):
+    """Runs a case `repeat` times and keeps the median run (this machine's timings vary by tens of
+    percent), with MB/s over data_mb; records it in results and prints it."""
+    runs = sorted((measure(command, env) for _ in range(repeat)), key=lambda m: m["wall_s"])
+    m = runs[len(runs) // 2]
+    m["mb_s"] = round(data_mb / m["wall_s"], 1)
+    m["runs_wall_s"] = [r["wall_s"] for r in runs]
+    results[name] = m
+    emit(bench=bench, case=name, **labels, **m)
+    return m

@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import du, emit, free_port, measure  # noqa: E402
+from common import du, emit, free_port, run_case  # noqa: E402
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 DATA_VERSION = "postgres-data.v1"
@@ -86,14 +86,7 @@ def run_bench(args, url, work):
     results = {}
 
     def run(name, command, env=None, repeat=1):
-        """Median of `repeat` runs (this machine's timings vary by tens of percent)."""
-        runs = sorted((measure(command, env) for _ in range(repeat)), key=lambda m: m["wall_s"])
-        m = runs[len(runs) // 2]
-        m["mb_s"] = round(mb / m["wall_s"], 1)
-        m["runs_wall_s"] = [r["wall_s"] for r in runs]
-        results[name] = m
-        emit(bench="postgres", case=name, database_mb=round(mb, 1), **m)
-        return m
+        return run_case(results, "postgres", name, command, mb, env, repeat, database_mb=round(mb, 1))
 
     dump = f"{PG_BIN}/pg_dump"
     # Warm the page cache.

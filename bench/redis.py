@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import du, emit, free_port, measure  # noqa: E402
+from common import du, emit, free_port, run_case  # noqa: E402
 
 
 def start_redis(directory, port, extra=()):
@@ -75,14 +75,8 @@ def main():
         mb = used / 1e6
         results = {}
 
-        def run(name, command, env=None, repeat=1, data_mb=mb):
-            runs = sorted((measure(command, env) for _ in range(repeat)), key=lambda m: m["wall_s"])
-            m = runs[len(runs) // 2]
-            m["mb_s"] = round(data_mb / m["wall_s"], 1)
-            m["runs_wall_s"] = [r["wall_s"] for r in runs]
-            results[name] = m
-            emit(bench="redis", case=name, used_memory_mb=round(mb, 1), **m)
-            return m
+        def run(name, command, env=None, repeat=1):
+            return run_case(results, "redis", name, command, mb, env, repeat, used_memory_mb=round(mb, 1))
 
         repo = f"file://{work}/repo"
         agent = os.path.join(args.bin, "aitbc-backup-agent")

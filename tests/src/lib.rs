@@ -86,3 +86,22 @@ pub fn temp_dir(label: &str) -> tempfile::TempDir {
         .tempdir()
         .expect("create temp dir")
 }
+
+/// Checks what a fence did to a writer: no progress while held (`before` → `during`, one write
+/// in flight allowed), progress after it ended (`after`), and its longest write waited about
+/// the pause (at least two thirds of it, at most 700 ms more).
+pub fn assert_fence_held(
+    (before, during, after): (u64, u64, u64),
+    longest: Duration,
+    pause: Duration,
+) {
+    assert!(
+        during <= before + 1,
+        "writers were not held: {before} -> {during}"
+    );
+    assert!(after > during, "writers did not resume after the pause");
+    assert!(
+        longest >= pause * 2 / 3 && longest <= pause + Duration::from_millis(700),
+        "the longest write took {longest:?} for a {pause:?} fence"
+    );
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use aitbc_backup_agent::postgres::{PostgresSettings, cut};
 use aitbc_backup_tests::agent::{OneShot, init_local_repository};
 use aitbc_backup_tests::postgres::{Postgres, bin};
-use aitbc_backup_tests::{free_port, temp_dir, wait_until};
+use aitbc_backup_tests::{assert_fence_held, free_port, temp_dir, wait_until};
 
 /// The agent for `pg` storing into a fresh repository under `dir`.
 fn agent(pg: &Postgres, dir: &Path) -> OneShot {
@@ -302,15 +302,7 @@ async fn a_fence_holds_writers_no_longer_than_its_pause_even_if_never_released()
     let (_, longest) = writer.join().expect("writer");
     let held = cut.fence.take().expect("a fence").release().await;
 
-    assert!(
-        during <= before + 1,
-        "writers were not held: {before} -> {during}"
-    );
-    assert!(after > during, "writers did not resume after the pause");
-    assert!(
-        longest >= Duration::from_millis(1000) && longest <= pause + Duration::from_millis(700),
-        "the longest insert took {longest:?} for a {pause:?} fence"
-    );
+    assert_fence_held((before, during, after), longest, pause);
     assert!(
         held >= pause && held < pause + Duration::from_millis(700),
         "held {held:?}"
