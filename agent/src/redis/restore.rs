@@ -88,57 +88,54 @@ pub async fn restore(
         settings.address = address.clone();
     }
     let mut warnings = Vec::new();
-    let (stream, served) = tokio::task::spawn_blocking({
+    let (advertised, master) = tokio::task::spawn_blocking({
         let settings = settings.clone();
         let size = manifest.raw_size;
         move || Master::start(&settings, size)
     })
     .await??;
-    // The RDB flows repository -> pipe -> serving thread -> replica socket.
-    let (pipe_reader, pipe_writer) = std::io::pipe().context("create a pipe")?;
-    let mut sender =
-        tokio::net::unix::pipe::Sender::from_owned_fd(pipe_writer.into()).context("pipe sender")?;
-    let serving = tokio::task::spawn_blocking(move || served.serve(pipe_reader));
-    let feeding = async {
-        let result =
-            aitbc_backup_repository::restore(repo, manifest, &mut sender, progress, cancel).await;
-        drop(sender);
-        result
-    };
-    let controlling = {
+    // The listener is bound, so the server's connection waits in its backlog until served.
+    let mut control = tokio::task::spawn_blocking({
         let settings = settings.clone();
-        tokio::task::spawn_blocking(move || Control::attach(&settings, stream))
-    };
-    let (fed, served, control) = tokio::join!(feeding, serving, controlling);
-    let mut control = control??;
-    let outcome = (|| -> anyhow::Result<(rdb::Summary, TcpStream)> {
-        fed.context("read the backup")?;
-        let (summary, socket) = served??;
-        Ok((summary, socket))
-    })();
-    let loaded = match outcome {
-        Ok((summary, socket)) => {
-            let settings = settings.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let loaded = control.wait_loaded(settings.load_timeout);
-                let released = control.release();
-                drop(socket);
-                (loaded.and(released.map(|w| (w, control))), summary)
-            })
-            .await?;
-            (result.0, Some(result.1))
+        move || Control::attach(&settings, advertised)
+    })
+    .await??;
+    let transfer = transfer(repo, manifest, master, progress, cancel).await;
+    let transferred = transfer.is_ok();
+    let load_timeout = settings.load_timeout;
+    let (result, released, mut control) = tokio::task::spawn_blocking(move || {
+        // The socket stays open until the server is released, or it would retry the link.
+        let result = transfer.and_then(|(summary, socket)| {
+            control.wait_loaded(load_timeout)?;
+            Ok((summary, socket))
+        });
+        let released = control.release();
+        (result, released, control)
+    })
+    .await?;
+    let summary = match (result, released) {
+        (Ok((summary, _socket)), Ok(release_warnings)) => {
+            warnings.extend(release_warnings);
+            summary
         }
-        Err(err) => {
-            let released = tokio::task::spawn_blocking(move || control.release()).await?;
-            if let Err(release_err) = released {
-                bail!("{err:#}; and releasing the server failed too: {release_err:#}");
-            }
-            return Err(err.context(format!("restore into Redis at {}; the server was released (REPLICAOF NO ONE) and keeps its previous data", settings.address)));
+        (Err(err), Ok(_)) => {
+            let kept = if transferred {
+                ""
+            } else {
+                " and keeps its previous data (it loads a sync only once it has all of it)"
+            };
+            return Err(err.context(format!(
+                "restore into Redis at {}; the server was released (REPLICAOF NO ONE){kept}",
+                settings.address
+            )));
         }
+        (Err(err), Err(release_err)) => {
+            bail!(
+                "{err:#}; and releasing the server (REPLICAOF NO ONE) failed too: {release_err:#}"
+            )
+        }
+        (Ok(_), Err(release_err)) => return Err(release_err.context("release the server")),
     };
-    let (release_warnings, mut control) = loaded.0?;
-    warnings.extend(release_warnings);
-    let summary = loaded.1.unwrap_or_default();
     let checked = tokio::task::spawn_blocking({
         let databases = databases.clone();
         let samples = samples.clone();
@@ -160,6 +157,30 @@ pub async fn restore(
         seconds: started.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// Streams the backup from the repository through the agent's master side to the server.
+async fn transfer(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    master: Master,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(rdb::Summary, TcpStream)> {
+    // repository -> pipe -> serving thread -> replica socket
+    let (pipe_reader, pipe_writer) = std::io::pipe().context("create a pipe")?;
+    let mut sender =
+        tokio::net::unix::pipe::Sender::from_owned_fd(pipe_writer.into()).context("pipe sender")?;
+    let serving = tokio::task::spawn_blocking(move || master.serve(pipe_reader));
+    let feeding = async {
+        let result =
+            aitbc_backup_repository::restore(repo, manifest, &mut sender, progress, cancel).await;
+        drop(sender);
+        result
+    };
+    let (fed, served) = tokio::join!(feeding, serving);
+    fed.context("read the backup")?;
+    served?
 }
 
 /// The agent's side of the replication link.
