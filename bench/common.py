@@ -39,13 +39,39 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 
+def run_interleaved(results, bench, cases, data_mb, repeat=1, before=None, **labels):
+    """Runs the compared cases [(name, command, env)] in turn, `repeat` rounds (so a slow spell
+    of this noisy machine hits every case alike), calling `before()` ahead of each run; keeps each
+    case's median run with MB/s over data_mb; records them in results and prints them."""
+    runs = {name: [] for name, _, _ in cases}
+    for _ in range(repeat):
+        for name, command, env in cases:
+            if before:
+                before()
+            runs[name].append(measure(command, env))
+    for name, _, _ in cases:
+        ordered = sorted(runs[name], key=lambda m: m["wall_s"])
+        m = dict(ordered[len(ordered) // 2])
+        m["mb_s"] = round(data_mb / m["wall_s"], 1)
+        m["runs_wall_s"] = [r["wall_s"] for r in runs[name]]
+        results[name] = m
+        emit(bench=bench, case=name, **labels, **m)
+
+
 def run_case(results, bench, name, command, data_mb, env=None, repeat=1, **labels):
-    """Runs a case `repeat` times and keeps the median run (this machine's timings vary by tens of
-    percent), with MB/s over data_mb; records it in results and prints it."""
-    runs = sorted((measure(command, env) for _ in range(repeat)), key=lambda m: m["wall_s"])
-    m = runs[len(runs) // 2]
-    m["mb_s"] = round(data_mb / m["wall_s"], 1)
-    m["runs_wall_s"] = [r["wall_s"] for r in runs]
-    results[name] = m
-    emit(bench=bench, case=name, **labels, **m)
-    return m
+    """One case alone (see run_interleaved)."""
+    run_interleaved(results, bench, [(name, command, env)], data_mb, repeat, **labels)
+    return results[name]
+
+
+def fresh_backup_command(cli, agent, scratch, report):
+    """A shell command running one first backup into a new, empty repository under scratch (so
+    repeated runs each compress and store everything, none deduplicates against the last); the
+    repository's path is left in scratch/last-repo."""
+    return (f"R=$(mktemp -d -p {scratch} repo-XXXXXX) && {cli} repo --repository file://$R init >/dev/null"
+            f" && AITBC_BACKUP_REPOSITORY__URL=file://$R {agent} backup > {report}"
+            f" && echo $R > {scratch}/last-repo")
+
+
+def last_repo(scratch):
+    return open(os.path.join(scratch, "last-repo")).read().strip()

@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import du, emit, free_port, run_case  # noqa: E402
+from common import du, emit, free_port, fresh_backup_command, last_repo, run_case, run_interleaved  # noqa: E402
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 DATA_VERSION = "postgres-data.v1"
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=int, default=50)
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=2, help="pg_restore --jobs of the baseline")
     ap.add_argument("--repeat", type=int, default=3, help="runs per compared case (the median counts)")
     args = ap.parse_args()
     work = args.work
@@ -92,39 +92,42 @@ def run_bench(args, url, work):
     # Warm the page cache.
     subprocess.run(f"{dump} -Fc -Z0 -d {url}/bench > /dev/null", shell=True, check=True)
 
-    repo = f"file://{scratch}/repo"
     cli = os.path.join(args.bin, "aitbc-backup")
     agent = os.path.join(args.bin, "aitbc-backup-agent")
-    subprocess.run([cli, "repo", "--repository", repo, "init"], check=True, stdout=subprocess.DEVNULL)
     agent_env = dict(os.environ, AITBC_BACKUP_COMPONENT="postgres",
                      AITBC_BACKUP_POSTGRES__URL=f"{url}/postgres",
                      AITBC_BACKUP_POSTGRES__DATABASES='["bench"]',
-                     AITBC_BACKUP_POSTGRES__JOBS=str(args.jobs),
                      AITBC_BACKUP_POSTGRES__SCRATCH_DIR=f"{scratch}/agent-scratch",
-                     AITBC_BACKUP_REPOSITORY__URL=repo, AITBC_BACKUP_LOG__LEVEL="warn")
+                     AITBC_BACKUP_LOG__LEVEL="warn")
 
-    # Backups.
-    run("pg_dump_Fc_Z0", f"{dump} -Fc -Z0 -d {url}/bench > {scratch}/z0.dump", repeat=args.repeat)
+    # Backups: the bare dump and ours in turn.
+    labels = dict(database_mb=round(mb, 1))
+    run_interleaved(results, "postgres", [
+        ("pg_dump_Fc_Z0", f"{dump} -Fc -Z0 -d {url}/bench > {scratch}/z0.dump", None),
+        ("aitbc", fresh_backup_command(cli, agent, scratch, f"{scratch}/full.json"), agent_env),
+    ], mb, args.repeat, **labels)
     results["pg_dump_Fc_Z0"]["stored_bytes"] = os.path.getsize(f"{scratch}/z0.dump")
     run("pg_dump_Fc", f"{dump} -Fc -d {url}/bench > {scratch}/fc.dump")
     results["pg_dump_Fc"]["stored_bytes"] = os.path.getsize(f"{scratch}/fc.dump")
     run("pg_dump_Fc_gzip", f"{dump} -Fc -d {url}/bench | gzip > {scratch}/fc.dump.gz")
     results["pg_dump_Fc_gzip"]["stored_bytes"] = os.path.getsize(f"{scratch}/fc.dump.gz")
-    run("aitbc", f"{agent} backup > {scratch}/full.json", agent_env, repeat=args.repeat)
     full = json.load(open(f"{scratch}/full.json"))
-    results["aitbc"]["stored_bytes"] = du(f"{scratch}/repo")
+    results["aitbc"]["stored_bytes"] = du(last_repo(scratch))
+    agent_env["AITBC_BACKUP_REPOSITORY__URL"] = f"file://{last_repo(scratch)}"
     run("aitbc_again", f"{agent} backup > {scratch}/again.json", agent_env)
     again = json.load(open(f"{scratch}/again.json"))
     results["aitbc_again"]["new_stored_bytes"] = again["new_stored_bytes"]
 
-    # Restores into new databases on the same server.
-    # (each pg_restore run starts from a fresh database; the agent replaces its target itself)
+    # Restores, in turn, each after a checkpoint (so neither inherits the other's dirty pages);
+    # pg_restore into a fresh database each time, the agent replacing its target (as it would).
     restore_into = (f"{PG_BIN}/psql -X -q -d {url}/postgres -c 'DROP DATABASE IF EXISTS r_pg_restore' "
                     f"-c 'CREATE DATABASE r_pg_restore' && ")
-    run("pg_restore_j2", restore_into +
-        f"{PG_BIN}/pg_restore -j {args.jobs} -d {url}/r_pg_restore {scratch}/z0.dump", repeat=args.repeat)
-    run("aitbc_restore", f"{agent} restore {full['manifest']} --database bench --as r_aitbc > {scratch}/restore.json",
-        agent_env, repeat=args.repeat)
+    run_interleaved(results, "postgres", [
+        ("pg_restore_j2", restore_into +
+         f"{PG_BIN}/pg_restore -j {args.jobs} -d {url}/r_pg_restore {scratch}/z0.dump", None),
+        ("aitbc_restore", f"{agent} restore {full['manifest']} --database bench --as r_aitbc "
+         f"> {scratch}/restore.json", agent_env),
+    ], mb, args.repeat, before=lambda: psql(f"{url}/postgres", "CHECKPOINT"), **labels)
     rows = psql(f"{url}/r_aitbc", "SELECT count(*) FROM pgbench_accounts")
 
     backup_ratio = results["aitbc"]["wall_s"] / results["pg_dump_Fc_Z0"]["wall_s"]

@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import du, emit, free_port, run_case  # noqa: E402
+from common import du, emit, free_port, fresh_backup_command, last_repo, run_case, run_interleaved  # noqa: E402
 
 
 def start_redis(directory, port, extra=()):
@@ -78,39 +78,41 @@ def main():
         def run(name, command, env=None, repeat=1):
             return run_case(results, "redis", name, command, mb, env, repeat, used_memory_mb=round(mb, 1))
 
-        repo = f"file://{work}/repo"
         agent = os.path.join(args.bin, "aitbc-backup-agent")
-        subprocess.run([os.path.join(args.bin, "aitbc-backup"), "repo", "--repository", repo, "init"],
-                       check=True, stdout=subprocess.DEVNULL)
         env = dict(os.environ, AITBC_BACKUP_COMPONENT="redis", AITBC_BACKUP_REDIS__ADDRESS=f"127.0.0.1:{port}",
-                   AITBC_BACKUP_REPOSITORY__URL=repo, AITBC_BACKUP_LOG__LEVEL="warn")
+                   AITBC_BACKUP_LOG__LEVEL="warn")
 
-        run("redis_cli_rdb", f"redis-cli -p {port} --rdb {work}/dump.rdb > /dev/null", repeat=args.repeat)
+        cli_bin = os.path.join(args.bin, "aitbc-backup")
+        labels = dict(used_memory_mb=round(mb, 1))
+        run_interleaved(results, "redis", [
+            ("redis_cli_rdb", f"redis-cli -p {port} --rdb {work}/dump.rdb > /dev/null", None),
+            ("aitbc", fresh_backup_command(cli_bin, agent, work, f"{work}/full.json"), env),
+        ], mb, args.repeat, **labels)
         rdb_size = os.path.getsize(f"{work}/dump.rdb")
         results["redis_cli_rdb"]["stored_bytes"] = rdb_size
         run("redis_cli_rdb_gzip", f"redis-cli -p {port} --rdb - 2>/dev/null | gzip > {work}/dump.rdb.gz")
         results["redis_cli_rdb_gzip"]["stored_bytes"] = os.path.getsize(f"{work}/dump.rdb.gz")
-        run("aitbc", f"{agent} backup > {work}/full.json", env, repeat=args.repeat)
         full = json.load(open(f"{work}/full.json"))
-        results["aitbc"]["stored_bytes"] = du(f"{work}/repo")
+        results["aitbc"]["stored_bytes"] = du(last_repo(work))
+        env["AITBC_BACKUP_REPOSITORY__URL"] = f"file://{last_repo(work)}"
 
         # Restart with dump.rdb: a server starting on the file until it has loaded it.
         restart_dir = f"{work}/restart"
         os.makedirs(restart_dir)
         shutil.copy(f"{work}/dump.rdb", f"{restart_dir}/dump.rdb")
         restart_port = free_port()
-        run("restart_with_dump_rdb",
-            f"redis-server --port {restart_port} --bind 127.0.0.1 --dir {restart_dir} --save '' "
-            f"--appendonly no --daemonize yes --pidfile {restart_dir}/pid >/dev/null && "
-            f"until [ \"$(redis-cli -p {restart_port} PING 2>/dev/null)\" = PONG ] && "
-            f"redis-cli -p {restart_port} INFO persistence | grep -q loading:0; do sleep 0.02; done")
-        subprocess.run(["redis-cli", "-p", str(restart_port), "SHUTDOWN", "NOSAVE"], capture_output=True)
-
         target_port = free_port()
         servers.append(start_redis(f"{work}/target", target_port))
         target_env = dict(env, AITBC_BACKUP_REDIS__ADDRESS=f"127.0.0.1:{target_port}")
-        run("aitbc_restore_live", f"{agent} restore {full['manifest']} > {work}/restore.json", target_env,
-            repeat=args.repeat)
+        run_interleaved(results, "redis", [
+            ("restart_with_dump_rdb",
+             f"redis-server --port {restart_port} --bind 127.0.0.1 --dir {restart_dir} --save '' "
+             f"--appendonly no --daemonize yes --pidfile {restart_dir}/pid >/dev/null && "
+             f"until [ \"$(redis-cli -p {restart_port} PING 2>/dev/null)\" = PONG ] && "
+             f"redis-cli -p {restart_port} INFO persistence | grep -q loading:0; do sleep 0.02; done; "
+             f"redis-cli -p {restart_port} SHUTDOWN NOSAVE >/dev/null 2>&1 || true", None),
+            ("aitbc_restore_live", f"{agent} restore {full['manifest']} > {work}/restore.json", target_env),
+        ], mb, args.repeat, **labels)
         keys = cli(target_port, "DBSIZE")
 
         backup_vs_rdb = results["redis_cli_rdb"]["wall_s"] / results["aitbc"]["wall_s"]

@@ -119,14 +119,11 @@ fn a_rich_database_restores_into_a_fresh_cluster_equal_to_the_source() {
     );
     let manifest = report["manifest"].as_str().expect("manifest id");
 
+    // Parallel: the dump is spooled, given its data offsets, and restored with two jobs.
     let target = Postgres::start();
-    let restored = with_url(&agent, &target.url("postgres")).ok(&[
-        "restore",
-        manifest,
-        "--database",
-        "app",
-        "--globals",
-    ]);
+    let restored = with_url(&agent, &target.url("postgres"))
+        .with("AITBC_BACKUP_POSTGRES__JOBS", "2")
+        .ok(&["restore", manifest, "--database", "app", "--globals"]);
     assert_eq!(restored["databases"][0]["name"], "app", "{restored}");
     assert_eq!(restored["databases"][0]["replaced"], false, "{restored}");
 

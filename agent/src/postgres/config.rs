@@ -7,7 +7,7 @@ use aitbc_backup_config::{ConfigError, Secret, secret_or_file};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-pub const DEFAULT_JOBS: u32 = 2;
+pub const DEFAULT_JOBS: u32 = 1;
 pub const DEFAULT_SCRATCH_DIR: &str = "/tmp/aitbc-backup";
 pub const DEFAULT_FENCE_MAX_PAUSE: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,9 +29,11 @@ pub struct PostgresSettings {
     /// Where `pg_dump`, `pg_dumpall`, `pg_restore` and `psql` are; empty means
     /// `/usr/lib/postgresql/<server major>/bin` when it exists, else `PATH`.
     pub bin_dir: PathBuf,
-    /// `pg_restore --jobs`.
+    /// `pg_restore --jobs`. With 1 (the default) the dump streams from the repository into
+    /// `pg_restore`'s standard input: nothing on disk, the download overlapping the restore.
+    /// Above 1 each dump is first spooled to `scratch_dir` (parallel restore needs a file).
     pub jobs: u32,
-    /// Restores spool each database's dump here before `pg_restore --jobs` reads it.
+    /// Where dumps are spooled for `jobs` > 1, and the globals for `--globals`.
     pub scratch_dir: PathBuf,
     /// Tables locked `IN SHARE ROW EXCLUSIVE MODE` around a fenced cut: `schema.table` (in the
     /// URL's database) or `database.schema.table`.

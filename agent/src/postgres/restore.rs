@@ -116,17 +116,38 @@ pub async fn restore(
     let mut restored = Vec::new();
     for (i, (db, target)) in selected.iter().enumerate() {
         let began = Instant::now();
-        let path = scratch.0.join(format!("{i}.dump"));
-        spool(
-            repo,
-            manifest,
-            &dump_path(&db.name),
-            &path,
-            progress.clone(),
-            cancel,
-        )
-        .await
-        .with_context(|| format!("fetch the dump of `{}`", db.name))?;
+        let dump = if settings.jobs > 1 {
+            let path = scratch.0.join(format!("{i}.dump"));
+            spool(
+                repo,
+                manifest,
+                &dump_path(&db.name),
+                &path,
+                progress.clone(),
+                cancel,
+            )
+            .await
+            .with_context(|| format!("fetch the dump of `{}`", db.name))?;
+            let spooled = path.clone();
+            match tokio::task::spawn_blocking(move || super::archive::fill_offsets(&spooled))
+                .await?
+            {
+                Ok(filled) => tracing::debug!(database = %db.name, filled, "data offsets written"),
+                Err(err) => {
+                    tracing::info!(database = %db.name, error = %format!("{err:#}"), "dump left without data offsets; pg_restore scans for them")
+                }
+            }
+            Dump::Spooled(path)
+        } else {
+            Dump::Streamed {
+                repo,
+                part: Box::new(aitbc_backup_repository::part(
+                    manifest,
+                    &dump_path(&db.name),
+                )?),
+                progress: progress.clone(),
+            }
+        };
         let mut phases = Phases {
             fetch: began.elapsed().as_secs_f64(),
             ..Phases::default()
@@ -136,7 +157,7 @@ pub async fn restore(
             &admin,
             db,
             target,
-            &path,
+            &dump,
             settings.jobs,
             options.force,
             &mut phases,
@@ -150,7 +171,9 @@ pub async fn restore(
                 server.endpoint()
             )
         })?;
-        let _ = std::fs::remove_file(&path);
+        if let Dump::Spooled(path) = &dump {
+            let _ = std::fs::remove_file(path);
+        }
         restored.push(RestoredDatabase {
             name: target.clone(),
             from: db.name.clone(),
@@ -255,7 +278,7 @@ async fn restore_one(
     admin: &Client,
     db: &PgDatabase,
     target: &str,
-    dump: &std::path::Path,
+    dump: &Dump<'_>,
     jobs: u32,
     force: bool,
     phases: &mut Phases,
@@ -341,39 +364,87 @@ async fn drop_leftovers(admin: &Client, target: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `pg_restore` reads a dump from.
+enum Dump<'a> {
+    /// A file in the scratch directory (`--jobs` needs one it can seek in).
+    Spooled(PathBuf),
+    /// Straight from the repository into its standard input (one job; nothing on disk, and
+    /// the download overlaps the restore).
+    Streamed {
+        repo: &'a Repository,
+        part: Box<ComponentManifest>,
+        progress: Arc<Progress>,
+    },
+}
+
 async fn pg_restore(
     server: &Server,
     database: &str,
-    dump: &std::path::Path,
+    dump: &Dump<'_>,
     jobs: u32,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut command = server.tool("pg_restore");
     command
-        .arg(format!("--jobs={jobs}"))
         .args(["--exit-on-error", "--no-password"])
         .arg(format!("--dbname={}", conninfo(database)))
-        .arg(dump)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut command = tokio::process::Command::from(command);
-    let child = command
+    match dump {
+        Dump::Spooled(path) => {
+            command
+                .arg(format!("--jobs={jobs}"))
+                .arg(path)
+                .stdin(Stdio::null());
+        }
+        Dump::Streamed { .. } => {
+            command.stdin(Stdio::piped());
+        }
+    }
+    let mut child = tokio::process::Command::from(command)
         .kill_on_drop(true)
         .spawn()
         .context("start pg_restore")?;
-    let output = tokio::select! {
-        output = child.wait_with_output() => output.context("run pg_restore")?,
+    let stdin = child.stdin.take();
+    let mut stderr = child.stderr.take().context("pg_restore stderr")?;
+    let feed = async {
+        match (dump, stdin) {
+            (
+                Dump::Streamed {
+                    repo,
+                    part,
+                    progress,
+                },
+                Some(stdin),
+            ) => {
+                aitbc_backup_repository::restore(repo, part, stdin, progress.clone(), cancel).await
+            }
+            _ => Ok(()),
+        }
+    };
+    let errors = async {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    };
+    let (fed, errors, status) = tokio::select! {
+        all = async { tokio::join!(feed, errors, child.wait()) } => all,
         _ = cancel.cancelled() => bail!("cancelled"),
     };
-    if !output.status.success() {
-        bail!(
-            "pg_restore failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+    let status = status.context("run pg_restore")?;
+    match fed {
+        // A feed that failed on its own (a damaged chunk) explains pg_restore's failure too.
+        Err(err) if !is_closed_pipe(&err) => {
+            Err(anyhow::Error::new(err).context("read the dump from the repository"))
+        }
+        // Otherwise pg_restore's own message: when it stops early the feed only sees a closed pipe.
+        _ if !status.success() => bail!("pg_restore failed ({status}): {}", errors.trim()),
+        fed => fed.context("read the dump from the repository"),
     }
-    Ok(())
+}
+
+fn is_closed_pipe(err: &aitbc_backup_repository::RepoError) -> bool {
+    matches!(err, aitbc_backup_repository::RepoError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Compares every table's rows with the counts taken at the cut. The rows `pg_restore` loaded
