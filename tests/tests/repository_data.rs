@@ -300,6 +300,7 @@ async fn backup_and_restore_survive_30_percent_failures() {
                     failure_rate: 0.3,
                     hang: Duration::from_secs(2),
                     permanent: None,
+                    ..FaultConfig::default()
                 },
             ))),
             limits,

@@ -254,6 +254,7 @@ async fn permanent_errors_fail_fast_with_a_clear_message() {
             failure_rate: 0.0,
             hang: Duration::ZERO,
             permanent: Some("403 AccessDenied".into()),
+            ..FaultConfig::default()
         })
         .await;
     let err = faulty.get(&p("x"), &cancel).await.expect_err("denied");

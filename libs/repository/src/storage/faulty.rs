@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::{Backend, ObjectMeta, PutMode, StorageError};
 use crate::path::RemotePath;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FaultConfig {
     /// Share of requests that fail transiently, 0.0 to 1.0.
     pub failure_rate: f64,
@@ -18,6 +18,9 @@ pub struct FaultConfig {
     pub hang: Duration,
     /// Fail every request with this permanent error message (e.g. "403 AccessDenied").
     pub permanent: Option<String>,
+    /// Refuse every delete as a bucket policy without `s3:DeleteObject` would (the agents'
+    /// least-privilege credentials).
+    pub deny_deletes: bool,
 }
 
 pub struct FaultyStorage {
@@ -130,6 +133,14 @@ impl FaultyStorage {
     }
 
     pub async fn delete(&self, path: &RemotePath) -> Result<(), StorageError> {
+        if self.config.deny_deletes {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(StorageError::Permanent {
+                op: "delete",
+                path: path.as_str().to_owned(),
+                message: "403 AccessDenied: this credential may not delete".to_owned(),
+            });
+        }
         self.run("delete", path.as_str(), Box::pin(self.inner.delete(path)))
             .await
     }
