@@ -123,9 +123,12 @@ fn a_rich_database_restores_into_a_fresh_cluster_equal_to_the_source() {
     let target = Postgres::start();
     let restored = with_url(&agent, &target.url("postgres"))
         .with("AITBC_BACKUP_POSTGRES__JOBS", "2")
-        .ok(&["restore", manifest, "--database", "app", "--globals"]);
+        .ok(&["restore", manifest, "--globals"]);
+    // Every database of the backup: `app` new, `postgres` (the maintenance database) replaced.
     assert_eq!(restored["databases"][0]["name"], "app", "{restored}");
     assert_eq!(restored["databases"][0]["replaced"], false, "{restored}");
+    assert_eq!(restored["databases"][1]["name"], "postgres", "{restored}");
+    assert_eq!(restored["databases"][1]["replaced"], true, "{restored}");
 
     assert_eq!(plain_dump(&source, "app"), plain_dump(&target, "app"));
     assert_eq!(

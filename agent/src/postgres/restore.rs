@@ -89,7 +89,15 @@ pub async fn restore(
     };
     let selected = select(databases, options)?;
     let mut server = Server::new(settings, options.server_url.as_deref())?;
-    let admin = server.connect(&server.maintenance_db.clone()).await?;
+    // A database cannot be renamed while we are connected to it: when the maintenance database
+    // itself is restored (rebuilding a whole server), create and swap from template1.
+    let replaces_maintenance = selected.iter().any(|(_, t)| *t == server.maintenance_db);
+    let admin_db = if replaces_maintenance {
+        "template1".to_owned()
+    } else {
+        server.maintenance_db.clone()
+    };
+    let admin = server.connect(&admin_db).await?;
     let info = server.info(&admin).await?;
     server.resolve_tools(info.major)?;
     let mut warnings = Vec::new();
