@@ -22,46 +22,42 @@ pub async fn backup(
     cancel: &CancellationToken,
 ) -> anyhow::Result<serde_json::Value> {
     let repo = open(config, cancel).await?;
-    let full_scan = options.full_scan;
-    match config.component {
-        Some(Component::Postgres) => {
-            let report = postgres::backup::backup(
+    let (name, progress) = (config.backup_name(), Arc::new(Progress::default()));
+    Ok(match component(config)? {
+        Component::Postgres => json(
+            postgres::backup::backup(
                 &repo,
                 &config.postgres,
-                &config.backup_name(),
+                &name,
                 options.fenced,
-                Arc::new(Progress::default()),
+                progress,
                 cancel,
             )
-            .await?;
-            Ok(serde_json::to_value(report)?)
-        }
-        Some(Component::Redis) => {
-            let report = redis::backup::backup(
+            .await?,
+        )?,
+        Component::Redis => json(
+            redis::backup::backup(
                 &repo,
                 &config.redis,
-                &config.backup_name(),
+                &name,
                 options.fenced,
-                Arc::new(Progress::default()),
+                progress,
                 cancel,
             )
-            .await?;
-            Ok(serde_json::to_value(report)?)
-        }
-        Some(Component::Ledger) => {
-            let report = ledger::backup::backup(
+            .await?,
+        )?,
+        Component::Ledger => json(
+            ledger::backup::backup(
                 &repo,
                 &config.ledger,
-                &config.backup_name(),
-                full_scan,
-                Arc::new(Progress::default()),
+                &name,
+                options.full_scan,
+                progress,
                 cancel,
             )
-            .await?;
-            Ok(serde_json::to_value(report)?)
-        }
-        other => bail!("backup of component {other:?} is not available yet"),
-    }
+            .await?,
+        )?,
+    })
 }
 
 /// Restores manifest `id` of the configured component; returns the report as JSON.
@@ -81,8 +77,9 @@ pub async fn restore(
         .component(id, cancel)
         .await
         .with_context(|| format!("read backup {id}"))?;
-    match config.component {
-        Some(Component::Postgres) => {
+    let progress = Arc::new(Progress::default());
+    Ok(match component(config)? {
+        Component::Postgres => {
             if target.is_some() {
                 bail!(
                     "--target names a directory (ledger); for PostgreSQL use --target-url, --database and --as"
@@ -92,35 +89,37 @@ pub async fn restore(
                 force,
                 ..pg_options
             };
-            let report = postgres::restore::restore(
-                &repo,
-                &manifest,
-                &config.postgres,
-                &options,
-                Arc::new(Progress::default()),
-                cancel,
-            )
-            .await?;
-            Ok(serde_json::to_value(report)?)
+            json(
+                postgres::restore::restore(
+                    &repo,
+                    &manifest,
+                    &config.postgres,
+                    &options,
+                    progress,
+                    cancel,
+                )
+                .await?,
+            )?
         }
-        Some(Component::Redis) => {
+        Component::Redis => {
             let options = redis::restore::RestoreOptions {
                 address: pg_options.server_url,
                 offline_dir: target,
                 force,
             };
-            let report = redis::restore::restore(
-                &repo,
-                &manifest,
-                &config.redis,
-                &options,
-                Arc::new(Progress::default()),
-                cancel,
-            )
-            .await?;
-            Ok(serde_json::to_value(report)?)
+            json(
+                redis::restore::restore(
+                    &repo,
+                    &manifest,
+                    &config.redis,
+                    &options,
+                    progress,
+                    cancel,
+                )
+                .await?,
+            )?
         }
-        Some(Component::Ledger) => {
+        Component::Ledger => {
             let options = ledger::restore::RestoreOptions {
                 target: target.unwrap_or_else(|| config.ledger.data_dir.clone()),
                 force,
@@ -128,18 +127,19 @@ pub async fn restore(
                 height_query: config.ledger.height_query.clone(),
                 source: format!("{} ({})", manifest.name, config.repository.effective_url()),
             };
-            let report = ledger::restore::restore(
-                &repo,
-                &manifest,
-                &options,
-                Arc::new(Progress::default()),
-                cancel,
-            )
-            .await?;
-            Ok(serde_json::to_value(report)?)
+            json(ledger::restore::restore(&repo, &manifest, &options, progress, cancel).await?)?
         }
-        other => bail!("restore of component {other:?} is not available yet"),
-    }
+    })
+}
+
+fn component(config: &AgentConfig) -> anyhow::Result<Component> {
+    config
+        .component
+        .context("no component configured (AITBC_BACKUP_COMPONENT)")
+}
+
+fn json(report: impl serde::Serialize) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::to_value(report)?)
 }
 
 async fn open(config: &AgentConfig, cancel: &CancellationToken) -> anyhow::Result<Repository> {

@@ -35,6 +35,25 @@ impl OneShot {
             .map(|(_, v)| v.as_str())
     }
 
+    /// `aitbc-backup --json repo --repository <this agent's repository> ARGS`, which must
+    /// succeed; returns its JSON.
+    pub fn repo_json(&self, args: &[&str]) -> serde_json::Value {
+        let repository = self
+            .var("AITBC_BACKUP_REPOSITORY__URL")
+            .expect("the agent has a repository");
+        let out = std::process::Command::new(binary("aitbc-backup"))
+            .args(["--json", "repo", "--repository", repository])
+            .args(args)
+            .output()
+            .expect("run aitbc-backup repo");
+        assert!(
+            out.status.success(),
+            "aitbc-backup repo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON from aitbc-backup repo")
+    }
+
     /// Runs `aitbc-backup-agent ARGS`.
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("run aitbc-backup-agent")

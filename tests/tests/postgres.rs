@@ -211,21 +211,7 @@ fn rows_committed_before_the_cut_are_restored_and_later_ones_are_not() {
     let (written, _) = writer.join().expect("writer");
 
     let manifest = report["manifest"].as_str().expect("id");
-    let repository = agent
-        .var("AITBC_BACKUP_REPOSITORY__URL")
-        .expect("repository");
-    let shown = Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
-        .args([
-            "--json",
-            "repo",
-            "--repository",
-            repository,
-            "show",
-            manifest,
-        ])
-        .output()
-        .expect("repo show");
-    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("manifest JSON");
+    let shown = agent.repo_json(&["show", manifest]);
     let point = &shown["consistency"];
     assert_eq!(point["kind"], "postgres", "{shown}");
     let snapshot = point["databases"][0]["txid_snapshot"]

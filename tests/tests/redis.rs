@@ -382,12 +382,7 @@ fn a_connection_dropped_mid_sync_fails_the_backup_and_stores_no_manifest() {
     let proxy = cutting_proxy(redis.port, 200_000);
     let err = at(&agent, proxy).fails(&["backup"]);
     assert!(err.contains("RDB stream ended early"), "{err}");
-    let repository = agent.var("AITBC_BACKUP_REPOSITORY__URL").expect("repo");
-    let listed = Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
-        .args(["--json", "repo", "--repository", repository, "ls"])
-        .output()
-        .expect("repo ls");
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    let listed = agent.repo_json(&["ls"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 }
 
@@ -402,19 +397,7 @@ fn a_restore_failing_midway_releases_the_server_with_its_data_intact() {
         .expect("id")
         .to_owned();
     // Damage a chunk in the middle of the stream.
-    let repository = agent.var("AITBC_BACKUP_REPOSITORY__URL").expect("repo");
-    let shown = Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
-        .args([
-            "--json",
-            "repo",
-            "--repository",
-            repository,
-            "show",
-            &manifest,
-        ])
-        .output()
-        .expect("repo show");
-    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("json");
+    let shown = agent.repo_json(&["show", &manifest]);
     let chunks = shown["chunks"].as_array().expect("chunks");
     assert!(chunks.len() >= 3, "{} chunks", chunks.len());
     let id = chunks[chunks.len() / 2]["id"].as_str().expect("chunk id");

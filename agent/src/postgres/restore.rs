@@ -113,9 +113,9 @@ pub async fn restore(
             refuse_if_in_use(&server, &admin, target).await?;
         }
     }
-    let scratch = Spool::create(&settings.scratch_dir)?;
+    let mut scratch = Spool::new(&settings.scratch_dir);
     if options.globals {
-        let path = scratch.0.join("globals.sql");
+        let path = scratch.path("globals.sql")?;
         spool(repo, manifest, GLOBALS, &path, progress.clone(), cancel)
             .await
             .context("fetch the globals")?;
@@ -125,7 +125,7 @@ pub async fn restore(
     for (i, (db, target)) in selected.iter().enumerate() {
         let began = Instant::now();
         let dump = if settings.jobs > 1 {
-            let path = scratch.0.join(format!("{i}.dump"));
+            let path = scratch.path(&format!("{i}.dump"))?;
             spool(
                 repo,
                 manifest,
@@ -620,21 +620,40 @@ fn apply_globals(
     Ok(())
 }
 
-/// The scratch directory for one restore, removed when done.
-struct Spool(PathBuf);
+/// The scratch directory for one restore: made on first use (a streamed restore without the
+/// globals never touches the disk), removed when done.
+struct Spool {
+    root: PathBuf,
+    dir: Option<PathBuf>,
+}
 
 impl Spool {
-    fn create(root: &std::path::Path) -> anyhow::Result<Spool> {
-        std::fs::create_dir_all(root)
-            .with_context(|| format!("create postgres.scratch_dir {}", root.display()))?;
-        let dir = root.join(format!("pg-restore-{:08x}", rand::random::<u32>()));
+    fn new(root: &std::path::Path) -> Spool {
+        Spool {
+            root: root.to_owned(),
+            dir: None,
+        }
+    }
+
+    /// A path for `name` inside the directory.
+    fn path(&mut self, name: &str) -> anyhow::Result<PathBuf> {
+        if let Some(dir) = &self.dir {
+            return Ok(dir.join(name));
+        }
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("create postgres.scratch_dir {}", self.root.display()))?;
+        let dir = self
+            .root
+            .join(format!("pg-restore-{:08x}", rand::random::<u32>()));
         std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Spool(dir))
+        Ok(self.dir.insert(dir).join(name))
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! `pg_restore`, `pg_dumpall`, `psql`) pointed at it through libpq's environment, so no
 //! password ever appears on a command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -288,9 +288,4 @@ pub fn check_output(what: &str, output: std::process::Output) -> anyhow::Result<
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     )
-}
-
-/// A scratch file path under `dir` for this process.
-pub fn scratch_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("pg-{}-{name}", std::process::id()))
 }

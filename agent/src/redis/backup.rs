@@ -33,13 +33,20 @@ pub struct Prepared {
 pub struct Cut {
     replica: Connection,
     framing: Framing,
-    pub replid: String,
-    pub offset: u64,
-    version: String,
-    used_memory: u64,
+    pub point: Point,
     /// Writers paused (fenced mode) since this instant, on this connection.
     fence: Option<(Connection, Instant)>,
     pub at: Instant,
+}
+
+/// Where the server was cut.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// The master's replication id and offset at the fork.
+    pub replid: String,
+    pub offset: u64,
+    pub version: String,
+    pub used_memory: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -99,18 +106,17 @@ impl Prepared {
                 replica.address
             );
         };
-        let (replid, offset) = (
-            replid.to_owned(),
-            offset.parse().context("the FULLRESYNC offset")?,
-        );
+        let point = Point {
+            replid: replid.to_owned(),
+            offset: offset.parse().context("the FULLRESYNC offset")?,
+            version: self.version,
+            used_memory: self.used_memory,
+        };
         let framing = read_header(replica.raw())?;
         Ok(Cut {
             replica,
             framing,
-            replid,
-            offset,
-            version: self.version,
-            used_memory: self.used_memory,
+            point,
             fence: fence.map(|at| (self.control, at)),
             at,
         })
@@ -118,47 +124,38 @@ impl Prepared {
 }
 
 impl Cut {
-    /// Lets writers go (fenced mode); returns how long they were paused.
+    /// Lets writers go (fenced mode); returns how long they were paused. Blocking.
     pub fn release(&mut self) -> anyhow::Result<Option<Duration>> {
-        match self.fence.take() {
-            Some((mut control, since)) => {
-                control.ok(&["CLIENT", "UNPAUSE"])?;
-                Ok(Some(since.elapsed()))
-            }
-            None => Ok(None),
-        }
+        release(self.fence.take())
     }
 
     /// Streams the RDB into the repository and commits the manifest.
     pub async fn upload(
-        mut self,
+        self,
         repo: &Repository,
         name: &str,
         progress: Arc<Progress>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<BackupReport> {
         let started = Instant::now();
-        self.release()?;
         let request = BackupRequest {
             name: name.to_owned(),
             stream: STREAM.to_owned(),
             consistency: None,
             files: Vec::new(),
         };
-        let (replid, offset, version, used_memory) = (
-            self.replid.clone(),
-            self.offset,
-            self.version.clone(),
-            self.used_memory,
-        );
         let Cut {
             mut replica,
             framing,
+            point,
+            fence,
             ..
         } = self;
-        let point = (replid.clone(), offset, version.clone(), used_memory);
+        let recorded = point.clone();
         let (manifest, summary) = backup_with(repo, request, progress, cancel, move |sink| {
-            produce(sink, replica.raw(), framing, point)
+            // A fence nobody released ends here, on the blocking thread, before the transfer.
+            release(fence).map_err(std::io::Error::other)?;
+            produce(sink, replica.raw(), framing, &recorded)
         })
         .await
         .context("store the RDB stream")?;
@@ -169,9 +166,9 @@ impl Cut {
         let databases: Vec<_> = summary.databases.into_values().collect();
         Ok(BackupReport {
             manifest: manifest.id.clone(),
-            replid,
-            offset,
-            version,
+            replid: point.replid,
+            offset: point.offset,
+            version: point.version,
             keys: databases.iter().map(|d| d.keys).sum(),
             databases,
             stream_bytes: manifest.raw_size,
@@ -183,12 +180,23 @@ impl Cut {
     }
 }
 
+/// `CLIENT UNPAUSE` on the fence's connection, if there is a fence; how long it held.
+fn release(fence: Option<(Connection, Instant)>) -> anyhow::Result<Option<Duration>> {
+    match fence {
+        Some((mut control, since)) => {
+            control.ok(&["CLIENT", "UNPAUSE"])?;
+            Ok(Some(since.elapsed()))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Copies the payload into the pipeline while walking it; records the consistency point.
 fn produce(
     sink: &mut ChunkSink,
     socket: &mut BufReader<std::net::TcpStream>,
     framing: Framing,
-    (replid, offset, version, used_memory): (String, u64, String, u64),
+    point: &Point,
 ) -> std::io::Result<rdb::Summary> {
     let payload = Payload::new(socket, framing);
     let tee = Tee {
@@ -204,11 +212,11 @@ fn produce(
         )));
     }
     sink.set_consistency(ConsistencyPoint::Redis {
-        replid,
-        offset,
-        version,
+        replid: point.replid.clone(),
+        offset: point.offset,
+        version: point.version.clone(),
         rdb_version: summary.version,
-        used_memory,
+        used_memory: point.used_memory,
         databases: summary.databases.values().cloned().collect(),
         samples: summary.samples.clone(),
         counted: summary.incomplete.is_none(),
@@ -227,8 +235,12 @@ pub async fn backup(
 ) -> anyhow::Result<BackupReport> {
     let started = Instant::now();
     let settings = settings.clone();
-    let mut cut = tokio::task::spawn_blocking(move || prepare(&settings)?.cut(fenced)).await??;
-    let pause = cut.release()?;
+    let (cut, pause) = tokio::task::spawn_blocking(move || {
+        let mut cut = prepare(&settings)?.cut(fenced)?;
+        let pause = cut.release()?;
+        anyhow::Ok((cut, pause))
+    })
+    .await??;
     let mut report = Box::pin(cut.upload(repo, name, progress, cancel)).await?;
     report.write_pause_ms = pause.map(|p| p.as_secs_f64() * 1e3);
     report.seconds = started.elapsed().as_secs_f64();

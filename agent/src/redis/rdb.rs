@@ -128,7 +128,7 @@ pub fn walk(input: &mut dyn Read, expiring_before: Option<i64>) -> Result<Summar
                 if sampled {
                     w.capture = Some(vec![kind]);
                 }
-                if !w.value(kind, version)? {
+                if !w.value(kind)? {
                     summary.incomplete = Some(format!(
                         "RDB value type {kind} is unknown to this agent (a module's or a newer Redis's); key counts are not checked"
                     ));
@@ -272,7 +272,7 @@ impl Walker<'_> {
     }
 
     /// Skips one value of `kind`; false if the kind is unknown.
-    fn value(&mut self, kind: u8, _version: u32) -> Result<bool, RdbError> {
+    fn value(&mut self, kind: u8) -> Result<bool, RdbError> {
         match kind {
             // string; ziplist, intset, listpack encodings: one string each
             0 | 9..=13 | 16 | 17 | 20 => self.skip_string()?,

@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -123,7 +122,7 @@ impl Connection {
             .collect())
     }
 
-    pub fn read_line(&mut self) -> anyhow::Result<String> {
+    fn read_line(&mut self) -> anyhow::Result<String> {
         let mut line = Vec::new();
         let n = self
             .reader
@@ -174,13 +173,4 @@ impl Connection {
     pub fn raw(&mut self) -> &mut BufReader<TcpStream> {
         &mut self.reader
     }
-
-    pub fn set_read_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
-        self.reader.get_ref().set_read_timeout(Some(timeout))
-    }
-}
-
-/// A RESP command as bytes (for the replication server side).
-pub fn encode_status(text: &str) -> Vec<u8> {
-    format!("+{text}\r\n").into_bytes()
 }
