@@ -1,8 +1,11 @@
-//! The aitbc-backup sidecar agent. Today: the mTLS session with the coordinator and the probe
-//! server; the component modules (postgres, redis, ledger) come with their issues.
+//! The aitbc-backup sidecar agent: the mTLS session with the coordinator, the commands it sends
+//! (snapshot-set phases, restores), the three components, and the probe server.
 //!
 //! - [`config`]: the TOML/env configuration.
 //! - [`session`]: dial, register, heartbeat, reconnect.
+//! - [`snapshot`]: runs the coordinator's commands, one task per set.
+//! - [`postgres`], [`redis`], [`ledger`]: the components (prepare, fence, cut, upload, restore).
+//! - [`oneshot`]: one backup or restore from the command line.
 //! - [`metrics`]: every metric the agent exports.
 
 pub mod config;
@@ -12,6 +15,7 @@ pub mod oneshot;
 pub mod postgres;
 pub mod redis;
 pub mod session;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +76,7 @@ impl Agent {
                 backoff: config.reconnect.backoff(),
                 tls,
                 registration,
+                config: Arc::new(config.clone()),
             },
             http,
         })

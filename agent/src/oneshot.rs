@@ -142,7 +142,10 @@ fn json(report: impl serde::Serialize) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::to_value(report)?)
 }
 
-async fn open(config: &AgentConfig, cancel: &CancellationToken) -> anyhow::Result<Repository> {
+pub(crate) async fn open(
+    config: &AgentConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Repository> {
     aitbc_backup_repository::open::open_configured(&config.repository, cancel)
         .await
         .with_context(|| format!("open repository {}", config.repository.effective_url()))

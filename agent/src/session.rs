@@ -19,7 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
+use crate::AgentConfig;
 use crate::metrics::{Metrics, OutcomeLabel};
+use crate::snapshot::Executor;
 
 /// HTTP/2 pings so a vanished coordinator is noticed even without traffic.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(10);
@@ -34,6 +36,8 @@ pub struct SessionSettings {
     pub backoff: Backoff,
     pub tls: LoadedTls,
     pub registration: Registration,
+    /// What the snapshot-set and restore commands run against.
+    pub config: Arc<AgentConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +151,27 @@ async fn run_once(
     metrics.session_up.set(1);
     tracing::info!(session = %accepted.session_id, heartbeat_interval = ?interval, "registered with coordinator");
 
+    let mut executor = Executor::new(
+        settings.config.clone(),
+        settings.registration.component,
+        tx.clone(),
+        cancel.child_token(),
+    );
+    let served = serve(&mut inbound, &tx, &mut executor, interval, metrics, cancel).await;
+    // Sets do not outlive their session: the coordinator aborts them when the session ends.
+    executor.shutdown().await;
+    served
+}
+
+/// Heartbeats up, acks and commands down, until the session ends.
+async fn serve(
+    inbound: &mut tonic::Streaming<aitbc_backup_proto::CoordinatorMessage>,
+    tx: &mpsc::Sender<AgentMessage>,
+    executor: &mut Executor,
+    interval: Duration,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate; Register just went up
@@ -173,13 +198,19 @@ async fn run_once(
                     Err(_) => return Err(SessionError::Silent(silence_limit)),
                     Ok(Err(status)) => return Err(SessionError::Lost(status)),
                     Ok(Ok(None)) => return Err(SessionError::Closed),
-                    Ok(Ok(Some(message))) => {
-                        if let Some(coordinator_message::Body::HeartbeatAck(ack)) = message.body
-                            && let Some(at) = sent.remove(&ack.sequence)
-                        {
-                            metrics.heartbeat_rtt.observe(at.elapsed().as_secs_f64());
+                    Ok(Ok(Some(message))) => match message.body {
+                        Some(coordinator_message::Body::HeartbeatAck(ack)) => {
+                            if let Some(at) = sent.remove(&ack.sequence) {
+                                metrics.heartbeat_rtt.observe(at.elapsed().as_secs_f64());
+                            }
                         }
-                    }
+                        Some(coordinator_message::Body::Command(command)) => {
+                            executor.dispatch(command);
+                        }
+                        Some(coordinator_message::Body::Registered(_)) | None => {
+                            return Err(SessionError::Protocol("unexpected message in a session"));
+                        }
+                    },
                 }
             }
         }

@@ -102,7 +102,7 @@ fn to_json(agent: Agent) -> AgentJson {
     }
 }
 
-fn rfc3339(ts: prost_types::Timestamp) -> String {
+pub fn rfc3339(ts: prost_types::Timestamp) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp(ts.seconds, ts.nanos.max(0) as u32)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()

@@ -1,11 +1,13 @@
 //! `aitbc-backup`: the operator CLI. A client of the coordinator's operator API (human tables or
-//! `--json`), plus offline tools that need no coordinator (`certs`).
+//! `--json`) — agents, snapshot sets, restores, verification — plus offline tools that need no
+//! coordinator (`certs`, `repo`).
 
 mod agents;
 mod certs;
 mod client;
 mod output;
 mod repo;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +41,13 @@ enum Command {
     Agents(agents::AgentsCommand),
     /// Work on a repository directly (no coordinator needed).
     Repo(repo::RepoArgs),
+    /// Create, list, show, pin and delete snapshot sets.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Restore a snapshot set, component by component, each verified before the next.
+    Restore(snapshot::RestoreArgs),
+    /// Verify a snapshot set's data in the repository.
+    Verify(snapshot::VerifyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +76,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Repo(args) => runtime()?.block_on(repo::run(args, cli.json)),
         Command::Agents(command) => {
             runtime()?.block_on(agents::run(command, &cli.connection, cli.json))
+        }
+        Command::Snapshot(command) => {
+            runtime()?.block_on(snapshot::run(command, &cli.connection, cli.json))
+        }
+        Command::Restore(args) => {
+            runtime()?.block_on(snapshot::restore(args, &cli.connection, cli.json))
+        }
+        Command::Verify(args) => {
+            runtime()?.block_on(snapshot::verify(args, &cli.connection, cli.json))
         }
     }
 }

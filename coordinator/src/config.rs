@@ -8,6 +8,7 @@ use aitbc_backup_config::settings::{
     CronSchedule, REPOSITORY_LEGACY_VARS, REPOSITORY_SECRETS, RepositorySettings, RetentionSettings,
 };
 use aitbc_backup_config::{ConfigError, LegacyVar, Schema};
+use aitbc_backup_proto::model::{Component, Mode};
 use aitbc_backup_telemetry::LogSettings;
 use aitbc_backup_tls::TlsFiles;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,10 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
 pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CUT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// The old scripts' variables this binary accepts.
 const LEGACY_VARS: &[LegacyVar] = &[
@@ -45,6 +50,7 @@ pub struct CoordinatorConfig {
     pub tls: TlsFiles,
     pub fleet: FleetSettings,
     pub schedule: ScheduleSettings,
+    pub snapshot: SnapshotSettings,
     pub retention: RetentionSettings,
     pub repository: RepositorySettings,
     pub log: LogSettings,
@@ -80,6 +86,41 @@ pub struct FleetSettings {
 pub struct ScheduleSettings {
     /// Cron schedule (UTC) of the default policy; `BACKUP_SCHEDULE` of the old scripts.
     pub default: CronSchedule,
+}
+
+/// Snapshot sets and restores: deadlines per phase, the default mode, the restore order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotSettings {
+    /// Mode of sets that do not name one: independent, coordinated or fenced.
+    pub mode: Mode,
+    /// Every agent must be prepared within this.
+    #[serde(with = "humantime_serde")]
+    pub prepare_timeout: Duration,
+    /// Each of fence, cut and release must be done by every agent within this.
+    #[serde(with = "humantime_serde")]
+    pub cut_timeout: Duration,
+    /// Every agent's upload must be committed within this.
+    #[serde(with = "humantime_serde")]
+    pub upload_timeout: Duration,
+    /// Each component's restore (and its verification) must be done within this.
+    #[serde(with = "humantime_serde")]
+    pub restore_timeout: Duration,
+    /// The order components are restored in (the disaster-recovery runbook's).
+    pub restore_order: Vec<Component>,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings {
+            mode: Mode::Coordinated,
+            prepare_timeout: DEFAULT_PREPARE_TIMEOUT,
+            cut_timeout: DEFAULT_CUT_TIMEOUT,
+            upload_timeout: DEFAULT_UPLOAD_TIMEOUT,
+            restore_timeout: DEFAULT_RESTORE_TIMEOUT,
+            restore_order: Component::ALL.to_vec(),
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -128,6 +169,27 @@ impl CoordinatorConfig {
                 "fleet.missed_heartbeats",
                 "must be at least 1",
             ));
+        }
+        let order = &self.snapshot.restore_order;
+        for component in Component::ALL {
+            if order.iter().filter(|c| **c == component).count() != 1 {
+                return Err(ConfigError::invalid(
+                    "snapshot.restore_order",
+                    format!(
+                        "must name each of postgres, redis and ledger once ({component} is missing or repeated)"
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("snapshot.prepare_timeout", self.snapshot.prepare_timeout),
+            ("snapshot.cut_timeout", self.snapshot.cut_timeout),
+            ("snapshot.upload_timeout", self.snapshot.upload_timeout),
+            ("snapshot.restore_timeout", self.snapshot.restore_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(key, "must be more than 0s"));
+            }
         }
         self.retention.validate()?;
         self.repository.validate()

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use aitbc_backup_proto::CoordinatorMessage;
 use aitbc_backup_proto::model::{Component, Registration};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{ComponentLabel, Metrics};
@@ -36,8 +38,13 @@ pub struct AgentView {
     pub peer_address: Option<SocketAddr>,
 }
 
+/// The sending half of a session's stream to its agent.
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
+
 struct Entry {
     view: AgentView,
+    /// Commands to the agent go here.
+    outbound: Outbound,
     /// Cancels the current session (when it is replaced by a newer one).
     session_cancel: CancellationToken,
     open: bool,
@@ -79,6 +86,7 @@ impl Fleet {
         registration: Registration,
         peer_address: Option<SocketAddr>,
         parent: &CancellationToken,
+        outbound: Outbound,
     ) -> SessionTicket {
         let now = SystemTime::now();
         let session_id = new_session_id();
@@ -99,6 +107,7 @@ impl Fleet {
             registration.name,
             Entry {
                 view,
+                outbound,
                 session_cancel: cancel.clone(),
                 open: true,
             },
@@ -136,6 +145,21 @@ impl Fleet {
             entry.open = false;
             self.gauge(entry.view.component).dec();
         }
+    }
+
+    /// The current session of an agent that is online: its id and where commands go.
+    pub fn outbound(&self, name: &str) -> Option<(String, Outbound)> {
+        let entries = self.lock();
+        let entry = entries.get(name)?;
+        (entry.open && !entry.outbound.is_closed())
+            .then(|| (entry.view.session_id.clone(), entry.outbound.clone()))
+    }
+
+    /// Every agent that is online now, sorted by name.
+    pub fn online(&self) -> Vec<AgentView> {
+        let mut views = self.list();
+        views.retain(|v| v.liveness == Liveness::Online);
+        views
     }
 
     /// Every agent, sorted by name.
@@ -187,6 +211,10 @@ mod tests {
     use super::*;
     use prometheus_client::registry::Registry;
 
+    fn outbound() -> Outbound {
+        mpsc::channel(1).0
+    }
+
     fn registration(name: &str) -> Registration {
         Registration {
             name: name.into(),
@@ -201,8 +229,8 @@ mod tests {
         let metrics = Metrics::register(&mut Registry::default());
         let fleet = Fleet::new(Duration::from_secs(15), metrics.clone());
         let root = CancellationToken::new();
-        let first = fleet.connect(registration("r1"), None, &root);
-        let second = fleet.connect(registration("r1"), None, &root);
+        let first = fleet.connect(registration("r1"), None, &root, outbound());
+        let second = fleet.connect(registration("r1"), None, &root, outbound());
         assert!(first.cancel.is_cancelled());
         assert!(!second.cancel.is_cancelled());
         assert!(!fleet.heartbeat("r1", &first.session_id));
@@ -227,7 +255,12 @@ mod tests {
     fn silence_means_offline() {
         let metrics = Metrics::register(&mut Registry::default());
         let fleet = Fleet::new(Duration::ZERO, metrics);
-        fleet.connect(registration("r2"), None, &CancellationToken::new());
+        fleet.connect(
+            registration("r2"),
+            None,
+            &CancellationToken::new(),
+            outbound(),
+        );
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(fleet.list()[0].liveness, Liveness::Offline);
     }

@@ -1,5 +1,5 @@
-//! The aitbc-backup coordinator: the fleet registry, the operator API and (in later issues) the
-//! snapshot-set protocol, scheduler and retention.
+//! The aitbc-backup coordinator: the fleet registry, the operator API, the snapshot-set
+//! protocol and ordered restores.
 //!
 //! - [`config`]: the TOML/env configuration.
 //! - [`server`]: wires TLS, gRPC services and the probe server; [`server::Coordinator`] is what
@@ -8,15 +8,22 @@
 //! - [`fleet`]: the registry of agents and their liveness (rebuilt from sessions at start).
 //! - [`session`]: the agent session service.
 //! - [`operator`]: the operator service.
+//! - [`calls`]: commands to agents and their answers.
+//! - [`snapshot`]: the snapshot-set protocol; [`restore`]: ordered restores of a set.
+//! - [`catalog`]: the sets the coordinator knows, rebuilt from the repository at start.
 //! - [`metrics`]: every metric the coordinator exports.
 
 pub mod auth;
+pub mod calls;
+pub mod catalog;
 pub mod config;
 pub mod fleet;
 pub mod metrics;
 pub mod operator;
+pub mod restore;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 
 pub use config::CoordinatorConfig;
 pub use server::Coordinator;

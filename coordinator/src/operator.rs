@@ -1,19 +1,63 @@
 //! The operator service: what the CLI and grpcurl call. The role check happens before these
 //! handlers run (see [`crate::auth::RequireRole`]).
 
+use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use aitbc_backup_proto::model::{Component, Mode};
 use aitbc_backup_proto::operator_server::Operator;
 use aitbc_backup_proto::{
-    Agent, AgentState, GetAgentRequest, ListAgentsRequest, ListAgentsResponse,
+    Agent, AgentState, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
+    GetAgentRequest, GetSnapshotRequest, ListAgentsRequest, ListAgentsResponse,
+    ListSnapshotsRequest, ListSnapshotsResponse, PinSnapshotRequest, RestoreEvent,
+    RestoreSnapshotRequest, Snapshot, SnapshotEvent, VerifySnapshotRequest, VerifySnapshotResponse,
 };
+use aitbc_backup_repository::RepoError;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::catalog::SetState;
 use crate::fleet::{AgentView, Fleet, Liveness};
+use crate::restore::{RestoreRequest, Target};
+use crate::snapshot::{DEFAULT_POLICY, SetRequest, Sets};
 
 pub struct OperatorService {
     pub fleet: Arc<Fleet>,
+    pub sets: Arc<Sets>,
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn components(field: &'static str, values: &[i32]) -> Result<Vec<Component>, Status> {
+    values
+        .iter()
+        .map(|v| Component::from_proto(field, *v).map_err(Status::from))
+        .collect()
+}
+
+fn repo_status(err: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("{err:#}"))
+}
+
+impl OperatorService {
+    fn committed(&self, set_id: &str) -> Result<crate::catalog::SetRecord, Status> {
+        let record = self
+            .sets
+            .catalog
+            .get(set_id)
+            .ok_or_else(|| Status::not_found(format!("no snapshot set `{set_id}`")))?;
+        if record.state != SetState::Committed {
+            return Err(Status::failed_precondition(format!(
+                "snapshot set `{set_id}` is not committed"
+            )));
+        }
+        Ok(record)
+    }
 }
 
 #[tonic::async_trait]
@@ -35,6 +79,195 @@ impl Operator for OperatorService {
             .get(&name)
             .map(|view| Response::new(to_proto(view)))
             .ok_or_else(|| Status::not_found(format!("no agent named `{name}` has registered")))
+    }
+
+    type CreateSnapshotStream = EventStream<SnapshotEvent>;
+
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<Self::CreateSnapshotStream>, Status> {
+        let request = request.into_inner();
+        self.sets.catalog_ready().await?;
+        let set = SetRequest {
+            policy: if request.policy.is_empty() {
+                DEFAULT_POLICY.to_owned()
+            } else {
+                request.policy
+            },
+            components: components("components", &request.components)?,
+            mode: Mode::from_proto("mode", request.mode)?,
+        };
+        let (set_id, mut events) = self
+            .sets
+            .start(set)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(64);
+        let first = SnapshotEvent {
+            set_id,
+            phase: "started".to_owned(),
+            ..SnapshotEvent::default()
+        };
+        let _ = tx.try_send(Ok(first));
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let last = matches!(event.phase.as_str(), "committed" | "aborted");
+                        if tx.send(Ok(event)).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    // A slow reader misses progress events, never the end (it is sent last).
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        self.sets.catalog_ready().await?;
+        let snapshots = self
+            .sets
+            .catalog
+            .list()
+            .iter()
+            .map(|r| r.to_proto())
+            .collect();
+        Ok(Response::new(ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<Snapshot>, Status> {
+        self.sets.catalog_ready().await?;
+        let set_id = request.into_inner().set_id;
+        self.sets
+            .catalog
+            .get(&set_id)
+            .map(|r| Response::new(r.to_proto()))
+            .ok_or_else(|| Status::not_found(format!("no snapshot set `{set_id}`")))
+    }
+
+    async fn pin_snapshot(
+        &self,
+        request: Request<PinSnapshotRequest>,
+    ) -> Result<Response<Snapshot>, Status> {
+        self.sets.catalog_ready().await?;
+        let request = request.into_inner();
+        self.committed(&request.set_id)?;
+        let cancel = CancellationToken::new();
+        let repo = self.sets.repo.get(&cancel).await.map_err(repo_status)?;
+        repo.pin_set(&request.set_id, request.pinned, &cancel)
+            .await
+            .map_err(repo_status)?;
+        self.sets
+            .catalog
+            .update(&request.set_id, |r| r.pinned = request.pinned);
+        tracing::info!(set = %request.set_id, pinned = request.pinned, "snapshot set pin changed");
+        let record = self.committed(&request.set_id)?;
+        Ok(Response::new(record.to_proto()))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        self.sets.catalog_ready().await?;
+        let set_id = request.into_inner().set_id;
+        let record = self
+            .sets
+            .catalog
+            .get(&set_id)
+            .ok_or_else(|| Status::not_found(format!("no snapshot set `{set_id}`")))?;
+        if record.pinned {
+            return Err(Status::failed_precondition(format!(
+                "snapshot set `{set_id}` is pinned; unpin it first"
+            )));
+        }
+        if record.state == SetState::Running {
+            return Err(Status::failed_precondition(format!(
+                "snapshot set `{set_id}` is still running"
+            )));
+        }
+        let deleted = Box::pin(self.sets.delete(&record))
+            .await
+            .map_err(repo_status)?;
+        Ok(Response::new(DeleteSnapshotResponse {
+            deleted_manifests: deleted,
+        }))
+    }
+
+    type RestoreSnapshotStream = EventStream<RestoreEvent>;
+
+    async fn restore_snapshot(
+        &self,
+        request: Request<RestoreSnapshotRequest>,
+    ) -> Result<Response<Self::RestoreSnapshotStream>, Status> {
+        self.sets.catalog_ready().await?;
+        let request = request.into_inner();
+        let mut targets = HashMap::new();
+        for target in request.targets {
+            let component = Component::from_proto("targets.component", target.component)?;
+            targets.insert(
+                component,
+                Target {
+                    dir: target.target_dir,
+                    url: target.target_url,
+                },
+            );
+        }
+        let restore = RestoreRequest {
+            set_id: request.set_id,
+            components: components("components", &request.components)?,
+            targets,
+            force: request.force,
+        };
+        let (tx, rx) = mpsc::channel(16);
+        self.sets.restore(restore, tx).map_err(|e| match e {
+            crate::restore::RestoreError::NotFound(_) => Status::not_found(e.to_string()),
+            _ => Status::failed_precondition(e.to_string()),
+        })?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn verify_snapshot(
+        &self,
+        request: Request<VerifySnapshotRequest>,
+    ) -> Result<Response<VerifySnapshotResponse>, Status> {
+        self.sets.catalog_ready().await?;
+        let request = request.into_inner();
+        self.committed(&request.set_id)?;
+        let cancel = CancellationToken::new();
+        let repo = self.sets.repo.get(&cancel).await.map_err(repo_status)?;
+        let report = Box::pin(aitbc_backup_repository::verify::verify_set(
+            repo,
+            &request.set_id,
+            request.read_data,
+            &cancel,
+        ))
+        .await
+        .map_err(|e| match e {
+            RepoError::NoSuchManifest(_) => Status::not_found(e.to_string()),
+            other => repo_status(other),
+        })?;
+        Ok(Response::new(VerifySnapshotResponse {
+            ok: report.ok(),
+            problems: report
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}", p.object, p.problem))
+                .collect(),
+            manifests: report.manifests as u64,
+            chunks: report.chunks as u64,
+            chunks_read: report.chunks_read as u64,
+        }))
     }
 }
 

@@ -15,11 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::RequireRole;
+use crate::calls::Calls;
+use crate::catalog::{Catalog, RepoHandle};
 use crate::config::CoordinatorConfig;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::operator::OperatorService;
 use crate::session::SessionService;
+use crate::snapshot::Sets;
 
 /// HTTP/2 pings on idle connections, so half-open agent connections are noticed.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
@@ -85,8 +88,30 @@ impl Coordinator {
         // grpcurl 1.8 speaks only v1alpha.
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        let calls = Arc::new(Calls::default());
+        let set_tasks = TaskTracker::new();
+        let sets = Arc::new(Sets {
+            fleet: fleet.clone(),
+            calls: calls.clone(),
+            catalog: Arc::new(Catalog::default()),
+            repo: Arc::new(RepoHandle::new(config.repository.clone())),
+            settings: config.snapshot.clone(),
+            tasks: set_tasks.clone(),
+            shutdown: shutdown.child_token(),
+            loaded: tokio::sync::OnceCell::new(),
+        });
+        {
+            // Rebuild the catalog now rather than on the first call; a failure is retried then.
+            let sets = sets.clone();
+            set_tasks.spawn(async move {
+                if let Err(status) = sets.catalog_ready().await {
+                    tracing::warn!(error = %status.message(), "catalog not loaded yet; retried on the next operator call");
+                }
+            });
+        }
         let session_service = SessionService {
             fleet: fleet.clone(),
+            calls,
             metrics: metrics.clone(),
             heartbeat_interval: config.fleet.heartbeat_interval,
             offline_after: config.fleet.offline_after(),
@@ -96,6 +121,7 @@ impl Coordinator {
         };
         let operator_service = OperatorService {
             fleet: fleet.clone(),
+            sets,
         };
 
         let ready = Arc::new(AtomicBool::new(false));
@@ -129,6 +155,8 @@ impl Coordinator {
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.cancelled())
             .await;
         ready.store(false, Ordering::Relaxed);
+        set_tasks.close();
+        set_tasks.wait().await;
         sessions.close();
         sessions.wait().await;
         http_task.await??;

@@ -2,7 +2,7 @@
 //!
 //! The handler waits for `Register`, checks the name against the certificate, records the
 //! session in the fleet and answers `Registered`; a task (tracked, so shutdown waits for it)
-//! then serves heartbeats until the agent goes away, goes silent, is replaced by a newer session
+//! then serves heartbeats and routes command results to their callers until the agent goes away, goes silent, is replaced by a newer session
 //! of the same agent, or the coordinator shuts down.
 
 use std::pin::Pin;
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
+use crate::calls::Calls;
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, ReasonLabel};
 
@@ -30,6 +31,7 @@ const OUTBOUND_QUEUE: usize = 16;
 
 pub struct SessionService {
     pub fleet: Arc<Fleet>,
+    pub calls: Arc<Calls>,
     pub metrics: Arc<Metrics>,
     pub heartbeat_interval: Duration,
     pub offline_after: Duration,
@@ -73,10 +75,12 @@ impl AgentSession for SessionService {
 
         let name = registration.name.clone();
         let component = registration.component;
-        let ticket = self.fleet.connect(registration, peer, &self.shutdown);
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let ticket = self
+            .fleet
+            .connect(registration, peer, &self.shutdown, tx.clone());
         tracing::info!(agent = %name, %component, session = %ticket.session_id, ?peer, "agent registered");
 
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let registered = CoordinatorMessage {
             body: Some(coordinator_message::Body::Registered(Registered {
                 session_id: ticket.session_id.clone(),
@@ -91,6 +95,7 @@ impl AgentSession for SessionService {
             session_id: ticket.session_id,
             cancel: ticket.cancel,
             fleet: self.fleet.clone(),
+            calls: self.calls.clone(),
             metrics: self.metrics.clone(),
             offline_after: self.offline_after,
             tx,
@@ -105,6 +110,7 @@ struct Session {
     session_id: String,
     cancel: CancellationToken,
     fleet: Arc<Fleet>,
+    calls: Arc<Calls>,
     metrics: Arc<Metrics>,
     offline_after: Duration,
     tx: mpsc::Sender<Outbound>,
@@ -144,6 +150,7 @@ impl Session {
             }
         };
         self.fleet.disconnect(&self.name, &self.session_id);
+        self.calls.session_closed(&self.session_id);
         self.metrics
             .sessions_closed
             .get_or_create(&ReasonLabel { reason })
@@ -169,8 +176,14 @@ impl Session {
                     .observe(started.elapsed().as_secs_f64());
                 Ok(())
             }
-            Some(agent_message::Body::Progress(_)) => {
+            Some(agent_message::Body::Progress(progress)) => {
                 self.fleet.heartbeat(&self.name, &self.session_id);
+                self.calls.progress(&self.session_id, progress);
+                Ok(())
+            }
+            Some(agent_message::Body::Result(result)) => {
+                self.fleet.heartbeat(&self.name, &self.session_id);
+                self.calls.complete(&self.session_id, result);
                 Ok(())
             }
             Some(agent_message::Body::Register(_)) => Err(Status::invalid_argument(

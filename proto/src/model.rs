@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{ComponentKind, Register};
+use crate::{ComponentKind, ConsistencyMode, Register};
 
 /// A message that does not follow the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,6 +104,81 @@ impl<'de> serde::Deserialize<'de> for Component {
     }
 }
 
+/// How the components of a snapshot set are cut (see `ConsistencyMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    Independent,
+    #[default]
+    Coordinated,
+    Fenced,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Independent, Mode::Coordinated, Mode::Fenced];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Independent => "independent",
+            Mode::Coordinated => "coordinated",
+            Mode::Fenced => "fenced",
+        }
+    }
+
+    pub fn to_proto(self) -> ConsistencyMode {
+        match self {
+            Mode::Independent => ConsistencyMode::Independent,
+            Mode::Coordinated => ConsistencyMode::Coordinated,
+            Mode::Fenced => ConsistencyMode::Fenced,
+        }
+    }
+
+    /// Reads a `ConsistencyMode` field; `None` when unspecified (the policy's mode applies).
+    pub fn from_proto(field: &'static str, value: i32) -> Result<Option<Self>, ProtocolError> {
+        match ConsistencyMode::try_from(value) {
+            Ok(ConsistencyMode::Unspecified) => Ok(None),
+            Ok(ConsistencyMode::Independent) => Ok(Some(Mode::Independent)),
+            Ok(ConsistencyMode::Coordinated) => Ok(Some(Mode::Coordinated)),
+            Ok(ConsistencyMode::Fenced) => Ok(Some(Mode::Fenced)),
+            Err(_) => Err(ProtocolError::new(
+                field,
+                format!("unknown consistency mode {value}"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .ok_or_else(|| {
+                format!("unknown mode `{text}` (expected independent, coordinated or fenced)")
+            })
+    }
+}
+
+impl serde::Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A validated `Register` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
@@ -151,6 +226,22 @@ impl From<Registration> for Register {
             component: reg.component.to_proto() as i32,
             version: reg.version,
             host: reg.host,
+        }
+    }
+}
+
+impl crate::command::Action {
+    /// The step's name, as logs and errors say it.
+    pub fn name(&self) -> &'static str {
+        use crate::command::Action;
+        match self {
+            Action::Prepare(_) => "prepare",
+            Action::Fence(_) => "fence",
+            Action::Cut(_) => "cut",
+            Action::Release(_) => "release",
+            Action::Upload(_) => "upload",
+            Action::Abort(_) => "abort",
+            Action::Restore(_) => "restore",
         }
     }
 }

@@ -26,14 +26,27 @@ pub const STREAM: &str = "tar";
 pub struct Prepared {
     settings: LedgerSettings,
     databases: Vec<String>,
+    /// Writers held off every database ([`Prepared::fence`]); carried into the cut.
+    fences: Vec<sqlite::WriteFence>,
 }
 
-/// The cut: consistent copies of every database and the head of the captured chain.
+/// The cut: a read transaction open on every database, and the head of the chain's.
 pub struct Cut {
     settings: LedgerSettings,
     pub head: Head,
-    /// How long writers could have been held up (rollback-journal mode) by the capture.
-    pub capture: Duration,
+    /// When the read transactions were opened.
+    pub at: Instant,
+    snapshots: Vec<sqlite::OpenSnapshot>,
+    fences: Vec<sqlite::WriteFence>,
+}
+
+/// The snapshots copied out: what the tar stream is made of.
+struct Captured {
+    settings: LedgerSettings,
+    head: Head,
+    /// From the cut to the end of the copies: how long writers could have been held up
+    /// (rollback-journal mode).
+    capture: Duration,
     copies: HashMap<String, PathBuf>,
     workdir: ScratchDir,
 }
@@ -76,6 +89,7 @@ pub fn prepare(settings: &LedgerSettings) -> anyhow::Result<Prepared> {
     Ok(Prepared {
         settings: settings.clone(),
         databases,
+        fences: Vec::new(),
     })
 }
 
@@ -86,12 +100,28 @@ fn chain_db_rel(settings: &LedgerSettings) -> String {
 }
 
 impl Prepared {
-    /// Opens a read transaction on every database at once (that instant is the cut), reads the
-    /// head inside the chain's, then copies each snapshot to the scratch directory.
+    /// `BEGIN IMMEDIATE` on every database: writers wait (their busy timeout) until
+    /// [`Cut::release`] or `fence_max_pause`, whichever is first. Blocking.
+    pub fn fence(&mut self) -> anyhow::Result<()> {
+        if !self.fences.is_empty() {
+            return Ok(());
+        }
+        let busy = Duration::from_secs(self.settings.sqlite_busy_timeout_secs);
+        for rel in &self.databases {
+            let path = self.settings.data_dir.join(rel);
+            let fence = sqlite::WriteFence::raise(&path, rel, busy, self.settings.fence_max_pause)
+                .map_err(anyhow::Error::msg)?;
+            self.fences.push(fence);
+        }
+        Ok(())
+    }
+
+    /// Opens a read transaction on every database at once (that instant is the cut) and reads
+    /// the head inside the chain's. Blocking; the copies are made by the upload.
     pub fn cut(self) -> anyhow::Result<Cut> {
         let settings = self.settings;
         let busy = Duration::from_secs(settings.sqlite_busy_timeout_secs);
-        let started = Instant::now();
+        let at = Instant::now();
         let snapshots = self
             .databases
             .iter()
@@ -105,24 +135,49 @@ impl Prepared {
             .context("the chain database vanished")?
             .head(&settings.height_query)
             .map_err(anyhow::Error::msg)?;
+        Ok(Cut {
+            settings,
+            head,
+            at,
+            snapshots,
+            fences: self.fences,
+        })
+    }
+}
+
+impl Cut {
+    /// Lets fenced writers go; how long they were held (None when not fenced).
+    pub fn release(&mut self) -> Option<Duration> {
+        let fences = std::mem::take(&mut self.fences);
+        fences.into_iter().map(sqlite::WriteFence::release).max()
+    }
+
+    /// Copies each snapshot to the scratch directory and checks the copied chain. Blocking.
+    fn capture(mut self) -> anyhow::Result<Captured> {
+        self.release();
+        let settings = self.settings;
         let workdir = ScratchDir::create(&settings.scratch_dir)?;
         let mut copies = HashMap::new();
-        for (i, snapshot) in snapshots.into_iter().enumerate() {
+        for (i, snapshot) in self.snapshots.into_iter().enumerate() {
             let rel = snapshot.rel.clone();
             let copy = snapshot
                 .copy_to(&workdir.0.join(format!("{i}.db")))
                 .map_err(anyhow::Error::msg)?;
             copies.insert(rel, copy);
         }
-        let capture = started.elapsed();
+        let capture = self.at.elapsed();
+        let chain_db = chain_db_rel(&settings);
         let copied_head = sqlite::check_chain(&copies[&chain_db], &settings.height_query)
             .map_err(|e| anyhow::anyhow!("the captured {chain_db} is not a sound chain: {e}"))?;
-        if copied_head != head {
-            bail!("the captured {chain_db} ends at {copied_head:?}, its snapshot said {head:?}");
+        if copied_head != self.head {
+            bail!(
+                "the captured {chain_db} ends at {copied_head:?}, its snapshot said {:?}",
+                self.head
+            );
         }
-        Ok(Cut {
+        Ok(Captured {
             settings,
-            head,
+            head: self.head,
             capture,
             copies,
             workdir,
@@ -153,7 +208,8 @@ struct Produced {
 }
 
 impl Cut {
-    /// Streams the data directory into the repository and commits the component manifest.
+    /// Copies the snapshots out, streams the data directory into the repository and commits
+    /// the component manifest.
     pub async fn upload(
         self,
         repo: &Repository,
@@ -163,6 +219,21 @@ impl Cut {
         cancel: &CancellationToken,
     ) -> anyhow::Result<BackupReport> {
         let started = Instant::now();
+        let captured = tokio::task::spawn_blocking(move || self.capture()).await??;
+        Box::pin(captured.upload(repo, name, full_scan, progress, cancel, started)).await
+    }
+}
+
+impl Captured {
+    async fn upload(
+        self,
+        repo: &Repository,
+        name: &str,
+        full_scan: bool,
+        progress: Arc<Progress>,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> anyhow::Result<BackupReport> {
         let settings = self.settings.clone();
         let cache_path = cache::path_for(&settings.scratch_dir, &settings.data_dir);
         let repo_id = repo.config().id.clone();

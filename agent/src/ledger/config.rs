@@ -1,6 +1,7 @@
 //! The `[ledger]` config section.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use aitbc_backup_config::ConfigError;
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ pub const DEFAULT_HEIGHT_QUERY: &str =
     "SELECT height, hash FROM block ORDER BY height DESC LIMIT 1";
 pub const DEFAULT_SCRATCH_DIR: &str = "/tmp/aitbc-backup";
 pub const DEFAULT_SQLITE_BUSY_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_FENCE_MAX_PAUSE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,6 +31,10 @@ pub struct LedgerSettings {
     pub scratch_dir: PathBuf,
     /// How long the capture waits for a writer's lock (rollback-journal mode).
     pub sqlite_busy_timeout_secs: u64,
+    /// Fenced snapshot sets: the longest the agent blocks the node's writers (`BEGIN
+    /// IMMEDIATE`), even if the coordinator never says release.
+    #[serde(with = "humantime_serde")]
+    pub fence_max_pause: Duration,
 }
 
 impl Default for LedgerSettings {
@@ -40,6 +46,7 @@ impl Default for LedgerSettings {
             height_query: DEFAULT_HEIGHT_QUERY.to_owned(),
             scratch_dir: DEFAULT_SCRATCH_DIR.into(),
             sqlite_busy_timeout_secs: DEFAULT_SQLITE_BUSY_TIMEOUT_SECS,
+            fence_max_pause: DEFAULT_FENCE_MAX_PAUSE,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! never wait.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -78,6 +79,52 @@ impl OpenSnapshot {
             .execute_batch("COMMIT")
             .map_err(|e| fail("end the read transaction", e))?;
         Ok(dest.to_owned())
+    }
+}
+
+/// Writers held off one database: `BEGIN IMMEDIATE` on a connection of its own thread, rolled
+/// back at [`WriteFence::release`], when dropped, or at the deadline, whichever is first.
+pub struct WriteFence {
+    release: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+    since: Instant,
+}
+
+impl WriteFence {
+    pub fn raise(
+        path: &Path,
+        rel: &str,
+        busy_timeout: Duration,
+        max_pause: Duration,
+    ) -> Result<WriteFence, String> {
+        let fail = |what: &str, e: rusqlite::Error| format!("{rel}: fence: {what}: {e}");
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(|e| fail("open", e))?;
+        conn.busy_timeout(busy_timeout)
+            .map_err(|e| fail("busy timeout", e))?;
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| fail("BEGIN IMMEDIATE", e))?;
+        let since = Instant::now();
+        let (release, released) = mpsc::channel::<()>();
+        let rel = rel.to_owned();
+        let thread = std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = released.recv_timeout(max_pause) {
+                tracing::warn!(database = %rel, pause = ?max_pause, "fence deadline passed before release; letting writers go");
+            }
+            let _ = conn.execute_batch("ROLLBACK");
+        });
+        Ok(WriteFence {
+            release,
+            thread,
+            since,
+        })
+    }
+
+    /// Lets writers go; how long they were held.
+    pub fn release(self) -> Duration {
+        drop(self.release);
+        let _ = self.thread.join();
+        self.since.elapsed()
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Prepared {
     /// Per database with fenced tables: its connection and the `LOCK TABLE` list.
     fences: Vec<(Client, String)>,
     max_pause: Duration,
+    /// Raised by [`Prepared::fence`]; carried into the cut.
+    fence: Option<Fence>,
 }
 
 /// Snapshots exported and held.
@@ -166,6 +168,7 @@ pub async fn prepare(settings: &PostgresSettings) -> anyhow::Result<Prepared> {
         exporters,
         fences,
         max_pause: settings.fence_max_pause,
+        fence: None,
     })
 }
 
@@ -213,14 +216,24 @@ async fn list_databases(
 }
 
 impl Prepared {
-    /// Takes the cut: fence (if asked), export every database's snapshot at once, record the
-    /// WAL position. The fence stays up until [`Fence::release`] or its deadline.
-    pub async fn cut(self, fenced: bool) -> anyhow::Result<Cut> {
-        let fence = if fenced && !self.fences.is_empty() {
-            Some(raise_fence(self.fences, self.max_pause).await?)
-        } else {
-            None
-        };
+    /// Locks the fenced tables (if any are configured). They stay locked until
+    /// [`Fence::release`] or the deadline (`fence_max_pause`), whichever is first.
+    pub async fn fence(&mut self) -> anyhow::Result<()> {
+        if self.fence.is_none() && !self.fences.is_empty() {
+            let fences = std::mem::take(&mut self.fences);
+            self.fence = Some(raise_fence(fences, self.max_pause).await?);
+        }
+        Ok(())
+    }
+
+    /// Takes the cut: fence (if asked and not fenced yet), export every database's snapshot at
+    /// once, record the WAL position. The fence stays up until [`Fence::release`] or its
+    /// deadline.
+    pub async fn cut(mut self, fenced: bool) -> anyhow::Result<Cut> {
+        if fenced {
+            self.fence().await?;
+        }
+        let fence = self.fence.take();
         let exported = try_join_all(self.exporters.iter().map(|(db, client)| async move {
             client
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

@@ -27,6 +27,8 @@ pub struct Prepared {
     control: Connection,
     version: String,
     used_memory: u64,
+    /// Since when writers are paused on `control` ([`Prepared::fence`]).
+    paused: Option<Instant>,
 }
 
 /// The fork happened; the RDB is waiting on `replica`.
@@ -76,19 +78,36 @@ pub fn prepare(settings: &RedisSettings) -> anyhow::Result<Prepared> {
             .get("used_memory")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        paused: None,
     })
 }
 
 impl Prepared {
-    /// Pauses writers (fenced), then asks for a full sync: the fork is the cut.
-    pub fn cut(mut self, fenced: bool) -> anyhow::Result<Cut> {
-        let fence = if fenced {
+    /// `CLIENT PAUSE <fence_max_pause> WRITE`: the server itself lets writers go at the deadline.
+    pub fn fence(&mut self) -> anyhow::Result<()> {
+        if self.paused.is_none() {
             let millis = self.settings.fence_max_pause.as_millis().to_string();
             self.control.ok(&["CLIENT", "PAUSE", &millis, "WRITE"])?;
-            Some(Instant::now())
-        } else {
-            None
-        };
+            self.paused = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Lets paused writers go without cutting (an aborted set). Blocking.
+    pub fn unfence(&mut self) -> anyhow::Result<()> {
+        if self.paused.take().is_some() {
+            self.control.ok(&["CLIENT", "UNPAUSE"])?;
+        }
+        Ok(())
+    }
+
+    /// Pauses writers (fenced, unless paused already), then asks for a full sync: the fork is
+    /// the cut.
+    pub fn cut(mut self, fenced: bool) -> anyhow::Result<Cut> {
+        if fenced {
+            self.fence()?;
+        }
+        let fence = self.paused;
         let mut replica = Connection::open(&self.settings)?;
         replica.ok(&["REPLCONF", "capa", "eof", "capa", "psync2"])?;
         // Redis 7+: send only the RDB, not the command stream after it.

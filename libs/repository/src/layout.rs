@@ -10,6 +10,8 @@ pub const CHUNKS: &str = "chunks/";
 pub const COMPONENT_MANIFESTS: &str = "manifests/components/";
 pub const SET_MANIFESTS: &str = "manifests/sets/";
 pub const GC_CONDEMNED: &str = "gc/";
+pub const PINS: &str = "pins/";
+pub const ATTEMPTS: &str = "attempts/";
 
 fn path(text: String) -> RemotePath {
     // Every caller passes hex ids or fixed names, which are always valid keys.
@@ -30,6 +32,14 @@ pub fn component_manifest(id: &str) -> RemotePath {
 
 pub fn set_manifest(id: &str) -> RemotePath {
     path(format!("{SET_MANIFESTS}{id}.json"))
+}
+
+pub fn pin(set_id: &str) -> RemotePath {
+    path(format!("{PINS}{set_id}"))
+}
+
+pub fn attempt(set_id: &str) -> RemotePath {
+    path(format!("{ATTEMPTS}{set_id}.json"))
 }
 
 pub fn key(id: &str) -> RemotePath {

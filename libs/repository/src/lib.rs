@@ -4,6 +4,7 @@
 //! - [`storage`]: object storage backends behind one retrying, time-limited, cancellable layer.
 //! - [`repo`]: opening and creating repositories; chunk encoding; manifest commits.
 //! - [`backup`] / [`restore`]: the bounded stream pipelines.
+//! - [`sets`]: pins, attempt records and deletion of snapshot sets.
 //! - [`verify`], [`gc`]: integrity checks and garbage collection.
 //! - [`keys`], [`crypto`]: key management and encryption.
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
@@ -20,6 +21,7 @@ pub mod open;
 pub mod path;
 pub mod repo;
 pub mod restore;
+pub mod sets;
 pub mod storage;
 pub mod verify;
 

@@ -153,6 +153,9 @@ pub struct SetComponent {
 pub struct SetManifest {
     pub id: String,
     pub created: String,
+    /// The policy that made the set.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub policy: String,
     /// `independent`, `coordinated` or `fenced`.
     pub mode: String,
     pub components: Vec<SetComponent>,
@@ -160,6 +163,7 @@ pub struct SetManifest {
     pub cut_skew_ms: f64,
     /// How long writers were blocked (fenced mode), milliseconds.
     pub write_pause_ms: f64,
+    /// Always false when written; pins are `pins/<set-id>` objects (manifests are immutable).
     #[serde(default)]
     pub pinned: bool,
 }

@@ -35,16 +35,45 @@ impl VerifyReport {
     }
 }
 
+/// Checks every manifest of the repository and the chunks they name.
 pub async fn verify(
     repo: &Repository,
+    read_data: bool,
+    cancel: &CancellationToken,
+) -> Result<VerifyReport, RepoError> {
+    let ids = repo.component_ids(cancel).await?;
+    let mut report = check_components(repo, &ids, read_data, cancel).await?;
+    verify_sets(repo, &ids, &mut report, cancel).await?;
+    report.problems.sort_by(|a, b| a.object.cmp(&b.object));
+    Ok(report)
+}
+
+/// Checks one snapshot set: the component manifests it names and their chunks.
+pub async fn verify_set(
+    repo: &Repository,
+    set_id: &str,
+    read_data: bool,
+    cancel: &CancellationToken,
+) -> Result<VerifyReport, RepoError> {
+    let set = repo.set(set_id, cancel).await?;
+    let ids: Vec<String> = set.components.into_iter().map(|c| c.manifest_id).collect();
+    let mut report = check_components(repo, &ids, read_data, cancel).await?;
+    report.manifests += 1;
+    report.problems.sort_by(|a, b| a.object.cmp(&b.object));
+    Ok(report)
+}
+
+/// Reads the component manifests `ids` and checks every chunk they name.
+async fn check_components(
+    repo: &Repository,
+    ids: &[String],
     read_data: bool,
     cancel: &CancellationToken,
 ) -> Result<VerifyReport, RepoError> {
     let mut report = VerifyReport::default();
     // chunk id → (raw_len, stored_len, referencing manifests)
     let mut referenced: BTreeMap<String, (u32, u32, Vec<String>)> = BTreeMap::new();
-    let ids = repo.component_ids(cancel).await?;
-    for id in &ids {
+    for id in ids {
         match repo.component(id, cancel).await {
             Ok(manifest) => {
                 report.manifests += 1;
@@ -66,7 +95,6 @@ pub async fn verify(
             }),
         }
     }
-    verify_sets(repo, &ids, &mut report, cancel).await?;
 
     let stored: HashMap<String, u64> = repo
         .storage
@@ -130,7 +158,6 @@ pub async fn verify(
             }
         }
     }
-    report.problems.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(report)
 }
 

@@ -130,6 +130,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let mut conn =
         Connection::open(args.data_dir.join("chain/chain.db")).map_err(|e| e.to_string())?;
+    // A real node waits for locks (a fenced backup holds BEGIN IMMEDIATE for milliseconds).
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
     conn.pragma_update(None, "journal_mode", &args.journal)
         .map_err(|e| e.to_string())?;
     conn.pragma_update(None, "synchronous", "NORMAL")

@@ -1,0 +1,443 @@
+//! The snapshot-set protocol, one task per set: prepare → [fence] → cut → release → upload →
+//! commit, each phase under its deadline. Any failure aborts the set: every agent is told to
+//! abort (fences come down, uploads stop before committing), the attempt record says why, and
+//! no set manifest is written — a set exists exactly when its manifest does.
+//!
+//! Modes: `coordinated` sends the cut to every agent at once; `fenced` first raises every
+//! agent's fence and waits for all of them, so the writers are stopped everywhere before any cut
+//! (an exact cut), and releases right after the cuts; `independent` cuts one agent after the
+//! other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aitbc_backup_proto::model::{Component, Mode};
+use aitbc_backup_proto::{
+    Abort, CommandResult, Cut, Fence, Prepare, Release, SnapshotEvent, Upload, command,
+};
+use aitbc_backup_repository::Repository;
+use aitbc_backup_repository::manifest::{SetComponent, SetManifest};
+use aitbc_backup_repository::sets::Attempt;
+use futures::future::try_join_all;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::calls::{CallError, Calls};
+use crate::catalog::{Catalog, ComponentRecord, RepoHandle, SetRecord, SetState};
+use crate::config::SnapshotSettings;
+use crate::fleet::Fleet;
+
+/// Events buffered per set for slow readers (progress is sent once a second per agent).
+const EVENT_BUFFER: usize = 1024;
+pub const DEFAULT_POLICY: &str = "default";
+
+/// What everything that runs sets shares.
+pub struct Sets {
+    pub fleet: Arc<Fleet>,
+    pub calls: Arc<Calls>,
+    pub catalog: Arc<Catalog>,
+    pub repo: Arc<RepoHandle>,
+    pub settings: SnapshotSettings,
+    pub tasks: TaskTracker,
+    /// Cancelled at coordinator shutdown: running sets abort.
+    pub shutdown: CancellationToken,
+    /// Set once the catalog has been rebuilt from the repository.
+    pub loaded: tokio::sync::OnceCell<()>,
+}
+
+/// What a set is asked to capture.
+#[derive(Debug, Clone)]
+pub struct SetRequest {
+    pub policy: String,
+    /// Empty: every component with an agent online.
+    pub components: Vec<Component>,
+    pub mode: Option<Mode>,
+}
+
+/// Why a set could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no agent is online{}", for_components(.0))]
+    NoAgents(Vec<Component>),
+}
+
+fn for_components(components: &[Component]) -> String {
+    if components.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = components.iter().map(|c| c.as_str()).collect();
+        format!(" for {}", names.join(", "))
+    }
+}
+
+/// The agents of a running set.
+struct Plan {
+    id: String,
+    mode: Mode,
+    agents: Vec<(String, Component)>,
+}
+
+/// A phase's results, one per agent, in plan order.
+type Results = Vec<CommandResult>;
+
+impl Sets {
+    /// Rebuilds the catalog from the repository once (retried on the next call if storage was
+    /// unreachable).
+    pub async fn catalog_ready(&self) -> Result<(), tonic::Status> {
+        self.loaded
+            .get_or_try_init(|| {
+                Box::pin(async {
+                    let cancel = self.shutdown.child_token();
+                    let repo = self.repo.get(&cancel).await.map_err(|e| format!("{e:#}"))?;
+                    let count = self
+                        .catalog
+                        .load(repo, &cancel)
+                        .await
+                        .map_err(|e| format!("read the catalog: {e}"))?;
+                    tracing::info!(sets = count, "catalog rebuilt from the repository");
+                    Ok::<(), String>(())
+                })
+            })
+            .await
+            .map(|_| ())
+            .map_err(tonic::Status::unavailable)
+    }
+
+    /// Deletes a set (committed or aborted) from the repository and the catalog.
+    pub async fn delete(&self, record: &SetRecord) -> anyhow::Result<Vec<String>> {
+        let cancel = self.shutdown.child_token();
+        let repo = self.repo.get(&cancel).await?;
+        let deleted = if record.state == SetState::Committed {
+            repo.delete_set(&record.id, &cancel).await?
+        } else {
+            repo.forget_attempt(&record.id, &cancel).await?;
+            Vec::new()
+        };
+        self.catalog.remove(&record.id);
+        tracing::info!(set = %record.id, manifests = deleted.len(), "snapshot set deleted");
+        Ok(deleted)
+    }
+
+    /// Picks the agents and starts the set; events follow on the returned receiver.
+    pub fn start(
+        self: &Arc<Self>,
+        request: SetRequest,
+    ) -> Result<(String, broadcast::Receiver<SnapshotEvent>), StartError> {
+        let online = self.fleet.online();
+        let wanted =
+            |c: Component| request.components.is_empty() || request.components.contains(&c);
+        let agents: Vec<(String, Component)> = online
+            .iter()
+            .filter(|a| wanted(a.component))
+            .map(|a| (a.name.clone(), a.component))
+            .collect();
+        let missing: Vec<Component> = request
+            .components
+            .iter()
+            .copied()
+            .filter(|c| !agents.iter().any(|(_, ac)| ac == c))
+            .collect();
+        if agents.is_empty() || !missing.is_empty() {
+            return Err(StartError::NoAgents(missing));
+        }
+        let plan = Plan {
+            id: aitbc_backup_repository::layout::new_manifest_id(),
+            mode: request.mode.unwrap_or(self.settings.mode),
+            agents,
+        };
+        let record = SetRecord {
+            id: plan.id.clone(),
+            policy: request.policy.clone(),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            mode: plan.mode,
+            state: SetState::Running,
+            components: plan
+                .agents
+                .iter()
+                .map(|(agent, component)| ComponentRecord {
+                    agent: agent.clone(),
+                    component: *component,
+                    manifest_id: String::new(),
+                    consistency: None,
+                    bytes_read: 0,
+                    bytes_stored: 0,
+                })
+                .collect(),
+            cut_skew_ms: 0.0,
+            write_pause_ms: 0.0,
+            pinned: false,
+            abort_reason: String::new(),
+        };
+        self.catalog.put(record);
+        let (events, receiver) = broadcast::channel(EVENT_BUFFER);
+        let id = plan.id.clone();
+        let span = tracing::info_span!("set", set = %plan.id, mode = %plan.mode);
+        let sets = self.clone();
+        // Boxed: the protocol's future is deep enough to overflow the compiler's layout queries.
+        let drive: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move { sets.drive(plan, events).await });
+        self.tasks.spawn(drive.instrument(span));
+        Ok((id, receiver))
+    }
+
+    /// Runs the set to its end, committed or aborted.
+    async fn drive(&self, plan: Plan, events: broadcast::Sender<SnapshotEvent>) {
+        let cancel = self.shutdown.child_token();
+        tracing::info!(agents = plan.agents.len(), "snapshot set started");
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => Err("the coordinator is shutting down".to_owned()),
+            outcome = self.run(&plan, &events, &cancel) => outcome,
+        };
+        match outcome {
+            Ok(()) => {
+                self.catalog
+                    .update(&plan.id, |r| r.state = SetState::Committed);
+                tracing::info!("snapshot set committed");
+                self.emit(&events, &plan.id, "", "committed", String::new());
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "snapshot set aborted");
+                for (agent, _) in &plan.agents {
+                    let abort = command::Action::Abort(Abort {
+                        reason: reason.clone(),
+                    });
+                    // Best effort: an agent whose session is gone aborted the set already.
+                    let _ = self.calls.start(&self.fleet, agent, &plan.id, abort);
+                }
+                self.catalog.update(&plan.id, |r| {
+                    r.state = SetState::Aborted;
+                    r.abort_reason = reason.clone();
+                });
+                if let Ok(repo) = self.repo.get(&CancellationToken::new()).await {
+                    let attempt = self.attempt(&plan, "aborted", &reason);
+                    if let Err(err) = repo
+                        .record_attempt(&attempt, &CancellationToken::new())
+                        .await
+                    {
+                        tracing::warn!(error = %err, "could not record the aborted set");
+                    }
+                }
+                self.emit(&events, &plan.id, "", "aborted", reason);
+            }
+        }
+    }
+
+    fn attempt(&self, plan: &Plan, state: &str, reason: &str) -> Attempt {
+        let record = self.catalog.get(&plan.id);
+        Attempt {
+            id: plan.id.clone(),
+            policy: record
+                .as_ref()
+                .map(|r| r.policy.clone())
+                .unwrap_or_default(),
+            mode: plan.mode.to_string(),
+            started: record.map(|r| r.created).unwrap_or_default(),
+            state: state.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    async fn run(
+        &self,
+        plan: &Plan,
+        events: &broadcast::Sender<SnapshotEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let repo = self.repo.get(cancel).await.map_err(|e| format!("{e:#}"))?;
+        repo.record_attempt(&self.attempt(plan, "running", ""), cancel)
+            .await
+            .map_err(|e| format!("record the attempt: {e}"))?;
+        let s = &self.settings;
+        self.phase(plan, events, s.prepare_timeout, || {
+            command::Action::Prepare(Prepare {})
+        })
+        .await?;
+        let cut = || command::Action::Cut(Cut {});
+        let (cuts, pause_ms) = match plan.mode {
+            Mode::Fenced => {
+                let fences = self
+                    .phase(plan, events, s.cut_timeout, || {
+                        command::Action::Fence(Fence {})
+                    })
+                    .await?;
+                let cuts = self.phase(plan, events, s.cut_timeout, cut).await?;
+                let releases = self
+                    .phase(plan, events, s.cut_timeout, || {
+                        command::Action::Release(Release {})
+                    })
+                    .await?;
+                (cuts, Some(spread(fences.iter().chain(&releases))))
+            }
+            Mode::Coordinated => (self.phase(plan, events, s.cut_timeout, cut).await?, None),
+            Mode::Independent => {
+                let mut cuts = Vec::new();
+                for (agent, _) in &plan.agents {
+                    let call = self.call(plan, agent, cut())?;
+                    self.emit(events, &plan.id, agent, "cut", String::new());
+                    cuts.push(call.finish(s.cut_timeout, |_| {}).await.map_err(reason)?);
+                }
+                (cuts, None)
+            }
+        };
+        let skew_ms = spread(cuts.iter());
+        self.catalog.update(&plan.id, |r| {
+            r.cut_skew_ms = skew_ms;
+            r.write_pause_ms = pause_ms.unwrap_or(0.0);
+        });
+        tracing::info!(skew_ms, pause_ms, "cut taken");
+
+        let uploads = self
+            .phase(plan, events, s.upload_timeout, || {
+                command::Action::Upload(Upload {
+                    name: String::new(),
+                    full_scan: false,
+                })
+            })
+            .await?;
+        self.emit(events, &plan.id, "", "commit", String::new());
+        self.commit(repo, plan, &uploads, skew_ms, pause_ms, cancel)
+            .await
+    }
+
+    /// Reads back every component manifest (so the set never names a missing one) and writes
+    /// the set manifest.
+    async fn commit(
+        &self,
+        repo: &Repository,
+        plan: &Plan,
+        uploads: &Results,
+        skew_ms: f64,
+        pause_ms: Option<f64>,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut components = Vec::new();
+        for ((agent, _), upload) in plan.agents.iter().zip(uploads) {
+            let manifest = repo
+                .component(&upload.manifest_id, cancel)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "agent `{agent}` reported manifest {}: {e}",
+                        upload.manifest_id
+                    )
+                })?;
+            self.catalog.update(&plan.id, |r| {
+                if let Some(c) = r.components.iter_mut().find(|c| &c.agent == agent) {
+                    c.manifest_id = manifest.id.clone();
+                    c.consistency = manifest.consistency.clone();
+                    c.bytes_read = upload.bytes_read;
+                    c.bytes_stored = upload.bytes_stored;
+                }
+            });
+            components.push(SetComponent {
+                name: agent.clone(),
+                manifest_id: manifest.id,
+                consistency: manifest.consistency,
+            });
+        }
+        let record = self.catalog.get(&plan.id);
+        let manifest = SetManifest {
+            id: plan.id.clone(),
+            created: record
+                .as_ref()
+                .map(|r| r.created.clone())
+                .unwrap_or_default(),
+            policy: record.map(|r| r.policy).unwrap_or_default(),
+            mode: plan.mode.to_string(),
+            components,
+            cut_skew_ms: skew_ms,
+            write_pause_ms: pause_ms.unwrap_or(0.0),
+            pinned: false,
+        };
+        repo.commit_set(&manifest, cancel)
+            .await
+            .map_err(|e| format!("commit the set manifest: {e}"))
+    }
+
+    fn call(
+        &self,
+        plan: &Plan,
+        agent: &str,
+        action: command::Action,
+    ) -> Result<crate::calls::Call, String> {
+        self.calls
+            .start(&self.fleet, agent, &plan.id, action)
+            .map_err(reason)
+    }
+
+    /// Sends one step to every agent at once and waits for all of them; the first failure ends
+    /// the phase (the others are abandoned and aborted by the caller).
+    async fn phase(
+        &self,
+        plan: &Plan,
+        events: &broadcast::Sender<SnapshotEvent>,
+        deadline: Duration,
+        action: impl Fn() -> command::Action,
+    ) -> Result<Results, String> {
+        let step = action().name();
+        let calls = plan
+            .agents
+            .iter()
+            .map(|(agent, _)| self.call(plan, agent, action()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (agent, _) in &plan.agents {
+            self.emit(events, &plan.id, agent, step, String::new());
+        }
+        try_join_all(calls.into_iter().map(|call| {
+            let agent = call.agent().to_owned();
+            call.finish(deadline, move |progress| {
+                let _ = events.send(SnapshotEvent {
+                    set_id: plan.id.clone(),
+                    agent: agent.clone(),
+                    phase: progress.phase.clone(),
+                    bytes_read: progress.bytes_read,
+                    bytes_stored: progress.bytes_stored,
+                    ..SnapshotEvent::default()
+                });
+            })
+        }))
+        .await
+        .map_err(reason)
+    }
+
+    fn emit(
+        &self,
+        events: &broadcast::Sender<SnapshotEvent>,
+        set_id: &str,
+        agent: &str,
+        phase: &str,
+        message: String,
+    ) {
+        let last = matches!(phase, "committed" | "aborted");
+        let _ = events.send(SnapshotEvent {
+            set_id: set_id.to_owned(),
+            agent: agent.to_owned(),
+            phase: phase.to_owned(),
+            message,
+            snapshot: if last {
+                self.catalog.get(set_id).map(|r| r.to_proto())
+            } else {
+                None
+            },
+            ..SnapshotEvent::default()
+        });
+    }
+}
+
+fn reason(err: CallError) -> String {
+    err.to_string()
+}
+
+/// Milliseconds between the earliest and the latest agent instant of a phase.
+fn spread<'a>(results: impl Iterator<Item = &'a CommandResult>) -> f64 {
+    let instants: Vec<i64> = results
+        .map(|r| r.at_unix_micros)
+        .filter(|&t| t > 0)
+        .collect();
+    match (instants.iter().min(), instants.iter().max()) {
+        (Some(first), Some(last)) => (last - first) as f64 / 1e3,
+        _ => 0.0,
+    }
+}
