@@ -58,6 +58,9 @@ pub struct RepositorySettings {
     pub upload_concurrency: usize,
     /// Chunks downloaded at once.
     pub download_concurrency: usize,
+    /// Smooth upload throughput limit in bytes per second (0: unlimited), so a backup never
+    /// saturates the pod's link.
+    pub limit_upload_bytes_per_sec: u64,
 }
 
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
@@ -78,6 +81,7 @@ impl Default for RepositorySettings {
             s3_region: String::new(),
             s3_path_style: false,
             s3_sse: String::new(),
+            limit_upload_bytes_per_sec: 0,
             upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
             download_concurrency: DEFAULT_DOWNLOAD_CONCURRENCY,
         }
