@@ -320,7 +320,19 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// Runs the `aitbc-backup` CLI with `files` as its certificate against `coordinator_url`.
 pub fn cli(files: &CertFiles, coordinator_url: &str, args: &[&str]) -> Output {
-    std::process::Command::new(binary("aitbc-backup"))
+    cli_command(files, coordinator_url, args)
+        .output()
+        .expect("run aitbc-backup")
+}
+
+/// The `aitbc-backup` CLI command, not started (to read its output while it runs).
+pub fn cli_command(
+    files: &CertFiles,
+    coordinator_url: &str,
+    args: &[&str],
+) -> std::process::Command {
+    let mut command = std::process::Command::new(binary("aitbc-backup"));
+    command
         .args(["--coordinator", coordinator_url])
         .arg("--cert")
         .arg(&files.cert)
@@ -330,9 +342,8 @@ pub fn cli(files: &CertFiles, coordinator_url: &str, args: &[&str]) -> Output {
         .arg(&files.ca)
         .args(args)
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .output()
-        .expect("run aitbc-backup")
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
 }
 
 /// `aitbc-backup agents list --json` as JSON; panics with the CLI's stderr on failure.

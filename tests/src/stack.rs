@@ -29,12 +29,24 @@ impl Stack {
     /// Starts everything, the simulator at `rate` blocks/s, and waits until the three agents are
     /// online and the chain has some blocks. `coordinator_env` configures the coordinator.
     pub fn start(rate: u32, coordinator_env: &[(&str, &str)]) -> Stack {
+        Stack::start_with(rate, coordinator_env, &[], &[])
+    }
+
+    /// [`Stack::start`] with extra Redis server arguments and extra env for every agent.
+    pub fn start_with(
+        rate: u32,
+        coordinator_env: &[(&str, &str)],
+        redis_args: &[&str],
+        agent_env: &[(&str, &str)],
+    ) -> Stack {
         let dir = crate::temp_dir("stack");
         let pki = Pki::new();
         let repository = init_local_repository(dir.path());
         let pg = Postgres::start();
         pg.psql("postgres", &format!("CREATE DATABASE {MIRROR_DB}"));
-        let redis = Redis::start_with(&["--repl-diskless-sync-delay", "0"]);
+        let mut args = vec!["--repl-diskless-sync-delay", "0"];
+        args.extend_from_slice(redis_args);
+        let redis = Redis::start_with(&args);
         let node = NodeSim::start(
             dir.path(),
             "wal",
@@ -67,13 +79,14 @@ impl Stack {
             dir,
         };
         for component in ["postgres", "redis", "ledger"] {
-            stack.start_agent(component);
+            stack.start_agent(component, agent_env);
         }
         stack
     }
 
-    /// The agent of `component` (named after it), configured for this stack's servers.
-    pub fn start_agent(&mut self, component: &str) {
+    /// (Re)starts the agent of `component` (named after it), configured for this stack's
+    /// servers plus `extra` env.
+    pub fn start_agent(&mut self, component: &str, extra: &[(&str, &str)]) {
         let scratch = self.dir.path().join(format!("scratch-{component}"));
         std::fs::create_dir_all(&scratch).expect("scratch dir");
         let env: Vec<(String, String)> = vec![
@@ -104,8 +117,17 @@ impl Stack {
             ),
             ("COMPRESSION_LEVEL".into(), "1".into()),
         ];
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.agents.retain(|a| a.name != component);
+        let mut env: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend_from_slice(extra);
+        if let Some(mut old) = self
+            .agents
+            .iter()
+            .position(|a| a.name == component)
+            .map(|i| self.agents.remove(i))
+        {
+            old.service().stop();
+        }
         let agent = AgentProcess::start(
             &self.pki,
             component,
@@ -135,6 +157,11 @@ impl Stack {
 
     pub fn operator(&self) -> CertFiles {
         self.pki.operator()
+    }
+
+    /// The CLI command against this stack's coordinator, not started.
+    pub fn cli_command(&self, args: &[&str]) -> std::process::Command {
+        crate::fleet::cli_command(&self.pki.operator(), &self.coordinator.url(), args)
     }
 
     /// The CLI against this stack's coordinator.
