@@ -30,10 +30,14 @@ fn create_until(
     let mut line = String::new();
     loop {
         line.clear();
-        let read = out.read_line(&mut line).expect("read events");
-        assert!(read > 0, "the event stream ended before the awaited event");
-        let event: Value = serde_json::from_str(&line).expect("JSON event");
-        if until(&event) {
+        let read = out.read_line(&mut line).unwrap_or(0);
+        let event: Option<Value> = serde_json::from_str(&line).ok();
+        if read == 0 || event.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the event stream ended before the awaited event: {line}");
+        }
+        if event.as_ref().is_some_and(&until) {
             return (child, out);
         }
     }
