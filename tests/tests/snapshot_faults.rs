@@ -15,6 +15,8 @@ fn install() {
 }
 
 /// Starts `snapshot create --wait --json` and reads its events until `until` matches one.
+/// The caller waits for the returned child.
+#[allow(clippy::zombie_processes)]
 fn create_until(
     stack: &Stack,
     mode: &str,
