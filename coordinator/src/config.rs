@@ -13,6 +13,8 @@ use aitbc_backup_telemetry::LogSettings;
 use aitbc_backup_tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
+/// The policy of sets nobody named one for, and of the old scripts' schedule.
+pub const DEFAULT_POLICY: &str = "default";
 pub const DEFAULT_GRPC_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9443";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -51,6 +53,10 @@ pub struct CoordinatorConfig {
     pub fleet: FleetSettings,
     pub schedule: ScheduleSettings,
     pub snapshot: SnapshotSettings,
+    /// Named policies (`[[policies]]`); a `default` policy is made from `schedule.default`,
+    /// `snapshot.mode` and `retention` unless one is configured.
+    pub policies: Vec<PolicySettings>,
+    pub gc: GcSettings,
     pub retention: RetentionSettings,
     pub repository: RepositorySettings,
     pub log: LogSettings,
@@ -81,11 +87,75 @@ pub struct FleetSettings {
     pub register_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleSettings {
     /// Cron schedule (UTC) of the default policy; `BACKUP_SCHEDULE` of the old scripts.
     pub default: CronSchedule,
+    /// Run policies on their schedules (false: only sets asked for by operators).
+    pub enabled: bool,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        ScheduleSettings {
+            default: CronSchedule::default(),
+            enabled: true,
+        }
+    }
+}
+
+/// A backup policy: when, what, how, and how long its sets are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    pub name: String,
+    /// Cron (UTC): five fields, or six with seconds first.
+    pub schedule: CronSchedule,
+    /// Components to capture; empty: every component with an agent online.
+    #[serde(default)]
+    pub components: Vec<Component>,
+    /// Default: `snapshot.mode`.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub retention: PolicyRetention,
+}
+
+/// Which of a policy's sets are kept. A committed set is kept if any rule keeps it; the newest
+/// committed set and pinned sets are always kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyRetention {
+    /// Keep sets younger than this many days; default `retention.days`
+    /// (`BACKUP_RETENTION_DAYS`); 0 turns the age rule off.
+    pub days: Option<u32>,
+    /// Keep the newest N sets.
+    pub keep_last: u32,
+    /// Keep the newest set of each of the last N days / ISO weeks / months that have sets.
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+}
+
+/// Garbage collection after retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcSettings {
+    /// Run GC after retention deleted sets.
+    pub after_retention: bool,
+    /// Unreferenced chunks younger than this are never deleted (in-flight backups use them).
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        GcSettings {
+            after_retention: true,
+            grace: aitbc_backup_repository::gc::DEFAULT_GRACE,
+        }
+    }
 }
 
 /// Snapshot sets and restores: deadlines per phase, the default mode, the restore order.
@@ -156,6 +226,25 @@ fn parse_addr(text: &str) -> SocketAddr {
 }
 
 impl CoordinatorConfig {
+    /// The configured policies, plus the `default` policy made from the old scripts' settings
+    /// when none is named so.
+    pub fn effective_policies(&self) -> Vec<PolicySettings> {
+        let mut policies = self.policies.clone();
+        if !policies.iter().any(|p| p.name == DEFAULT_POLICY) {
+            policies.insert(
+                0,
+                PolicySettings {
+                    name: DEFAULT_POLICY.to_owned(),
+                    schedule: self.schedule.default.clone(),
+                    components: Vec::new(),
+                    mode: None,
+                    retention: PolicyRetention::default(),
+                },
+            );
+        }
+        policies
+    }
+
     /// Checks what serde cannot: ranges and cross-key rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.fleet.heartbeat_interval < Duration::from_millis(100) {
@@ -189,6 +278,27 @@ impl CoordinatorConfig {
         ] {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, "must be more than 0s"));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for policy in &self.policies {
+            let valid = !policy.name.is_empty()
+                && policy.name.len() <= 63
+                && policy
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                return Err(ConfigError::invalid(
+                    "policies.name",
+                    format!("`{}`: 1 to 63 letters, digits, `-` or `_`", policy.name),
+                ));
+            }
+            if !names.insert(policy.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    "policies.name",
+                    format!("`{}` is configured twice", policy.name),
+                ));
             }
         }
         self.retention.validate()?;

@@ -11,6 +11,7 @@
 //! - [`calls`]: commands to agents and their answers.
 //! - [`snapshot`]: the snapshot-set protocol; [`restore`]: ordered restores of a set.
 //! - [`catalog`]: the sets the coordinator knows, rebuilt from the repository at start.
+//! - [`scheduler`]: policies on their cron schedules; [`retention`]: which sets go.
 //! - [`metrics`]: every metric the coordinator exports.
 
 pub mod auth;
@@ -21,6 +22,8 @@ pub mod fleet;
 pub mod metrics;
 pub mod operator;
 pub mod restore;
+pub mod retention;
+pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod snapshot;

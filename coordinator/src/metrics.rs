@@ -28,6 +28,17 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyOutcomeLabel {
+    pub policy: String,
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     /// Agents with an open, live session.
     pub agents_online: Family<ComponentLabel, Gauge>,
@@ -37,6 +48,12 @@ pub struct Metrics {
     pub sessions_closed: Family<ReasonLabel, Counter>,
     /// Time to handle one heartbeat (registry update and ack enqueue).
     pub heartbeat_handling: Histogram,
+    /// Scheduled runs skipped because the policy's previous run was still going.
+    pub scheduler_skips: Family<PolicyLabel, Counter>,
+    /// Scheduled runs, by outcome (started, not_started).
+    pub scheduler_runs: Family<PolicyOutcomeLabel, Counter>,
+    /// Sets removed by retention.
+    pub retention_deleted: Family<PolicyLabel, Counter>,
 }
 
 impl Metrics {
@@ -47,6 +64,9 @@ impl Metrics {
             sessions_opened: Counter::default(),
             sessions_closed: Family::default(),
             heartbeat_handling: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
+            scheduler_skips: Family::default(),
+            scheduler_runs: Family::default(),
+            retention_deleted: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("aitbc_backup_coordinator");
         sub.register(
@@ -68,6 +88,21 @@ impl Metrics {
             "heartbeat_handling_seconds",
             "Time to handle one agent heartbeat",
             metrics.heartbeat_handling.clone(),
+        );
+        sub.register(
+            "scheduler_skips",
+            "Scheduled runs skipped because the policy's previous run was still going",
+            metrics.scheduler_skips.clone(),
+        );
+        sub.register(
+            "scheduler_runs",
+            "Scheduled runs, by outcome",
+            metrics.scheduler_runs.clone(),
+        );
+        sub.register(
+            "retention_deleted_sets",
+            "Snapshot sets deleted by retention",
+            metrics.retention_deleted.clone(),
         );
         Arc::new(metrics)
     }

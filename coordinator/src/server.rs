@@ -21,6 +21,7 @@ use crate::config::CoordinatorConfig;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::operator::OperatorService;
+use crate::scheduler::Scheduler;
 use crate::session::SessionService;
 use crate::snapshot::Sets;
 
@@ -108,6 +109,17 @@ impl Coordinator {
                     tracing::warn!(error = %status.message(), "catalog not loaded yet; retried on the next operator call");
                 }
             });
+        }
+        if config.schedule.enabled {
+            let scheduler = Arc::new(Scheduler {
+                sets: sets.clone(),
+                policies: config.effective_policies(),
+                default_days: config.retention.days,
+                gc: config.gc.clone(),
+                metrics: metrics.clone(),
+            });
+            let cancel = shutdown.child_token();
+            set_tasks.spawn(scheduler.run(cancel));
         }
         let session_service = SessionService {
             fleet: fleet.clone(),

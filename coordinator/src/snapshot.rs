@@ -26,12 +26,12 @@ use tracing::Instrument;
 
 use crate::calls::{CallError, Calls};
 use crate::catalog::{Catalog, ComponentRecord, RepoHandle, SetRecord, SetState};
+pub use crate::config::DEFAULT_POLICY;
 use crate::config::SnapshotSettings;
 use crate::fleet::Fleet;
 
 /// Events buffered per set for slow readers (progress is sent once a second per agent).
 const EVENT_BUFFER: usize = 1024;
-pub const DEFAULT_POLICY: &str = "default";
 
 /// What everything that runs sets shares.
 pub struct Sets {
@@ -117,6 +117,48 @@ impl Sets {
         };
         self.catalog.remove(&record.id);
         tracing::info!(set = %record.id, manifests = deleted.len(), "snapshot set deleted");
+        Ok(deleted)
+    }
+
+    /// Applies a policy's retention to its sets, then GC (when configured); returns how many
+    /// sets were deleted.
+    pub async fn apply_retention(
+        &self,
+        policy: &str,
+        rules: crate::retention::Rules,
+        gc: &crate::config::GcSettings,
+    ) -> anyhow::Result<usize> {
+        let sets: Vec<SetRecord> = self
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|s| s.policy == policy)
+            .collect();
+        let expired = crate::retention::expired(&sets, rules, chrono::Utc::now());
+        let mut deleted = 0;
+        for id in &expired {
+            if let Some(record) = self.catalog.get(id) {
+                Box::pin(self.delete(&record)).await?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(policy, deleted, "retention deleted sets");
+            if gc.after_retention {
+                let cancel = self.shutdown.child_token();
+                let repo = self.repo.get(&cancel).await?;
+                let report = Box::pin(aitbc_backup_repository::gc::gc(
+                    repo, gc.grace, false, &cancel,
+                ))
+                .await?;
+                tracing::info!(
+                    deleted_chunks = report.deleted_chunks,
+                    deleted_bytes = report.deleted_bytes,
+                    in_grace = report.in_grace,
+                    "GC after retention"
+                );
+            }
+        }
         Ok(deleted)
     }
 

@@ -160,6 +160,8 @@ impl CoordinatorProcess {
                 "AITBC_BACKUP_REPOSITORY__URL".into(),
                 format!("file://{}", dir.path().join("repository").display()),
             ),
+            // No scheduled sets unless a test asks for them.
+            ("AITBC_BACKUP_SCHEDULE__ENABLED".into(), "false".into()),
         ]);
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let service = Self::spawn(&dir, &env);

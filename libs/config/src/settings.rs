@@ -182,7 +182,8 @@ impl RetentionSettings {
     }
 }
 
-/// A standard five-field cron expression (minute hour day-of-month month day-of-week), UTC.
+/// A standard five-field cron expression (minute hour day-of-month month day-of-week), UTC; a
+/// sixth, leading field of seconds is accepted for fast schedules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CronSchedule {
     text: String,
@@ -208,13 +209,17 @@ impl FromStr for CronSchedule {
 
     fn from_str(text: &str) -> Result<Self, String> {
         let fields = text.split_whitespace().count();
-        if fields != 5 {
-            return Err(format!(
-                "`{text}` has {fields} fields; expected 5 (minute hour day-of-month month day-of-week)"
-            ));
-        }
-        // The cron crate wants a leading seconds field.
-        let schedule = cron::Schedule::from_str(&format!("0 {text}"))
+        // Five fields as in crontab; six with a leading seconds field (fast schedules).
+        let full = match fields {
+            5 => format!("0 {text}"),
+            6 => text.to_owned(),
+            _ => {
+                return Err(format!(
+                    "`{text}` has {fields} fields; expected 5 (minute hour day-of-month month day-of-week), or 6 with seconds first"
+                ));
+            }
+        };
+        let schedule = cron::Schedule::from_str(&full)
             .map_err(|err| format!("`{text}` is not a valid cron expression: {err}"))?;
         Ok(CronSchedule {
             text: text.to_owned(),

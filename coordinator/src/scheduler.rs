@@ -1,0 +1,163 @@
+//! The scheduler: one loop per policy, firing on its cron schedule (UTC). A run never overlaps
+//! the policy's previous one (the firing is skipped and counted). A run missed while the
+//! coordinator was down (the schedule fired between the policy's newest set and now) runs once
+//! at start. After each run, the policy's retention applies, then GC.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aitbc_backup_proto::SnapshotEvent;
+use chrono::Utc;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::SetState;
+use crate::config::{GcSettings, PolicySettings};
+use crate::metrics::{Metrics, PolicyLabel, PolicyOutcomeLabel};
+use crate::retention::Rules;
+use crate::snapshot::{SetRequest, Sets};
+
+/// How often the scheduler retries reading the catalog while the repository is unreachable.
+const CATALOG_RETRY: Duration = Duration::from_secs(5);
+/// How long a missed run waits at start for the policy's agents to reconnect.
+const RECONNECT_GRACE: Duration = Duration::from_secs(60);
+
+pub struct Scheduler {
+    pub sets: Arc<Sets>,
+    pub policies: Vec<PolicySettings>,
+    /// `retention.days`: the age rule of policies that do not set their own.
+    pub default_days: u32,
+    pub gc: GcSettings,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Scheduler {
+    /// Runs every policy's loop until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        while let Err(status) = self.sets.catalog_ready().await {
+            tracing::warn!(error = %status.message(), "scheduler waits for the catalog");
+            if !aitbc_backup_backoff::sleep_or_cancel(CATALOG_RETRY, &cancel).await {
+                return;
+            }
+        }
+        let loops = self.policies.iter().map(|policy| {
+            let scheduler = self.clone();
+            let cancel = cancel.clone();
+            async move { scheduler.policy_loop(policy, &cancel).await }
+        });
+        futures::future::join_all(loops).await;
+    }
+
+    async fn policy_loop(&self, policy: &PolicySettings, cancel: &CancellationToken) {
+        let newest = self
+            .sets
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|s| s.policy == policy.name)
+            .filter_map(|s| chrono::DateTime::parse_from_rfc3339(&s.created).ok())
+            .max();
+        if let Some(newest) = newest
+            && policy
+                .schedule
+                .next_after(&newest.with_timezone(&Utc))
+                .is_some_and(|due| due <= Utc::now())
+        {
+            tracing::info!(policy = %policy.name, "a scheduled run was missed while the coordinator was down; running it now");
+            // Agents reconnect after a coordinator restart within their backoff.
+            let since = Instant::now();
+            while !self.fire(policy, since.elapsed() < RECONNECT_GRACE) {
+                if !aitbc_backup_backoff::sleep_or_cancel(Duration::from_secs(1), cancel).await {
+                    return;
+                }
+            }
+        }
+        loop {
+            let Some(next) = policy.schedule.next_after(&Utc::now()) else {
+                tracing::warn!(policy = %policy.name, "the schedule never fires again");
+                return;
+            };
+            let wait = (next - Utc::now()).to_std().unwrap_or_default();
+            tracing::debug!(policy = %policy.name, %next, "next scheduled run");
+            if !aitbc_backup_backoff::sleep_or_cancel(wait, cancel).await {
+                return;
+            }
+            self.fire(policy, false);
+        }
+    }
+
+    /// Starts a run unless one of the policy is still going; retention follows the run. With
+    /// `retry`, a run that finds no agents is not counted and false is returned (try again).
+    fn fire(&self, policy: &PolicySettings, retry: bool) -> bool {
+        let running = self
+            .sets
+            .catalog
+            .list()
+            .into_iter()
+            .any(|s| s.policy == policy.name && s.state == SetState::Running);
+        let label = PolicyLabel {
+            policy: policy.name.clone(),
+        };
+        if running {
+            tracing::warn!(policy = %policy.name, "previous run still going; this run is skipped");
+            self.metrics.scheduler_skips.get_or_create(&label).inc();
+            return true;
+        }
+        let request = SetRequest {
+            policy: policy.name.clone(),
+            components: policy.components.clone(),
+            mode: policy.mode,
+        };
+        let outcome = |outcome| PolicyOutcomeLabel {
+            policy: policy.name.clone(),
+            outcome,
+        };
+        match self.sets.start(request) {
+            Err(_) if retry => false,
+            Err(err) => {
+                tracing::warn!(policy = %policy.name, error = %err, "scheduled run not started");
+                self.metrics
+                    .scheduler_runs
+                    .get_or_create(&outcome("not_started"))
+                    .inc();
+                true
+            }
+            Ok((set_id, events)) => {
+                tracing::info!(policy = %policy.name, set = %set_id, "scheduled run started");
+                self.metrics
+                    .scheduler_runs
+                    .get_or_create(&outcome("started"))
+                    .inc();
+                let sets = self.sets.clone();
+                let rules = Rules::of(&policy.retention, self.default_days);
+                let (name, gc, metrics) =
+                    (policy.name.clone(), self.gc.clone(), self.metrics.clone());
+                self.sets.tasks.spawn(async move {
+                    wait_for_end(events).await;
+                    match Box::pin(sets.apply_retention(&name, rules, &gc)).await {
+                        Ok(deleted) => {
+                            metrics
+                                .retention_deleted
+                                .get_or_create(&PolicyLabel { policy: name })
+                                .inc_by(deleted as u64);
+                        }
+                        Err(err) => {
+                            tracing::warn!(policy = %name, error = %format!("{err:#}"), "retention failed; retried after the next run")
+                        }
+                    }
+                });
+                true
+            }
+        }
+    }
+}
+
+async fn wait_for_end(mut events: broadcast::Receiver<SnapshotEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(event) if matches!(event.phase.as_str(), "committed" | "aborted") => return,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
