@@ -41,6 +41,9 @@ fn created(record: &SetRecord) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The calendar bucket (year, day / ISO week / month) of an instant.
+type BucketOf = fn(DateTime<Utc>) -> (i32, u32);
+
 /// Ids of the sets (all of one policy) that retention removes at `now`.
 pub fn expired(sets: &[SetRecord], rules: Rules, now: DateTime<Utc>) -> Vec<String> {
     let mut committed: Vec<(&SetRecord, DateTime<Utc>)> = sets
@@ -65,13 +68,13 @@ pub fn expired(sets: &[SetRecord], rules: Rules, now: DateTime<Utc>) -> Vec<Stri
     for (set, _) in committed.iter().take(rules.keep_last as usize) {
         keep.insert(&set.id);
     }
-    let buckets: [(u32, fn(DateTime<Utc>) -> (i32, u32, u32)); 3] = [
-        (rules.keep_daily, |t| (t.year(), t.ordinal(), 0)),
+    let buckets: [(u32, BucketOf); 3] = [
+        (rules.keep_daily, |t| (t.year(), t.ordinal())),
         (rules.keep_weekly, |t| {
             let w = t.iso_week();
-            (w.year(), w.week(), 0)
+            (w.year(), w.week())
         }),
-        (rules.keep_monthly, |t| (t.year(), t.month(), 0)),
+        (rules.keep_monthly, |t| (t.year(), t.month())),
     ];
     for (count, bucket_of) in buckets {
         let mut seen = BTreeSet::new();
