@@ -9,6 +9,9 @@
 #                                              (-Z0, default, | gzip) and pg_restore -j2 from a file
 #   scripts/bench.sh redis [--keys N]          ~1 GB in Redis: the redis component vs redis-cli --rdb
 #                                              (and | gzip); restore live vs restart with dump.rdb
+#   scripts/bench.sh sets [--sets N]           snapshot sets: cut skew of N coordinated sets, fenced
+#                                              write pause with ~1 GB in Redis, a full set (~1 GB per
+#                                              component) and its ordered restore vs the old scripts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,11 +80,18 @@ bench_redis() {
   python3 bench/redis.py --bin "$BIN" --work "${AITBC_BENCH_DIR:-/tmp/aitbc-bench-redis}" "$@"
 }
 
+bench_sets() {
+  bash scripts/setup.sh
+  # The pgbench data and the 1 GiB node directory are kept between runs.
+  python3 bench/sets.py --bin "$BIN" --work "${AITBC_BENCH_DIR:-/tmp/aitbc-bench-sets}" "$@"
+}
+
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
   repository) shift || true; bench_repository "$@" ;;
   ledger) shift || true; bench_ledger "$@" ;;
   postgres) shift || true; bench_postgres "$@" ;;
   redis) shift || true; bench_redis "$@" ;;
+  sets) shift || true; bench_sets "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac

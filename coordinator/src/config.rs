@@ -120,6 +120,19 @@ pub struct PolicySettings {
     pub mode: Option<Mode>,
     #[serde(default)]
     pub retention: PolicyRetention,
+    /// Verify each committed set of the policy: `none`, `structure` (every chunk present with
+    /// its size) or `read_data` (every chunk downloaded and re-hashed).
+    #[serde(default)]
+    pub verify: VerifyAfter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyAfter {
+    #[default]
+    None,
+    Structure,
+    ReadData,
 }
 
 /// Which of a policy's sets are kept. A committed set is kept if any rule keeps it; the newest
@@ -239,6 +252,7 @@ impl CoordinatorConfig {
                     components: Vec::new(),
                     mode: None,
                     retention: PolicyRetention::default(),
+                    verify: VerifyAfter::None,
                 },
             );
         }

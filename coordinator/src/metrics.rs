@@ -54,6 +54,8 @@ pub struct Metrics {
     pub scheduler_runs: Family<PolicyOutcomeLabel, Counter>,
     /// Sets removed by retention.
     pub retention_deleted: Family<PolicyLabel, Counter>,
+    /// Scheduled verifications of committed sets, by outcome (ok, failed).
+    pub verifications: Family<PolicyOutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -67,6 +69,7 @@ impl Metrics {
             scheduler_skips: Family::default(),
             scheduler_runs: Family::default(),
             retention_deleted: Family::default(),
+            verifications: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("aitbc_backup_coordinator");
         sub.register(
@@ -103,6 +106,11 @@ impl Metrics {
             "retention_deleted_sets",
             "Snapshot sets deleted by retention",
             metrics.retention_deleted.clone(),
+        );
+        sub.register(
+            "verifications",
+            "Scheduled verifications of committed sets, by outcome",
+            metrics.verifications.clone(),
         );
         Arc::new(metrics)
     }

@@ -1,7 +1,7 @@
 //! The scheduler: one loop per policy, firing on its cron schedule (UTC). A run never overlaps
 //! the policy's previous one (the firing is skipped and counted). A run missed while the
 //! coordinator was down (the schedule fired between the policy's newest set and now) runs once
-//! at start. After each run, the policy's retention applies, then GC.
+//! at start. After each run, the policy's verification (if any), its retention, then GC.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::SetState;
-use crate::config::{GcSettings, PolicySettings};
+use crate::config::{GcSettings, PolicySettings, VerifyAfter};
 use crate::metrics::{Metrics, PolicyLabel, PolicyOutcomeLabel};
 use crate::retention::Rules;
 use crate::snapshot::{SetRequest, Sets};
@@ -132,8 +132,29 @@ impl Scheduler {
                 let rules = Rules::of(&policy.retention, self.default_days);
                 let (name, gc, metrics) =
                     (policy.name.clone(), self.gc.clone(), self.metrics.clone());
+                let verify = policy.verify;
                 self.sets.tasks.spawn(async move {
-                    wait_for_end(events).await;
+                    if wait_for_end(events).await && verify != VerifyAfter::None {
+                        let read_data = verify == VerifyAfter::ReadData;
+                        let outcome = match Box::pin(sets.verify(&set_id, read_data)).await {
+                            Ok(problems) if problems.is_empty() => "ok",
+                            Ok(problems) => {
+                                tracing::error!(set = %set_id, ?problems, "scheduled verification FAILED");
+                                "failed"
+                            }
+                            Err(err) => {
+                                tracing::error!(set = %set_id, error = %format!("{err:#}"), "scheduled verification could not run");
+                                "failed"
+                            }
+                        };
+                        metrics
+                            .verifications
+                            .get_or_create(&PolicyOutcomeLabel {
+                                policy: name.clone(),
+                                outcome,
+                            })
+                            .inc();
+                    }
                     match Box::pin(sets.apply_retention(&name, rules, &gc)).await {
                         Ok(deleted) => {
                             metrics
@@ -152,12 +173,14 @@ impl Scheduler {
     }
 }
 
-async fn wait_for_end(mut events: broadcast::Receiver<SnapshotEvent>) {
+/// Waits for the set's last event; true if it committed.
+async fn wait_for_end(mut events: broadcast::Receiver<SnapshotEvent>) -> bool {
     loop {
         match events.recv().await {
-            Ok(event) if matches!(event.phase.as_str(), "committed" | "aborted") => return,
+            Ok(event) if event.phase == "committed" => return true,
+            Ok(event) if event.phase == "aborted" => return false,
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return,
+            Err(broadcast::error::RecvError::Closed) => return false,
         }
     }
 }

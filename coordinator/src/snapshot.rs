@@ -105,6 +105,21 @@ impl Sets {
             .map_err(tonic::Status::unavailable)
     }
 
+    /// Verifies a committed set's data; the problems found, each naming an object.
+    pub async fn verify(&self, set_id: &str, read_data: bool) -> anyhow::Result<Vec<String>> {
+        let cancel = self.shutdown.child_token();
+        let repo = self.repo.get(&cancel).await?;
+        let report = Box::pin(aitbc_backup_repository::verify::verify_set(
+            repo, set_id, read_data, &cancel,
+        ))
+        .await?;
+        Ok(report
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.object, p.problem))
+            .collect())
+    }
+
     /// Deletes a set (committed or aborted) from the repository and the catalog.
     pub async fn delete(&self, record: &SetRecord) -> anyhow::Result<Vec<String>> {
         let cancel = self.shutdown.child_token();

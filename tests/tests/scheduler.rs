@@ -38,7 +38,7 @@ fn retention_keeps_what_the_policy_says_and_overlaps_are_skipped() {
     install();
     let policies = r#"[
         {name = "fast", schedule = "*/2 * * * * *", components = ["redis"],
-         retention = {days = 0, keep_last = 2}},
+         retention = {days = 0, keep_last = 2}, verify = "read_data"},
         {name = "slow", schedule = "* * * * * *", components = ["ledger"],
          retention = {days = 0, keep_last = 1}}]"#;
     let mut stack = Stack::start(
@@ -106,6 +106,12 @@ fn retention_keeps_what_the_policy_says_and_overlaps_are_skipped() {
         manifests <= 3 + slow_committed + 1,
         "{manifests} set manifests"
     );
+
+    // Every committed run of the fast policy was verified chunk by chunk, none failed.
+    let verified = r#"aitbc_backup_coordinator_verifications_total{policy="fast",outcome="ok"}"#;
+    let failed = r#"aitbc_backup_coordinator_verifications_total{policy="fast",outcome="failed"}"#;
+    assert!(counter(&stack, verified) >= 3, "{}", stack.coordinator.log());
+    assert_eq!(counter(&stack, failed), 0);
 
     let skips = r#"aitbc_backup_coordinator_scheduler_skips_total{policy="slow"}"#;
     assert!(
