@@ -14,6 +14,7 @@ use aitbc_backup_proto::model::Component;
 use aitbc_backup_proto::{
     AgentMessage, CommandResult, Progress as ProgressMessage, agent_message, command,
 };
+use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::{Progress, Repository};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -227,14 +228,17 @@ impl SetTask {
                     .take()
                     .ok_or_else(|| anyhow::anyhow!("no repository open"))?;
                 let progress = Arc::new(Progress::default());
-                let name = if upload.name.is_empty() {
-                    self.config.backup_name()
-                } else {
-                    upload.name
+                let label = Label {
+                    name: if upload.name.is_empty() {
+                        self.config.backup_name()
+                    } else {
+                        upload.name
+                    },
+                    set_id: command.set_id.clone(),
                 };
                 let uploading = cut.upload(
                     &repo,
-                    &name,
+                    &label,
                     upload.full_scan,
                     progress.clone(),
                     &self.cancel,

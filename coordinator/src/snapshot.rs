@@ -127,8 +127,7 @@ impl Sets {
         let deleted = if record.state == SetState::Committed {
             repo.delete_set(&record.id, &cancel).await?
         } else {
-            repo.forget_attempt(&record.id, &cancel).await?;
-            Vec::new()
+            repo.delete_aborted_set(&record.id, &cancel).await?
         };
         self.catalog.remove(&record.id);
         tracing::info!(set = %record.id, manifests = deleted.len(), "snapshot set deleted");

@@ -443,7 +443,7 @@ fn store_crafted(agent: &LedgerAgent, archive: Vec<u8>, height: u64, hash: &str)
                     height,
                     hash: hash.into(),
                 }),
-                files: vec![],
+                ..Default::default()
             },
             std::sync::Arc::new(Progress::default()),
             &CancellationToken::new(),

@@ -110,7 +110,11 @@ fn retention_keeps_what_the_policy_says_and_overlaps_are_skipped() {
     // Every committed run of the fast policy was verified chunk by chunk, none failed.
     let verified = r#"aitbc_backup_coordinator_verifications_total{policy="fast",outcome="ok"}"#;
     let failed = r#"aitbc_backup_coordinator_verifications_total{policy="fast",outcome="failed"}"#;
-    assert!(counter(&stack, verified) >= 3, "{}", stack.coordinator.log());
+    assert!(
+        counter(&stack, verified) >= 3,
+        "{}",
+        stack.coordinator.log()
+    );
     assert_eq!(counter(&stack, failed), 0);
 
     let skips = r#"aitbc_backup_coordinator_scheduler_skips_total{policy="slow"}"#;

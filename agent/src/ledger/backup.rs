@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::manifest::{ChunkRef, ConsistencyPoint, FileEntry};
 use aitbc_backup_repository::{BackupRequest, ChunkSink, Progress, Repository, backup_with};
 use anyhow::{Context, bail};
@@ -197,7 +198,7 @@ pub async fn backup(
     let settings = settings.clone();
     let cut = tokio::task::spawn_blocking(move || prepare(&settings)?.cut()).await??;
     // Boxed: the pipeline's future is deep enough to overflow the compiler's layout queries.
-    Box::pin(cut.upload(repo, name, full_scan, progress, cancel)).await
+    Box::pin(cut.upload(repo, &Label::new(name), full_scan, progress, cancel)).await
 }
 
 /// What the producer hands back.
@@ -213,14 +214,14 @@ impl Cut {
     pub async fn upload(
         self,
         repo: &Repository,
-        name: &str,
+        label: &Label,
         full_scan: bool,
         progress: Arc<Progress>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<BackupReport> {
         let started = Instant::now();
         let captured = tokio::task::spawn_blocking(move || self.capture()).await??;
-        Box::pin(captured.upload(repo, name, full_scan, progress, cancel, started)).await
+        Box::pin(captured.upload(repo, label, full_scan, progress, cancel, started)).await
     }
 }
 
@@ -228,7 +229,7 @@ impl Captured {
     async fn upload(
         self,
         repo: &Repository,
-        name: &str,
+        label: &Label,
         full_scan: bool,
         progress: Arc<Progress>,
         cancel: &CancellationToken,
@@ -258,7 +259,8 @@ impl Captured {
         let copies = self.copies.clone();
         let data_dir = settings.data_dir.clone();
         let request = BackupRequest {
-            name: name.to_owned(),
+            name: label.name.clone(),
+            set_id: label.set_id.clone(),
             stream: STREAM.to_owned(),
             consistency: Some(ConsistencyPoint::Ledger {
                 height: self.head.height,

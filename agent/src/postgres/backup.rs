@@ -9,6 +9,7 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
+use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::manifest::FileEntry;
 use aitbc_backup_repository::{BackupRequest, ChunkSink, Progress, Repository, backup_with};
 use anyhow::Context;
@@ -59,7 +60,7 @@ pub async fn backup(
         Some(fence) => Some(fence.release().await),
         None => None,
     };
-    let mut report = Box::pin(cut.upload(repo, name, progress, cancel)).await?;
+    let mut report = Box::pin(cut.upload(repo, &Label::new(name), progress, cancel)).await?;
     report.write_pause_ms = pause.map(|p| p.as_secs_f64() * 1e3);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -71,7 +72,7 @@ impl Cut {
     pub async fn upload(
         self,
         repo: &Repository,
-        name: &str,
+        label: &Label,
         progress: Arc<Progress>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<BackupReport> {
@@ -83,7 +84,8 @@ impl Cut {
             ..
         } = self;
         let request = BackupRequest {
-            name: name.to_owned(),
+            name: label.name.clone(),
+            set_id: label.set_id.clone(),
             stream: STREAM.to_owned(),
             consistency: None,
             files: Vec::new(),

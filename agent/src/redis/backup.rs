@@ -8,6 +8,7 @@ use std::io::BufReader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::manifest::ConsistencyPoint;
 use aitbc_backup_repository::{BackupRequest, ChunkSink, Progress, Repository, backup_with};
 use anyhow::{Context, bail};
@@ -152,13 +153,14 @@ impl Cut {
     pub async fn upload(
         self,
         repo: &Repository,
-        name: &str,
+        label: &Label,
         progress: Arc<Progress>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<BackupReport> {
         let started = Instant::now();
         let request = BackupRequest {
-            name: name.to_owned(),
+            name: label.name.clone(),
+            set_id: label.set_id.clone(),
             stream: STREAM.to_owned(),
             consistency: None,
             files: Vec::new(),
@@ -260,7 +262,7 @@ pub async fn backup(
         anyhow::Ok((cut, pause))
     })
     .await??;
-    let mut report = Box::pin(cut.upload(repo, name, progress, cancel)).await?;
+    let mut report = Box::pin(cut.upload(repo, &Label::new(name), progress, cancel)).await?;
     report.write_pause_ms = pause.map(|p| p.as_secs_f64() * 1e3);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use aitbc_backup_proto::model::Component;
+use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::{Progress, Repository};
 use tokio_util::sync::CancellationToken;
 
@@ -152,22 +153,22 @@ impl Cut {
     pub async fn upload(
         self,
         repo: &Repository,
-        name: &str,
+        label: &Label,
         full_scan: bool,
         progress: Arc<Progress>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<Uploaded> {
         let (manifest_id, report) = match self {
             Cut::Postgres(c) => {
-                let report = Box::pin(c.upload(repo, name, progress, cancel)).await?;
+                let report = Box::pin(c.upload(repo, label, progress, cancel)).await?;
                 (report.manifest.clone(), serde_json::to_value(report)?)
             }
             Cut::Redis(c) => {
-                let report = Box::pin(c.upload(repo, name, progress, cancel)).await?;
+                let report = Box::pin(c.upload(repo, label, progress, cancel)).await?;
                 (report.manifest.clone(), serde_json::to_value(report)?)
             }
             Cut::Ledger(c) => {
-                let report = Box::pin(c.upload(repo, name, full_scan, progress, cancel)).await?;
+                let report = Box::pin(c.upload(repo, label, full_scan, progress, cancel)).await?;
                 (report.manifest.clone(), serde_json::to_value(report)?)
             }
         };

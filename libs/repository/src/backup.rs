@@ -30,10 +30,30 @@ use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint
 use crate::repo::{Repository, now_rfc3339};
 use crate::storage::{PutMode, StorageError};
 
+/// What a backup is called: its name, and the snapshot set it belongs to (empty for a backup
+/// on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Label {
+    pub name: String,
+    pub set_id: String,
+}
+
+impl Label {
+    /// A backup that belongs to no set.
+    pub fn new(name: &str) -> Label {
+        Label {
+            name: name.to_owned(),
+            set_id: String::new(),
+        }
+    }
+}
+
 /// What to record about the stream.
 #[derive(Debug, Clone, Default)]
 pub struct BackupRequest {
     pub name: String,
+    /// The snapshot set the backup is made for (empty: none).
+    pub set_id: String,
     /// `raw`, `tar`, `pg_dump`, `rdb`, ...
     pub stream: String,
     pub consistency: Option<ConsistencyPoint>,
@@ -315,6 +335,7 @@ where
     let manifest = ComponentManifest {
         id: layout::new_manifest_id(),
         name: request.name,
+        set_id: request.set_id,
         stream: request.stream,
         created: now_rfc3339(),
         raw_size,

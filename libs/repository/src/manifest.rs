@@ -127,6 +127,10 @@ pub struct ComponentManifest {
     pub id: String,
     /// A label: the component's or the stream's name.
     pub name: String,
+    /// The snapshot set this backup was made for; empty for a backup on its own. Lets the
+    /// manifests of an aborted set be found and removed with it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub set_id: String,
     /// What the stream is: `raw`, `tar`, `pg_dump`, `rdb`, ...
     pub stream: String,
     /// RFC 3339, UTC.

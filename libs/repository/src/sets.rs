@@ -99,16 +99,26 @@ impl Repository {
         Ok(())
     }
 
-    /// Removes an attempt record (an aborted set the operator deletes).
-    pub async fn forget_attempt(
+    /// Removes a set that never committed: the component manifests its agents committed for it
+    /// (their `set_id`), then its attempt record. Returns the component manifests deleted; GC
+    /// removes their chunks later.
+    pub async fn delete_aborted_set(
         &self,
         id: &str,
         cancel: &CancellationToken,
-    ) -> Result<(), RepoError> {
+    ) -> Result<Vec<String>, RepoError> {
         if !layout::is_manifest_id(id) {
             return Err(RepoError::NoSuchManifest(id.to_owned()));
         }
-        Ok(self.storage.delete(&layout::attempt(id), cancel).await?)
+        let mut deleted = Vec::new();
+        for manifest in self.components(cancel).await? {
+            if manifest.set_id == id {
+                self.delete_component(&manifest.id, cancel).await?;
+                deleted.push(manifest.id);
+            }
+        }
+        self.storage.delete(&layout::attempt(id), cancel).await?;
+        Ok(deleted)
     }
 
     /// Every attempt record, oldest first. An unreadable record is skipped with a warning
