@@ -28,6 +28,9 @@ pub enum SnapshotCommand {
         /// Only these components (postgres, redis, ledger), comma-separated.
         #[arg(long, value_delimiter = ',')]
         components: Vec<Component>,
+        /// Only these agents (by name), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
         /// independent, coordinated or fenced (default: the policy's).
         #[arg(long)]
         mode: Option<Mode>,
@@ -84,6 +87,7 @@ pub async fn run(
         SnapshotCommand::Create {
             policy,
             components,
+            agents,
             mode,
             wait,
         } => {
@@ -91,6 +95,7 @@ pub async fn run(
                 policy: policy.unwrap_or_default(),
                 components: components.iter().map(|c| c.to_proto() as i32).collect(),
                 mode: mode.map_or(ConsistencyMode::Unspecified, Mode::to_proto) as i32,
+                agents,
             };
             let events = client
                 .create_snapshot(request)

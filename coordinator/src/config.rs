@@ -115,6 +115,9 @@ pub struct PolicySettings {
     /// Components to capture; empty: every component with an agent online.
     #[serde(default)]
     pub components: Vec<Component>,
+    /// Only these agents (by name); empty: every online agent of the components.
+    #[serde(default)]
+    pub agents: Vec<String>,
     /// Default: `snapshot.mode`.
     #[serde(default)]
     pub mode: Option<Mode>,
@@ -250,6 +253,7 @@ impl CoordinatorConfig {
                     name: DEFAULT_POLICY.to_owned(),
                     schedule: self.schedule.default.clone(),
                     components: Vec::new(),
+                    agents: Vec::new(),
                     mode: None,
                     retention: PolicyRetention::default(),
                     verify: VerifyAfter::None,

@@ -96,6 +96,7 @@ impl Operator for OperatorService {
                 request.policy
             },
             components: components("components", &request.components)?,
+            agents: request.agents,
             mode: Mode::from_proto("mode", request.mode)?,
         };
         let (set_id, mut events) = self

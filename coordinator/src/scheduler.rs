@@ -106,6 +106,7 @@ impl Scheduler {
         let request = SetRequest {
             policy: policy.name.clone(),
             components: policy.components.clone(),
+            agents: policy.agents.clone(),
             mode: policy.mode,
         };
         let outcome = |outcome| PolicyOutcomeLabel {

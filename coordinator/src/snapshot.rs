@@ -53,6 +53,8 @@ pub struct SetRequest {
     pub policy: String,
     /// Empty: every component with an agent online.
     pub components: Vec<Component>,
+    /// Only these agents (by name); empty: any.
+    pub agents: Vec<String>,
     pub mode: Option<Mode>,
 }
 
@@ -61,6 +63,8 @@ pub struct SetRequest {
 pub enum StartError {
     #[error("no agent is online{}", for_components(.0))]
     NoAgents(Vec<Component>),
+    #[error("agent `{0}` is not online")]
+    AgentOffline(String),
 }
 
 fn for_components(components: &[Component]) -> String {
@@ -182,11 +186,19 @@ impl Sets {
         request: SetRequest,
     ) -> Result<(String, broadcast::Receiver<SnapshotEvent>), StartError> {
         let online = self.fleet.online();
+        if let Some(missing) = request
+            .agents
+            .iter()
+            .find(|name| !online.iter().any(|a| &a.name == *name))
+        {
+            return Err(StartError::AgentOffline(missing.clone()));
+        }
         let wanted =
             |c: Component| request.components.is_empty() || request.components.contains(&c);
+        let chosen = |name: &String| request.agents.is_empty() || request.agents.contains(name);
         let agents: Vec<(String, Component)> = online
             .iter()
-            .filter(|a| wanted(a.component))
+            .filter(|a| wanted(a.component) && chosen(&a.name))
             .map(|a| (a.name.clone(), a.component))
             .collect();
         let missing: Vec<Component> = request

@@ -1,8 +1,6 @@
 //! Snapshot sets end to end: coordinator, three agents, real PostgreSQL, Redis and the node
 //! simulator (50 blocks/s, mirroring every block into PostgreSQL then Redis), one repository.
 
-use std::time::Duration;
-
 use aitbc_backup_tests::postgres::Postgres;
 use aitbc_backup_tests::redis::Redis;
 use aitbc_backup_tests::stack::{Stack, restored_heights};
@@ -168,11 +166,25 @@ fn a_set_of_some_components_and_its_lifecycle() {
     assert!(!shown.status.success());
     assert!(String::from_utf8_lossy(&shown.stderr).contains("no snapshot set"));
 
-    // Asking for a component no agent serves names it and starts nothing.
-    let missing = stack.cli(&["snapshot", "create", "--components", "postgres", "--wait"]);
-    assert!(missing.status.success(), "postgres has an agent");
+    // An agent selector picks agents by name; one that is not online is named.
+    let out = stack.cli_ok(&[
+        "snapshot", "create", "--wait", "--json", "--agents", "redis",
+    ]);
+    let set = aitbc_backup_tests::stack::last_snapshot(&out).expect("final event");
+    assert_eq!(
+        set["components"].as_array().map(Vec::len),
+        Some(1),
+        "{set:#}"
+    );
+    assert_eq!(set["components"][0]["agent"], "redis");
+    let ghost = stack.cli(&["snapshot", "create", "--agents", "ghost"]);
+    assert!(!ghost.status.success());
+    assert!(
+        String::from_utf8_lossy(&ghost.stderr).contains("agent `ghost` is not online"),
+        "{}",
+        String::from_utf8_lossy(&ghost.stderr)
+    );
     let restore_unknown = stack.cli(&["restore", "20990101T000000000Z-00000000"]);
     assert!(!restore_unknown.status.success());
     assert!(String::from_utf8_lossy(&restore_unknown.stderr).contains("no snapshot set"));
-    let _ = Duration::ZERO;
 }
