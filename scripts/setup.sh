@@ -26,6 +26,7 @@ install_apt_packages() {
   command -v redis-server >/dev/null || missing+=("redis-server")
   command -v redis-check-rdb >/dev/null || missing+=("redis-tools")
   command -v sqlite3 >/dev/null || missing+=("sqlite3")
+  command -v promtool >/dev/null || missing+=("prometheus")  # promtool: alert rule and metrics checks
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=("python3-venv")
   if [ ${#missing[@]} -eq 0 ]; then
     log "apt packages present"

@@ -1,6 +1,13 @@
-//! Every metric the coordinator exports, in one place. Labels are bounded (component, reason).
+//! Every metric the coordinator exports, in one place. Labels are bounded (component, stage,
+//! policy, outcome, reason).
+//!
+//! The backup outcome metrics (`backup_*`, `restore_*`, `snapshot_set_*`, `repository_*`) carry
+//! no prefix: `backup_success{component}` is the name the existing alert `backup_success == 0`
+//! uses. Only the coordinator exports them (it sees every outcome, an agent that died
+//! included), so each component has exactly one series.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use aitbc_backup_proto::model::Component;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,6 +28,21 @@ impl ComponentLabel {
             component: component.as_str().to_owned(),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ComponentStageLabel {
+    pub component: String,
+    /// `read` (from the component) or `stored` (new bytes in the repository).
+    pub stage: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily = Family<ComponentLabel, Histogram, fn() -> Histogram>;
+
+/// Seconds, 1 s to about 9 h.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -56,6 +78,22 @@ pub struct Metrics {
     pub retention_deleted: Family<PolicyLabel, Counter>,
     /// Scheduled verifications of committed sets, by outcome (ok, failed).
     pub verifications: Family<PolicyOutcomeLabel, Counter>,
+    /// 1 after a committed set included the component, 0 after an aborted one.
+    pub backup_success: Family<ComponentLabel, Gauge>,
+    pub backup_last_success: Family<ComponentLabel, FloatGauge>,
+    /// From the set's start to the component's manifest committed.
+    pub backup_duration: HistogramFamily,
+    pub backup_bytes: Family<ComponentStageLabel, Counter>,
+    /// Of the newest committed set.
+    pub cut_skew: FloatGauge,
+    pub write_pause: FloatGauge,
+    /// One component's restore and verification.
+    pub restore_duration: HistogramFamily,
+    /// Bytes of every chunk stored, and of every backup's stream (what storing each backup in
+    /// full would take).
+    pub repository_size: Gauge,
+    pub repository_logical: Gauge,
+    pub dedup_ratio: FloatGauge,
 }
 
 impl Metrics {
@@ -70,7 +108,18 @@ impl Metrics {
             scheduler_runs: Family::default(),
             retention_deleted: Family::default(),
             verifications: Family::default(),
+            backup_success: Family::default(),
+            backup_last_success: Family::default(),
+            backup_duration: Family::new_with_constructor(duration_histogram),
+            backup_bytes: Family::default(),
+            cut_skew: FloatGauge::default(),
+            write_pause: FloatGauge::default(),
+            restore_duration: Family::new_with_constructor(duration_histogram),
+            repository_size: Gauge::default(),
+            repository_logical: Gauge::default(),
+            dedup_ratio: FloatGauge::default(),
         };
+        register_outcomes(registry, &metrics);
         let sub = registry.sub_registry_with_prefix("aitbc_backup_coordinator");
         sub.register(
             "agents_online",
@@ -114,4 +163,82 @@ impl Metrics {
         );
         Arc::new(metrics)
     }
+}
+
+impl Metrics {
+    /// Zero series for every policy, so rules and dashboards see them before the first run.
+    pub fn init_policies<'a>(&self, policies: impl IntoIterator<Item = &'a str>) {
+        for policy in policies {
+            let label = PolicyLabel {
+                policy: policy.to_owned(),
+            };
+            let _ = self.scheduler_skips.get_or_create(&label);
+            let _ = self.retention_deleted.get_or_create(&label);
+            for outcome in ["started", "not_started"] {
+                let _ = self.scheduler_runs.get_or_create(&PolicyOutcomeLabel {
+                    policy: policy.to_owned(),
+                    outcome,
+                });
+            }
+            for outcome in ["ok", "failed"] {
+                let _ = self.verifications.get_or_create(&PolicyOutcomeLabel {
+                    policy: policy.to_owned(),
+                    outcome,
+                });
+            }
+        }
+    }
+}
+
+fn register_outcomes(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "backup_success",
+        "1 after a successful backup of the component (a committed set), 0 after a failed one",
+        m.backup_success.clone(),
+    );
+    registry.register(
+        "backup_last_success_timestamp_seconds",
+        "Unix time of the component's last successful backup",
+        m.backup_last_success.clone(),
+    );
+    registry.register(
+        "backup_duration_seconds",
+        "From a set's start to the component's backup committed",
+        m.backup_duration.clone(),
+    );
+    registry.register(
+        "backup_bytes",
+        "Bytes read from the component and new bytes stored in the repository",
+        m.backup_bytes.clone(),
+    );
+    registry.register(
+        "snapshot_set_cut_skew_seconds",
+        "Spread of the cut instants of the newest committed set",
+        m.cut_skew.clone(),
+    );
+    registry.register(
+        "snapshot_set_write_pause_seconds",
+        "How long writers were blocked for the newest committed set (fenced mode)",
+        m.write_pause.clone(),
+    );
+    registry.register(
+        "restore_duration_seconds",
+        "One component's restore and verification",
+        m.restore_duration.clone(),
+    );
+    registry.register(
+        "repository_size_bytes",
+        "Bytes of every chunk stored in the repository",
+        m.repository_size.clone(),
+    );
+    registry.register(
+        "repository_logical_bytes",
+        "Bytes of every backup's stream, as if each were stored in full",
+        m.repository_logical.clone(),
+    );
+    registry.register(
+        "repository_dedup_ratio",
+        "repository_logical_bytes / repository_size_bytes",
+        m.dedup_ratio.clone(),
+    );
 }

@@ -244,7 +244,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<VerifySnapshotResponse>, Status> {
         self.sets.catalog_ready().await?;
         let request = request.into_inner();
-        self.committed(&request.set_id)?;
+        let record = self.committed(&request.set_id)?;
         let cancel = CancellationToken::new();
         let repo = self.sets.repo.get(&cancel).await.map_err(repo_status)?;
         let report = Box::pin(aitbc_backup_repository::verify::verify_set(
@@ -258,6 +258,14 @@ impl Operator for OperatorService {
             RepoError::NoSuchManifest(_) => Status::not_found(e.to_string()),
             other => repo_status(other),
         })?;
+        self.sets
+            .metrics
+            .verifications
+            .get_or_create(&crate::metrics::PolicyOutcomeLabel {
+                policy: record.policy,
+                outcome: if report.ok() { "ok" } else { "failed" },
+            })
+            .inc();
         Ok(Response::new(VerifySnapshotResponse {
             ok: report.ok(),
             problems: report

@@ -67,6 +67,7 @@ impl Sets {
         let fleet = self.fleet.clone();
         let calls = self.calls.clone();
         let deadline = self.settings.restore_timeout;
+        let metrics = self.metrics.clone();
         let cancel = self.shutdown.child_token();
         self.tasks.spawn(async move {
             let restore_id = format!("restore-{}", aitbc_backup_repository::layout::new_manifest_id());
@@ -111,6 +112,10 @@ impl Sets {
                 match outcome {
                     Ok(result) => {
                         tracing::info!(%component, %agent, seconds, "component restored and verified");
+                        metrics
+                            .restore_duration
+                            .get_or_create(&crate::metrics::ComponentLabel::of(component))
+                            .observe(seconds);
                         let _ = events
                             .send(Ok(RestoreEvent {
                                 report_json: result.report_json,

@@ -64,6 +64,8 @@ impl Coordinator {
         let tls = config.tls.load()?;
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        let policies = config.effective_policies();
+        metrics.init_policies(policies.iter().map(|p| p.name.as_str()));
         let fleet = Arc::new(Fleet::new(config.fleet.offline_after(), metrics.clone()));
         let sessions = TaskTracker::new();
 
@@ -100,20 +102,24 @@ impl Coordinator {
             tasks: set_tasks.clone(),
             shutdown: shutdown.child_token(),
             loaded: tokio::sync::OnceCell::new(),
+            metrics: metrics.clone(),
         });
         {
             // Rebuild the catalog now rather than on the first call; a failure is retried then.
             let sets = sets.clone();
             set_tasks.spawn(async move {
-                if let Err(status) = sets.catalog_ready().await {
-                    tracing::warn!(error = %status.message(), "catalog not loaded yet; retried on the next operator call");
+                match sets.catalog_ready().await {
+                    Ok(()) => sets.refresh_repository_metrics().await,
+                    Err(status) => {
+                        tracing::warn!(error = %status.message(), "catalog not loaded yet; retried on the next operator call")
+                    }
                 }
             });
         }
         if config.schedule.enabled {
             let scheduler = Arc::new(Scheduler {
                 sets: sets.clone(),
-                policies: config.effective_policies(),
+                policies,
                 default_days: config.retention.days,
                 gc: config.gc.clone(),
                 metrics: metrics.clone(),

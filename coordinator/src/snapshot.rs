@@ -29,6 +29,7 @@ use crate::catalog::{Catalog, ComponentRecord, RepoHandle, SetRecord, SetState};
 pub use crate::config::DEFAULT_POLICY;
 use crate::config::SnapshotSettings;
 use crate::fleet::Fleet;
+use crate::metrics::{ComponentLabel, ComponentStageLabel, Metrics};
 
 /// Events buffered per set for slow readers (progress is sent once a second per agent).
 const EVENT_BUFFER: usize = 1024;
@@ -45,6 +46,7 @@ pub struct Sets {
     pub shutdown: CancellationToken,
     /// Set once the catalog has been rebuilt from the repository.
     pub loaded: tokio::sync::OnceCell<()>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What a set is asked to capture.
@@ -101,6 +103,7 @@ impl Sets {
                         .await
                         .map_err(|e| format!("read the catalog: {e}"))?;
                     tracing::info!(sets = count, "catalog rebuilt from the repository");
+                    self.seed_metrics();
                     Ok::<(), String>(())
                 })
             })
@@ -176,6 +179,7 @@ impl Sets {
                     "GC after retention"
                 );
             }
+            self.refresh_repository_metrics().await;
         }
         Ok(deleted)
     }
@@ -254,6 +258,7 @@ impl Sets {
     async fn drive(&self, plan: Plan, events: broadcast::Sender<SnapshotEvent>) {
         let cancel = self.shutdown.child_token();
         tracing::info!(agents = plan.agents.len(), "snapshot set started");
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             _ = cancel.cancelled() => Err("the coordinator is shutting down".to_owned()),
             outcome = self.run(&plan, &events, &cancel) => outcome,
@@ -262,6 +267,10 @@ impl Sets {
             Ok(()) => {
                 self.catalog
                     .update(&plan.id, |r| r.state = SetState::Committed);
+                if let Some(record) = self.catalog.get(&plan.id) {
+                    self.record_success(&record, started.elapsed());
+                }
+                self.refresh_repository_metrics().await;
                 tracing::info!("snapshot set committed");
                 self.emit(&events, &plan.id, "", "committed", String::new());
             }
@@ -278,6 +287,12 @@ impl Sets {
                     r.state = SetState::Aborted;
                     r.abort_reason = reason.clone();
                 });
+                for (_, component) in &plan.agents {
+                    self.metrics
+                        .backup_success
+                        .get_or_create(&ComponentLabel::of(*component))
+                        .set(0);
+                }
                 if let Ok(repo) = self.repo.get(&CancellationToken::new()).await {
                     let attempt = self.attempt(&plan, "aborted", &reason);
                     if let Err(err) = repo
@@ -288,6 +303,76 @@ impl Sets {
                     }
                 }
                 self.emit(&events, &plan.id, "", "aborted", reason);
+            }
+        }
+    }
+
+    /// After a restart: each component's last success time, and its outcome from the newest
+    /// set that included it (committed: 1), so the age alert keeps working across restarts.
+    fn seed_metrics(&self) {
+        let m = &self.metrics;
+        for record in self.catalog.list() {
+            // Oldest first: later sets overwrite earlier ones.
+            if record.state != SetState::Committed {
+                continue;
+            }
+            let at = chrono::DateTime::parse_from_rfc3339(&record.created)
+                .map(|t| t.timestamp_millis() as f64 / 1e3)
+                .unwrap_or(0.0);
+            for c in &record.components {
+                let label = ComponentLabel::of(c.component);
+                m.backup_success.get_or_create(&label).set(1);
+                m.backup_last_success.get_or_create(&label).set(at);
+            }
+            m.cut_skew.set(record.cut_skew_ms / 1e3);
+            m.write_pause.set(record.write_pause_ms / 1e3);
+        }
+    }
+
+    fn record_success(&self, record: &SetRecord, took: Duration) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let m = &self.metrics;
+        for c in &record.components {
+            let label = ComponentLabel::of(c.component);
+            m.backup_success.get_or_create(&label).set(1);
+            m.backup_last_success.get_or_create(&label).set(now);
+            m.backup_duration
+                .get_or_create(&label)
+                .observe(took.as_secs_f64());
+            for (stage, bytes) in [("read", c.bytes_read), ("stored", c.bytes_stored)] {
+                m.backup_bytes
+                    .get_or_create(&ComponentStageLabel {
+                        component: label.component.clone(),
+                        stage,
+                    })
+                    .inc_by(bytes);
+            }
+        }
+        m.cut_skew.set(record.cut_skew_ms / 1e3);
+        m.write_pause.set(record.write_pause_ms / 1e3);
+    }
+
+    /// Recomputes the repository's size and deduplication (one listing of the chunks and one
+    /// read per component manifest); a failure only leaves the gauges as they were.
+    pub async fn refresh_repository_metrics(&self) {
+        let cancel = self.shutdown.child_token();
+        let stats = async {
+            let repo = self.repo.get(&cancel).await?;
+            anyhow::Ok(Box::pin(repo.stats(&cancel)).await?)
+        };
+        match stats.await {
+            Ok(stats) => {
+                let m = &self.metrics;
+                m.repository_size.set(stats.stored_bytes as i64);
+                m.repository_logical.set(stats.logical_bytes as i64);
+                m.dedup_ratio
+                    .set(stats.logical_bytes as f64 / stats.stored_bytes.max(1) as f64);
+            }
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "repository metrics not updated")
             }
         }
     }

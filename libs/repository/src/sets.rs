@@ -33,7 +33,33 @@ pub struct Attempt {
     pub reason: String,
 }
 
+/// How much the repository holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RepoStats {
+    pub chunks: u64,
+    /// Bytes of every chunk object.
+    pub stored_bytes: u64,
+    pub component_manifests: u64,
+    /// Bytes of every component backup's stream.
+    pub logical_bytes: u64,
+}
+
 impl Repository {
+    /// Counts the chunks and the backups' streams.
+    pub async fn stats(&self, cancel: &CancellationToken) -> Result<RepoStats, RepoError> {
+        let chunks = self.storage.list(layout::CHUNKS, cancel).await?;
+        let mut stats = RepoStats {
+            chunks: chunks.len() as u64,
+            stored_bytes: chunks.iter().map(|c| c.size).sum(),
+            ..RepoStats::default()
+        };
+        for manifest in self.components(cancel).await? {
+            stats.component_manifests += 1;
+            stats.logical_bytes += manifest.raw_size;
+        }
+        Ok(stats)
+    }
+
     /// Ids of every set manifest, oldest first.
     pub async fn set_ids(&self, cancel: &CancellationToken) -> Result<Vec<String>, RepoError> {
         let objects = self.storage.list(layout::SET_MANIFESTS, cancel).await?;

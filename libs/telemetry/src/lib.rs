@@ -108,7 +108,8 @@ where
 }
 
 /// The probe and metrics routes: `/healthz` (the process runs), `/readyz` (`ready()` says it can
-/// do its job), `/metrics` (Prometheus text format).
+/// do its job), `/metrics`: OpenMetrics to clients that accept it (Prometheus does), else the
+/// classic Prometheus text format (curl, `promtool check metrics`).
 pub fn probe_router(
     registry: Arc<Registry>,
     ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
@@ -130,18 +131,31 @@ pub fn probe_router(
         )
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let registry = registry.clone();
                 async move {
+                    let openmetrics = headers
+                        .get_all(axum::http::header::ACCEPT)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .any(|v| v.contains("application/openmetrics-text"));
                     let mut body = String::new();
                     match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => (
+                        Ok(()) if openmetrics => (
                             StatusCode::OK,
                             [(
                                 axum::http::header::CONTENT_TYPE,
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )],
                             body,
+                        ),
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            openmetrics_to_text(&body),
                         ),
                         Err(_) => (
                             StatusCode::INTERNAL_SERVER_ERROR,
@@ -152,6 +166,41 @@ pub fn probe_router(
                 }
             }),
         )
+}
+
+/// OpenMetrics text as the classic Prometheus text format (0.0.4): counters' HELP and TYPE
+/// name their `_total` samples, and the `# EOF` and `# UNIT` lines go.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Binds `addr` (so a busy port is reported at start, not later).
@@ -171,4 +220,20 @@ pub async fn serve_http(
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
         .map_err(|err| anyhow::anyhow!("HTTP server: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_become_text_format() {
+        let om = "# HELP jobs Jobs run.\n# TYPE jobs counter\njobs_total 3\n\
+                  # HELP up Up.\n# TYPE up gauge\n# UNIT up seconds\nup 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP jobs_total Jobs run.\n# TYPE jobs_total counter\njobs_total 3\n\
+             # HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
+    }
 }
