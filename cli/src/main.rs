@@ -1,10 +1,11 @@
 //! `aitbc-backup`: the operator CLI. A client of the coordinator's operator API (human tables or
 //! `--json`) — agents, snapshot sets, restores, verification — plus offline tools that need no
-//! coordinator (`certs`, `repo`).
+//! coordinator (`certs`, `repo`, `inject`).
 
 mod agents;
 mod certs;
 mod client;
+mod inject;
 mod output;
 mod repo;
 mod snapshot;
@@ -48,6 +49,8 @@ enum Command {
     Restore(snapshot::RestoreArgs),
     /// Verify a snapshot set's data in the repository.
     Verify(snapshot::VerifyArgs),
+    /// Add the agent sidecar to the pod templates of Kubernetes manifests (stdin to stdout).
+    Inject(inject::InjectArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Certs(command) => certs::run(command),
+        Command::Inject(args) => inject::run(&args),
         Command::Repo(args) => runtime()?.block_on(repo::run(args, cli.json)),
         Command::Agents(command) => {
             runtime()?.block_on(agents::run(command, &cli.connection, cli.json))

@@ -306,3 +306,146 @@ fn every_overlay_renders_and_validates() {
         }
     }
 }
+
+fn inject(component: &str, input: &str, extra: &[&str]) -> std::process::Output {
+    let mut child = Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
+        .args(["inject", "--component", component])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("aitbc-backup inject");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("feed");
+    child.wait_with_output().expect("inject")
+}
+
+const MORE_KINDS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: one-off}
+spec:
+  containers: [{name: redis, image: "redis:7"}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: ds}
+spec:
+  selector: {matchLabels: {app: ds}}
+  template:
+    metadata: {labels: {app: ds}}
+    spec:
+      containers: [{name: redis, image: "redis:7"}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: job}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: redis, image: "redis:7"}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: cron}
+spec:
+  schedule: "0 2 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: redis, image: "redis:7"}]
+"#;
+
+#[test]
+fn inject_adds_the_same_sidecar_as_the_components_to_every_workload_kind() {
+    let workloads =
+        std::fs::read_to_string(deploy().join("kubernetes/example-platform/workloads.yaml"))
+            .expect("workloads");
+    let stream = format!("{workloads}\n---{MORE_KINDS}");
+    let out = inject("redis", &stream, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let injected = String::from_utf8(out.stdout).expect("UTF-8");
+    let docs = yaml_docs(&injected);
+    assert_eq!(docs.len(), 7);
+    // Every document validates, and every pod template has the sidecar exactly once.
+    let dir = aitbc_backup_tests::temp_dir("inject");
+    let mut files = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.json"));
+        std::fs::write(&path, serde_json::to_string(doc).expect("JSON")).expect("write");
+        files.push(path);
+        let template = match doc["kind"].as_str() {
+            Some("Pod") => doc.clone(),
+            Some("CronJob") => doc["spec"]["jobTemplate"]["spec"]["template"].clone(),
+            _ => doc["spec"]["template"].clone(),
+        };
+        let sidecars = template["spec"]["initContainers"]
+            .as_sequence()
+            .expect("initContainers")
+            .iter()
+            .filter(|c| c["name"] == "aitbc-backup-agent")
+            .count();
+        assert_eq!(sidecars, 1, "{doc:?}");
+    }
+    run(Command::new(tool("venv/bin/kubernetes-validate"))
+        .args(["--strict", "-k", KUBERNETES])
+        .args(&files));
+    // Twice is once.
+    let again = inject("redis", &injected, &[]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), injected);
+
+    // The same sidecar as the kustomize components add.
+    let rendered = render_and_validate("dev");
+    for (component, kind, name) in [
+        ("postgres", "StatefulSet", "postgres"),
+        ("redis", "Deployment", "redis"),
+        ("ledger", "StatefulSet", "blockchain-node"),
+    ] {
+        let source = yaml_docs(&workloads)
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .expect("workload");
+        let out = inject(
+            component,
+            &serde_yaml::to_string(&source).expect("YAML"),
+            &[],
+        );
+        assert!(out.status.success());
+        let ours = yaml_docs(&String::from_utf8_lossy(&out.stdout)).remove(0);
+        let theirs = rendered
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .expect("rendered workload");
+        let sidecar =
+            |d: &serde_yaml::Value| d["spec"]["template"]["spec"]["initContainers"][0].clone();
+        assert_eq!(
+            sidecar(&ours),
+            sidecar(theirs),
+            "{component}: inject and the component differ"
+        );
+    }
+}
+
+#[test]
+fn inject_refuses_kinds_without_a_pod_template() {
+    let out = inject(
+        "postgres",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("document 1 is a `ConfigMap`, which has no pod template"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
