@@ -133,6 +133,7 @@ enum Stage {
 #[derive(Default)]
 struct Done {
     at: Option<SystemTime>,
+    released_at: Option<SystemTime>,
     pause: Option<Duration>,
     manifest_id: String,
     report: Option<serde_json::Value>,
@@ -205,11 +206,22 @@ impl SetTask {
                     ..Done::default()
                 })
             }
-            (Action::Cut(_), Stage::Prepared(prepared)) => {
+            (Action::Cut(request), Stage::Prepared(prepared)) => {
                 let (cut, at) = prepared.cut().await?;
+                let at = Some(steps::wall_clock(at));
+                if !request.release {
+                    self.stage = Stage::Cut(cut);
+                    return Ok(Done {
+                        at,
+                        ..Done::default()
+                    });
+                }
+                let (cut, pause) = cut.release().await?;
                 self.stage = Stage::Cut(cut);
                 Ok(Done {
-                    at: Some(steps::wall_clock(at)),
+                    at,
+                    released_at: pause.map(|_| SystemTime::now()),
+                    pause,
                     ..Done::default()
                 })
             }
@@ -360,6 +372,7 @@ fn result(command_id: &str, outcome: anyhow::Result<Done>) -> AgentMessage {
             report_json: done.report.map(|r| r.to_string()).unwrap_or_default(),
             bytes_read: done.bytes_read,
             bytes_stored: done.bytes_stored,
+            released_at_unix_micros: done.released_at.map(micros).unwrap_or(0),
         },
         Err(err) => CommandResult {
             command_id: command_id.to_owned(),

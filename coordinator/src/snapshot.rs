@@ -5,7 +5,8 @@
 //!
 //! Modes: `coordinated` sends the cut to every agent at once; `fenced` first raises every
 //! agent's fence and waits for all of them, so the writers are stopped everywhere before any cut
-//! (an exact cut), and releases right after the cuts; `independent` cuts one agent after the
+//! (an exact cut), then has each agent cut and release at once (each component is cut before
+//! its own fence comes down, so the cut stays exact); `independent` cuts one agent after the
 //! other.
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use aitbc_backup_proto::model::{Component, Mode};
 use aitbc_backup_proto::{
-    Abort, CommandResult, Cut, Fence, Prepare, Release, SnapshotEvent, Upload, command,
+    Abort, CommandResult, Cut, Fence, Prepare, SnapshotEvent, Upload, command,
 };
 use aitbc_backup_repository::Repository;
 use aitbc_backup_repository::manifest::{SetComponent, SetManifest};
@@ -407,7 +408,7 @@ impl Sets {
             command::Action::Prepare(Prepare {})
         })
         .await?;
-        let cut = || command::Action::Cut(Cut {});
+        let cut = || command::Action::Cut(Cut { release: false });
         let (cuts, pause_ms) = match plan.mode {
             Mode::Fenced => {
                 let fences = self
@@ -415,13 +416,23 @@ impl Sets {
                         command::Action::Fence(Fence {})
                     })
                     .await?;
-                let cuts = self.phase(plan, events, s.cut_timeout, cut).await?;
-                let releases = self
+                // Every fence is up: each agent cuts and lets its writers go at once.
+                let cuts = self
                     .phase(plan, events, s.cut_timeout, || {
-                        command::Action::Release(Release {})
+                        command::Action::Cut(Cut { release: true })
                     })
                     .await?;
-                (cuts, Some(spread(fences.iter().chain(&releases))))
+                let first_fence = fences
+                    .iter()
+                    .map(|r| r.at_unix_micros)
+                    .filter(|&t| t > 0)
+                    .min();
+                let last_release = cuts.iter().map(|r| r.released_at_unix_micros).max();
+                let pause = match (first_fence, last_release) {
+                    (Some(up), Some(down)) if down > up => (down - up) as f64 / 1e3,
+                    _ => 0.0,
+                };
+                (cuts, Some(pause))
             }
             Mode::Coordinated => (self.phase(plan, events, s.cut_timeout, cut).await?, None),
             Mode::Independent => {

@@ -26,7 +26,8 @@ pub const STREAM: &str = "tar";
 /// Ready to cut: the databases to capture are known.
 pub struct Prepared {
     settings: LedgerSettings,
-    databases: Vec<String>,
+    /// Every database, opened (not yet in a transaction).
+    databases: Vec<sqlite::Opened>,
     /// Writers held off every database ([`Prepared::fence`]); carried into the cut.
     fences: Vec<sqlite::WriteFence>,
 }
@@ -87,6 +88,12 @@ pub fn prepare(settings: &LedgerSettings) -> anyhow::Result<Prepared> {
             settings.scratch_dir.display()
         )
     })?;
+    let busy = Duration::from_secs(settings.sqlite_busy_timeout_secs);
+    let databases = databases
+        .iter()
+        .map(|rel| sqlite::open(&settings.data_dir.join(rel), rel, busy))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     Ok(Prepared {
         settings: settings.clone(),
         databases,
@@ -108,7 +115,8 @@ impl Prepared {
             return Ok(());
         }
         let busy = Duration::from_secs(self.settings.sqlite_busy_timeout_secs);
-        for rel in &self.databases {
+        for database in &self.databases {
+            let rel = &database.rel;
             let path = self.settings.data_dir.join(rel);
             let fence = sqlite::WriteFence::raise(&path, rel, busy, self.settings.fence_max_pause)
                 .map_err(anyhow::Error::msg)?;
@@ -117,18 +125,17 @@ impl Prepared {
         Ok(())
     }
 
-    /// Opens a read transaction on every database at once (that instant is the cut) and reads
+    /// Starts a read transaction on every database at once (that instant is the cut) and reads
     /// the head inside the chain's. Blocking; the copies are made by the upload.
     pub fn cut(self) -> anyhow::Result<Cut> {
         let settings = self.settings;
-        let busy = Duration::from_secs(settings.sqlite_busy_timeout_secs);
-        let at = Instant::now();
         let snapshots = self
             .databases
-            .iter()
-            .map(|rel| sqlite::begin(&settings.data_dir.join(rel), rel, busy))
+            .into_iter()
+            .map(sqlite::Opened::begin)
             .collect::<Result<Vec<_>, _>>()
             .map_err(anyhow::Error::msg)?;
+        let at = Instant::now();
         let chain_db = chain_db_rel(&settings);
         let head = snapshots
             .iter()

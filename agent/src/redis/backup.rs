@@ -26,16 +26,18 @@ pub const STREAM: &str = "rdb";
 pub struct Prepared {
     settings: RedisSettings,
     control: Connection,
+    /// The replica link, announced (REPLCONF) already, so the cut is one PSYNC round trip.
+    replica: Connection,
     version: String,
     used_memory: u64,
     /// Since when writers are paused on `control` ([`Prepared::fence`]).
     paused: Option<Instant>,
 }
 
-/// The fork happened; the RDB is waiting on `replica`.
+/// The fork happened (Redis answers FULLRESYNC once it has forked); the RDB is waiting on
+/// `replica`.
 pub struct Cut {
     replica: Connection,
-    framing: Framing,
     pub point: Point,
     /// Writers paused (fenced mode) since this instant, on this connection.
     fence: Option<(Connection, Instant)>,
@@ -71,9 +73,16 @@ pub fn prepare(settings: &RedisSettings) -> anyhow::Result<Prepared> {
     let mut control = Connection::open(settings)?;
     let server = control.info("server")?;
     let memory = control.info("memory")?;
+    let mut replica = Connection::open(settings)?;
+    replica.ok(&["REPLCONF", "capa", "eof", "capa", "psync2"])?;
+    // Redis 7+: send only the RDB, not the command stream after it.
+    if let Reply::Error(err) = replica.call(&[b"REPLCONF", b"rdb-only", b"1"])? {
+        tracing::debug!(error = %err, "REPLCONF rdb-only not supported; the sync is closed after the RDB");
+    }
     Ok(Prepared {
         settings: settings.clone(),
         control,
+        replica,
         version: server.get("redis_version").cloned().unwrap_or_default(),
         used_memory: memory
             .get("used_memory")
@@ -109,12 +118,7 @@ impl Prepared {
             self.fence()?;
         }
         let fence = self.paused;
-        let mut replica = Connection::open(&self.settings)?;
-        replica.ok(&["REPLCONF", "capa", "eof", "capa", "psync2"])?;
-        // Redis 7+: send only the RDB, not the command stream after it.
-        if let Reply::Error(err) = replica.call(&[b"REPLCONF", b"rdb-only", b"1"])? {
-            tracing::debug!(error = %err, "REPLCONF rdb-only not supported; the sync is closed after the RDB");
-        }
+        let mut replica = self.replica;
         let reply = replica.ok(&["PSYNC", "?", "-1"])?.text();
         let at = Instant::now();
         let mut words = reply.split_whitespace();
@@ -132,10 +136,8 @@ impl Prepared {
             version: self.version,
             used_memory: self.used_memory,
         };
-        let framing = read_header(replica.raw())?;
         Ok(Cut {
             replica,
-            framing,
             point,
             fence: fence.map(|at| (self.control, at)),
             at,
@@ -167,7 +169,6 @@ impl Cut {
         };
         let Cut {
             mut replica,
-            framing,
             point,
             fence,
             ..
@@ -176,6 +177,9 @@ impl Cut {
         let (manifest, summary) = backup_with(repo, request, progress, cancel, move |sink| {
             // A fence nobody released ends here, on the blocking thread, before the transfer.
             release(fence).map_err(std::io::Error::other)?;
+            // The payload's framing comes once the forked child starts sending: after the cut,
+            // so the fence never waits for it.
+            let framing = read_header(replica.raw()).map_err(std::io::Error::other)?;
             produce(sink, replica.raw(), framing, &recorded)
         })
         .await
