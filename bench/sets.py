@@ -33,6 +33,9 @@ DATA_VERSION = "sets-data.v1"
 
 def start_postgres(work, name, log_dir):
     pgdata = os.path.join(work, name)
+    os.makedirs(pgdata, exist_ok=True)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "postgres:postgres", pgdata], check=True)
     if not os.path.exists(os.path.join(pgdata, "PG_VERSION")):
         as_postgres([f"{PG_BIN}/initdb", "-D", pgdata, "--auth=trust", "--username=postgres",
                      "--encoding=UTF8", "--locale=C", "--no-sync"], stdout=subprocess.DEVNULL)

@@ -59,6 +59,10 @@ enum Command {
         /// PostgreSQL: create the backup's roles and tablespaces first (an empty server).
         #[arg(long)]
         globals: bool,
+        /// A restore test: restore into scratch targets (databases under temporary names, a
+        /// scratch directory, an offline dump.rdb), verify, remove them; nothing live changes.
+        #[arg(long, conflicts_with_all = ["target", "target_url", "rename", "force"])]
+        trial: bool,
     },
 }
 
@@ -103,17 +107,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             database,
             rename,
             globals,
+            trial,
         }) => oneshot::Command::Restore {
             manifest,
             options: oneshot::RestoreOptions {
                 target,
                 force,
+                trial,
                 postgres: aitbc_backup_agent::postgres::restore::RestoreOptions {
                     server_url: target_url,
                     database,
                     rename,
                     force,
                     globals,
+                    trial,
                 },
             },
         },

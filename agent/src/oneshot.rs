@@ -70,15 +70,24 @@ pub async fn restore(
     let RestoreOptions {
         target,
         force,
+        trial,
         postgres: pg_options,
     } = options;
+    // A restore test goes to a scratch directory of its own, removed afterwards.
+    let trial_dir = trial.then(|| TrialDir::create(config)).transpose()?;
+    let kind = component(config)?;
+    let target = match &trial_dir {
+        // PostgreSQL's trial targets are databases under temporary names, not a directory.
+        Some(dir) if kind != Component::Postgres => Some(dir.0.join("target")),
+        _ => target,
+    };
     let repo = open(config, cancel).await?;
     let manifest = repo
         .component(id, cancel)
         .await
         .with_context(|| format!("read backup {id}"))?;
     let progress = Arc::new(Progress::default());
-    Ok(match component(config)? {
+    Ok(match kind {
         Component::Postgres => {
             if target.is_some() {
                 bail!(
@@ -87,6 +96,7 @@ pub async fn restore(
             }
             let options = postgres::restore::RestoreOptions {
                 force,
+                trial,
                 ..pg_options
             };
             json(
@@ -105,7 +115,7 @@ pub async fn restore(
             let options = redis::restore::RestoreOptions {
                 address: pg_options.server_url,
                 offline_dir: target,
-                force,
+                force: force || trial,
             };
             json(
                 redis::restore::restore(
@@ -160,6 +170,28 @@ pub struct BackupOptions {
     pub fenced: bool,
 }
 
+/// A scratch directory for a restore test, removed when dropped.
+struct TrialDir(PathBuf);
+
+impl TrialDir {
+    fn create(config: &AgentConfig) -> anyhow::Result<TrialDir> {
+        let dir = config
+            .ledger
+            .scratch_dir
+            .join(format!("trial-{:016x}", rand::random::<u64>()));
+        // `target` inside it: the restore's (empty) target directory.
+        std::fs::create_dir_all(dir.join("target"))
+            .with_context(|| format!("create the trial directory {}", dir.display()))?;
+        Ok(TrialDir(dir))
+    }
+}
+
+impl Drop for TrialDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What a one-shot restore may be asked for.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -167,6 +199,8 @@ pub struct RestoreOptions {
     pub target: Option<PathBuf>,
     /// Replace a non-empty directory (ledger) or a database in use (PostgreSQL).
     pub force: bool,
+    /// A restore test into scratch targets, removed afterwards (the live component untouched).
+    pub trial: bool,
     /// PostgreSQL: server, database selection and name, globals; Redis: `server_url` is the
     /// `host:port` of another server.
     pub postgres: postgres::restore::RestoreOptions,

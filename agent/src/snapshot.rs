@@ -274,11 +274,17 @@ impl SetTask {
             }
             (Action::Restore(restore), Stage::Idle) => {
                 let nonempty = |s: String| (!s.is_empty()).then_some(s);
+                let trial = restore.trial;
                 let options = oneshot::RestoreOptions {
-                    target: nonempty(restore.target_dir).map(Into::into),
+                    target: if trial {
+                        None
+                    } else {
+                        nonempty(restore.target_dir).map(Into::into)
+                    },
                     force: restore.force,
+                    trial,
                     postgres: crate::postgres::restore::RestoreOptions {
-                        server_url: nonempty(restore.target_url),
+                        server_url: nonempty(restore.target_url).filter(|_| !trial),
                         force: restore.force,
                         ..Default::default()
                     },

@@ -66,6 +66,10 @@ pub struct RestoreArgs {
     /// Replace non-empty directories, databases in use and existing dump.rdb files.
     #[arg(long)]
     force: bool,
+    /// A restore test: every component into its agent's scratch targets (databases under
+    /// temporary names, a scratch directory, an offline dump.rdb), verified, then removed.
+    #[arg(long, conflicts_with_all = ["targets", "force"])]
+    trial: bool,
 }
 
 /// `verify SET`.
@@ -280,6 +284,7 @@ pub async fn restore(
                 .collect(),
             targets,
             force: args.force,
+            trial: args.trial,
         })
         .await
         .map_err(|s| status_error("RestoreSnapshot", s))?

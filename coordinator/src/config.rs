@@ -124,7 +124,8 @@ pub struct PolicySettings {
     #[serde(default)]
     pub retention: PolicyRetention,
     /// Verify each committed set of the policy: `none`, `structure` (every chunk present with
-    /// its size) or `read_data` (every chunk downloaded and re-hashed).
+    /// its size), `read_data` (every chunk downloaded and re-hashed) or `restore` (a restore
+    /// test: every component restored into its agent's scratch targets, verified, removed).
     #[serde(default)]
     pub verify: VerifyAfter,
 }
@@ -136,6 +137,7 @@ pub enum VerifyAfter {
     None,
     Structure,
     ReadData,
+    Restore,
 }
 
 /// Which of a policy's sets are kept. A committed set is kept if any rule keeps it; the newest

@@ -229,6 +229,7 @@ impl Operator for OperatorService {
             components: components("components", &request.components)?,
             targets,
             force: request.force,
+            trial: request.trial,
         };
         let (tx, rx) = mpsc::channel(16);
         self.sets.restore(restore, tx).map_err(|e| match e {

@@ -27,6 +27,8 @@ pub struct RestoreRequest {
     pub components: Vec<Component>,
     pub targets: HashMap<Component, Target>,
     pub force: bool,
+    /// A restore test into the agents' scratch targets (removed afterwards).
+    pub trial: bool,
 }
 
 /// Why a restore could not start.
@@ -97,6 +99,7 @@ impl Sets {
                             target_dir: target.dir,
                             target_url: target.url,
                             force: request.force,
+                            trial: request.trial,
                         });
                         match calls.start(&fleet, agent, &restore_id, action) {
                             Err(err) => Err(err.to_string()),
@@ -146,6 +149,31 @@ impl Sets {
                 .await;
         });
         Ok(())
+    }
+
+    /// A restore test of every component of a set; the failures, each naming its component.
+    pub async fn trial_restore(&self, set_id: &str) -> anyhow::Result<Vec<String>> {
+        let (tx, mut rx) = mpsc::channel(16);
+        self.restore(
+            RestoreRequest {
+                set_id: set_id.to_owned(),
+                components: Vec::new(),
+                targets: HashMap::new(),
+                force: false,
+                trial: true,
+            },
+            tx,
+        )?;
+        let mut problems = Vec::new();
+        while let Some(Ok(event)) = rx.recv().await {
+            if event.phase == "failed" {
+                let component = Component::from_proto("component", event.component)
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                problems.push(format!("{component}: {}", event.error));
+            }
+        }
+        Ok(problems)
     }
 
     /// (component, agent that backed it up, manifest id) in restore order.

@@ -136,8 +136,14 @@ impl Scheduler {
                 let verify = policy.verify;
                 self.sets.tasks.spawn(async move {
                     if wait_for_end(events).await && verify != VerifyAfter::None {
-                        let read_data = verify == VerifyAfter::ReadData;
-                        let outcome = match Box::pin(sets.verify(&set_id, read_data)).await {
+                        let checked = match verify {
+                            VerifyAfter::Restore => Box::pin(sets.trial_restore(&set_id)).await,
+                            other => {
+                                let read_data = other == VerifyAfter::ReadData;
+                                Box::pin(sets.verify(&set_id, read_data)).await
+                            }
+                        };
+                        let outcome = match checked {
                             Ok(problems) if problems.is_empty() => "ok",
                             Ok(problems) => {
                                 tracing::error!(set = %set_id, ?problems, "scheduled verification FAILED");

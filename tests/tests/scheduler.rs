@@ -134,7 +134,8 @@ fn retention_keeps_what_the_policy_says_and_overlaps_are_skipped() {
 #[test]
 fn a_run_missed_while_the_coordinator_was_down_runs_at_start() {
     install();
-    let policies = r#"[{name = "nightly", schedule = "0 0 0 * * *", components = ["redis"]}]"#;
+    let policies = r#"[{name = "nightly", schedule = "0 0 0 * * *", components = ["redis"],
+                          verify = "restore"}]"#;
     let mut stack = Stack::start(
         20,
         &[
@@ -159,6 +160,13 @@ fn a_run_missed_while_the_coordinator_was_down_runs_at_start() {
             sets.iter().any(|s| s["state"] == "committed")
         }),
         "{sets:#?}\n{}",
+        stack.coordinator.log()
+    );
+    // Its restore test (into the agent's scratch targets) passed.
+    let verified = r#"aitbc_backup_coordinator_verifications_total{policy="nightly",outcome="ok"}"#;
+    assert!(
+        wait_until(Duration::from_secs(20), || counter(&stack, verified) == 1),
+        "{}",
         stack.coordinator.log()
     );
     // Once, not once per missed night.

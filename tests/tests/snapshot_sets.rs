@@ -118,6 +118,36 @@ fn coordinated_set_spread_is_bounded_by_the_skew() {
         spread <= bound,
         "ledger {ledger}, postgres {postgres}, redis {redis}: spread {spread} > {bound} (skew {skew} ms)"
     );
+
+    // A restore test: every component restored into scratch targets and verified; nothing live
+    // changes and nothing is left behind.
+    let databases = || {
+        stack
+            .pg
+            .psql("postgres", "SELECT count(*) FROM pg_database")
+    };
+    let before = databases();
+    let out = stack.cli_ok(&["restore", &id, "--trial", "--json"]);
+    let verified: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["phase"] == "verified")
+        .filter_map(|e| e["component"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(verified, ["postgres", "redis", "ledger"], "{out}");
+    assert_eq!(databases(), before, "trial databases are dropped");
+    for component in ["postgres", "redis", "ledger"] {
+        let scratch = stack.path(&format!("scratch-{component}"));
+        let left: Vec<_> = std::fs::read_dir(&scratch)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            !left
+                .iter()
+                .any(|n| n.to_string_lossy().starts_with("trial-")),
+            "{component}: {left:?}"
+        );
+    }
 }
 
 #[test]

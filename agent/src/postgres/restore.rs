@@ -38,6 +38,8 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Apply the backup's roles and tablespaces first (rebuilding an empty server).
     pub globals: bool,
+    /// A restore test: each database under a temporary name, verified, then dropped.
+    pub trial: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -182,6 +184,14 @@ pub async fn restore(
         if let Dump::Spooled(path) = &dump {
             let _ = std::fs::remove_file(path);
         }
+        if options.trial {
+            admin
+                .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", ident(target)))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("drop the trial database `{target}`: {}", describe(&e))
+                })?;
+        }
         restored.push(RestoredDatabase {
             name: target.clone(),
             from: db.name.clone(),
@@ -246,6 +256,16 @@ fn select<'a>(
     };
     if chosen.is_empty() {
         bail!("the backup holds no database");
+    }
+    if options.trial {
+        let tag = format!("{:08x}", rand::random::<u32>());
+        return Ok(chosen
+            .into_iter()
+            .map(|db| {
+                let stem: String = db.name.chars().take(40).collect();
+                (db, format!("{stem}_aitbc_trial_{tag}"))
+            })
+            .collect());
     }
     match &options.rename {
         Some(rename) if chosen.len() == 1 => Ok(vec![(chosen[0], rename.clone())]),
