@@ -207,7 +207,8 @@ impl SetTask {
                 })
             }
             (Action::Cut(request), Stage::Prepared(prepared)) => {
-                let (cut, at) = prepared.cut().await?;
+                let when = steps::instant_of(request.at_unix_micros);
+                let (cut, at) = prepared.cut(when).await?;
                 let at = Some(steps::wall_clock(at));
                 if !request.release {
                     self.stage = Stage::Cut(cut);

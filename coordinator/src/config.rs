@@ -23,6 +23,7 @@ pub const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CUT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CUT_LEAD: Duration = Duration::from_millis(50);
 pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
@@ -188,6 +189,10 @@ pub struct SnapshotSettings {
     /// Each of fence, cut and release must be done by every agent within this.
     #[serde(with = "humantime_serde")]
     pub cut_timeout: Duration,
+    /// Coordinated sets: how far ahead the cut instant is set, so that every agent cuts on its
+    /// own timer (0: cut on arrival).
+    #[serde(with = "humantime_serde")]
+    pub cut_lead: Duration,
     /// Every agent's upload must be committed within this.
     #[serde(with = "humantime_serde")]
     pub upload_timeout: Duration,
@@ -204,6 +209,7 @@ impl Default for SnapshotSettings {
             mode: Mode::Coordinated,
             prepare_timeout: DEFAULT_PREPARE_TIMEOUT,
             cut_timeout: DEFAULT_CUT_TIMEOUT,
+            cut_lead: DEFAULT_CUT_LEAD,
             upload_timeout: DEFAULT_UPLOAD_TIMEOUT,
             restore_timeout: DEFAULT_RESTORE_TIMEOUT,
             restore_order: Component::ALL.to_vec(),
@@ -289,6 +295,12 @@ impl CoordinatorConfig {
                     ),
                 ));
             }
+        }
+        if self.snapshot.cut_lead > Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "snapshot.cut_lead",
+                "must be at most 1s (agents cut at once beyond that)",
+            ));
         }
         for (key, value) in [
             ("snapshot.prepare_timeout", self.snapshot.prepare_timeout),

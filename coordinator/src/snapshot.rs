@@ -408,7 +408,12 @@ impl Sets {
             command::Action::Prepare(Prepare {})
         })
         .await?;
-        let cut = || command::Action::Cut(Cut { release: false });
+        let cut = || {
+            command::Action::Cut(Cut {
+                release: false,
+                at_unix_micros: 0,
+            })
+        };
         let (cuts, pause_ms) = match plan.mode {
             Mode::Fenced => {
                 let fences = self
@@ -419,7 +424,10 @@ impl Sets {
                 // Every fence is up: each agent cuts and lets its writers go at once.
                 let cuts = self
                     .phase(plan, events, s.cut_timeout, || {
-                        command::Action::Cut(Cut { release: true })
+                        command::Action::Cut(Cut {
+                            release: true,
+                            at_unix_micros: 0,
+                        })
                     })
                     .await?;
                 let first_fence = fences
@@ -434,7 +442,25 @@ impl Sets {
                 };
                 (cuts, Some(pause))
             }
-            Mode::Coordinated => (self.phase(plan, events, s.cut_timeout, cut).await?, None),
+            Mode::Coordinated => {
+                // One instant for every agent, a little ahead: each cuts on its own timer.
+                let at = std::time::SystemTime::now() + s.cut_lead;
+                let at_unix_micros = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or(0);
+                let timed = || {
+                    command::Action::Cut(Cut {
+                        release: false,
+                        at_unix_micros: if s.cut_lead.is_zero() {
+                            0
+                        } else {
+                            at_unix_micros
+                        },
+                    })
+                };
+                (self.phase(plan, events, s.cut_timeout, timed).await?, None)
+            }
             Mode::Independent => {
                 let mut cuts = Vec::new();
                 for (agent, _) in &plan.agents {

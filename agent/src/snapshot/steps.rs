@@ -45,6 +45,15 @@ pub fn wall_clock(at: Instant) -> SystemTime {
     SystemTime::now() - at.elapsed()
 }
 
+/// The monotonic instant of a wall-clock time given in microseconds since the epoch; None for
+/// 0, for the past, or for more than `MAX_CUT_DELAY` ahead (a clock far off cuts at once).
+pub fn instant_of(unix_micros: i64) -> Option<Instant> {
+    const MAX_CUT_DELAY: Duration = Duration::from_secs(1);
+    let target = SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(unix_micros).ok()?);
+    let ahead = target.duration_since(SystemTime::now()).ok()?;
+    (unix_micros > 0 && ahead <= MAX_CUT_DELAY).then(|| Instant::now() + ahead)
+}
+
 pub async fn prepare(config: &AgentConfig, component: Component) -> anyhow::Result<Prepared> {
     Ok(match component {
         Component::Postgres => Prepared::Postgres(postgres::cut::prepare(&config.postgres).await?),
@@ -85,21 +94,38 @@ impl Prepared {
         })
     }
 
-    /// Takes the consistency point; returns it with the instant it was taken.
-    pub async fn cut(self) -> anyhow::Result<(Cut, Instant)> {
+    /// Takes the consistency point at `when` (or at once); returns it with the instant it was
+    /// taken. The wait happens on the thread that cuts, so the cut follows its own timer.
+    pub async fn cut(self, when: Option<Instant>) -> anyhow::Result<(Cut, Instant)> {
+        let wait = move || {
+            if let Some(when) = when {
+                std::thread::sleep(when.saturating_duration_since(Instant::now()));
+            }
+        };
         Ok(match self {
             Prepared::Postgres(p) => {
+                if let Some(when) = when {
+                    tokio::time::sleep_until(when.into()).await;
+                }
                 let cut = p.cut(false).await?;
                 let at = cut.at;
                 (Cut::Postgres(cut), at)
             }
             Prepared::Redis(p) => {
-                let cut = blocking(move || p.cut(false)).await?;
+                let cut = blocking(move || {
+                    wait();
+                    p.cut(false)
+                })
+                .await?;
                 let at = cut.at;
                 (Cut::Redis(cut), at)
             }
             Prepared::Ledger(p) => {
-                let cut = blocking(move || p.cut()).await?;
+                let cut = blocking(move || {
+                    wait();
+                    p.cut()
+                })
+                .await?;
                 let at = cut.at;
                 (Cut::Ledger(cut), at)
             }
