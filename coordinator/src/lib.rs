@@ -10,7 +10,9 @@
 //! - [`operator`]: the operator service.
 //! - [`calls`]: commands to agents and their answers.
 //! - [`snapshot`]: the snapshot-set protocol; [`restore`]: ordered restores of a set.
-//! - [`catalog`]: the sets the coordinator knows, rebuilt from the repository at start.
+//! - [`catalog`]: the sets the coordinator knows, rebuilt from the repository at start;
+//!   [`stored`]: catalog loading, verification, deletion and retention of stored sets.
+//! - [`outcomes`]: the backup outcome metrics, recorded as sets end.
 //! - [`scheduler`]: policies on their cron schedules; [`retention`]: which sets go.
 //! - [`metrics`]: every metric the coordinator exports.
 
@@ -21,12 +23,14 @@ pub mod config;
 pub mod fleet;
 pub mod metrics;
 pub mod operator;
+pub mod outcomes;
 pub mod restore;
 pub mod retention;
 pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod snapshot;
+pub mod stored;
 
 pub use config::CoordinatorConfig;
 pub use server::Coordinator;

@@ -30,7 +30,7 @@ use crate::catalog::{Catalog, ComponentRecord, RepoHandle, SetRecord, SetState};
 pub use crate::config::DEFAULT_POLICY;
 use crate::config::SnapshotSettings;
 use crate::fleet::Fleet;
-use crate::metrics::{ComponentLabel, ComponentStageLabel, Metrics};
+use crate::metrics::{ComponentLabel, Metrics};
 
 /// Events buffered per set for slow readers (progress is sent once a second per agent).
 const EVENT_BUFFER: usize = 1024;
@@ -90,101 +90,6 @@ struct Plan {
 type Results = Vec<CommandResult>;
 
 impl Sets {
-    /// Rebuilds the catalog from the repository once (retried on the next call if storage was
-    /// unreachable).
-    pub async fn catalog_ready(&self) -> Result<(), tonic::Status> {
-        self.loaded
-            .get_or_try_init(|| {
-                Box::pin(async {
-                    let cancel = self.shutdown.child_token();
-                    let repo = self.repo.get(&cancel).await.map_err(|e| format!("{e:#}"))?;
-                    let count = self
-                        .catalog
-                        .load(repo, &cancel)
-                        .await
-                        .map_err(|e| format!("read the catalog: {e}"))?;
-                    tracing::info!(sets = count, "catalog rebuilt from the repository");
-                    self.seed_metrics();
-                    Ok::<(), String>(())
-                })
-            })
-            .await
-            .map(|_| ())
-            .map_err(tonic::Status::unavailable)
-    }
-
-    /// Verifies a committed set's data; the problems found, each naming an object.
-    pub async fn verify(&self, set_id: &str, read_data: bool) -> anyhow::Result<Vec<String>> {
-        let cancel = self.shutdown.child_token();
-        let repo = self.repo.get(&cancel).await?;
-        let report = Box::pin(aitbc_backup_repository::verify::verify_set(
-            repo, set_id, read_data, &cancel,
-        ))
-        .await?;
-        Ok(report
-            .problems
-            .iter()
-            .map(|p| format!("{}: {}", p.object, p.problem))
-            .collect())
-    }
-
-    /// Deletes a set (committed or aborted) from the repository and the catalog.
-    pub async fn delete(&self, record: &SetRecord) -> anyhow::Result<Vec<String>> {
-        let cancel = self.shutdown.child_token();
-        let repo = self.repo.get(&cancel).await?;
-        let deleted = if record.state == SetState::Committed {
-            repo.delete_set(&record.id, &cancel).await?
-        } else {
-            repo.delete_aborted_set(&record.id, &cancel).await?
-        };
-        self.catalog.remove(&record.id);
-        tracing::info!(set = %record.id, manifests = deleted.len(), "snapshot set deleted");
-        Ok(deleted)
-    }
-
-    /// Applies a policy's retention to its sets, then GC (when configured); returns how many
-    /// sets were deleted.
-    pub async fn apply_retention(
-        &self,
-        policy: &str,
-        rules: crate::retention::Rules,
-        gc: &crate::config::GcSettings,
-    ) -> anyhow::Result<usize> {
-        let sets: Vec<SetRecord> = self
-            .catalog
-            .list()
-            .into_iter()
-            .filter(|s| s.policy == policy)
-            .collect();
-        let expired = crate::retention::expired(&sets, rules, chrono::Utc::now());
-        let mut deleted = 0;
-        for id in &expired {
-            if let Some(record) = self.catalog.get(id) {
-                Box::pin(self.delete(&record)).await?;
-                deleted += 1;
-            }
-        }
-        if deleted > 0 {
-            tracing::info!(policy, deleted, "retention deleted sets");
-            if gc.after_retention {
-                let cancel = self.shutdown.child_token();
-                let repo = self.repo.get(&cancel).await?;
-                let report = Box::pin(aitbc_backup_repository::gc::gc(
-                    repo, gc.grace, false, &cancel,
-                ))
-                .await?;
-                tracing::info!(
-                    deleted_chunks = report.deleted_chunks,
-                    deleted_bytes = report.deleted_bytes,
-                    in_grace = report.in_grace,
-                    "GC after retention"
-                );
-            }
-            self.refresh_repository_metrics().await;
-        }
-        Ok(deleted)
-    }
-
     /// Picks the agents and starts the set; events follow on the returned receiver.
     pub fn start(
         self: &Arc<Self>,
@@ -304,76 +209,6 @@ impl Sets {
                     }
                 }
                 self.emit(&events, &plan.id, "", "aborted", reason);
-            }
-        }
-    }
-
-    /// After a restart: each component's last success time, and its outcome from the newest
-    /// set that included it (committed: 1), so the age alert keeps working across restarts.
-    fn seed_metrics(&self) {
-        let m = &self.metrics;
-        for record in self.catalog.list() {
-            // Oldest first: later sets overwrite earlier ones.
-            if record.state != SetState::Committed {
-                continue;
-            }
-            let at = chrono::DateTime::parse_from_rfc3339(&record.created)
-                .map(|t| t.timestamp_millis() as f64 / 1e3)
-                .unwrap_or(0.0);
-            for c in &record.components {
-                let label = ComponentLabel::of(c.component);
-                m.backup_success.get_or_create(&label).set(1);
-                m.backup_last_success.get_or_create(&label).set(at);
-            }
-            m.cut_skew.set(record.cut_skew_ms / 1e3);
-            m.write_pause.set(record.write_pause_ms / 1e3);
-        }
-    }
-
-    fn record_success(&self, record: &SetRecord, took: Duration) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let m = &self.metrics;
-        for c in &record.components {
-            let label = ComponentLabel::of(c.component);
-            m.backup_success.get_or_create(&label).set(1);
-            m.backup_last_success.get_or_create(&label).set(now);
-            m.backup_duration
-                .get_or_create(&label)
-                .observe(took.as_secs_f64());
-            for (stage, bytes) in [("read", c.bytes_read), ("stored", c.bytes_stored)] {
-                m.backup_bytes
-                    .get_or_create(&ComponentStageLabel {
-                        component: label.component.clone(),
-                        stage,
-                    })
-                    .inc_by(bytes);
-            }
-        }
-        m.cut_skew.set(record.cut_skew_ms / 1e3);
-        m.write_pause.set(record.write_pause_ms / 1e3);
-    }
-
-    /// Recomputes the repository's size and deduplication (one listing of the chunks and one
-    /// read per component manifest); a failure only leaves the gauges as they were.
-    pub async fn refresh_repository_metrics(&self) {
-        let cancel = self.shutdown.child_token();
-        let stats = async {
-            let repo = self.repo.get(&cancel).await?;
-            anyhow::Ok(Box::pin(repo.stats(&cancel)).await?)
-        };
-        match stats.await {
-            Ok(stats) => {
-                let m = &self.metrics;
-                m.repository_size.set(stats.stored_bytes as i64);
-                m.repository_logical.set(stats.logical_bytes as i64);
-                m.dedup_ratio
-                    .set(stats.logical_bytes as f64 / stats.stored_bytes.max(1) as f64);
-            }
-            Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "repository metrics not updated")
             }
         }
     }

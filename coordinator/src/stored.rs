@@ -1,0 +1,102 @@
+//! What the coordinator does with stored sets: rebuild the catalog from the repository,
+//! verify a set's data, delete a set, apply a policy's retention (then GC).
+
+use crate::catalog::{SetRecord, SetState};
+use crate::snapshot::Sets;
+
+impl Sets {
+    /// Rebuilds the catalog from the repository once (retried on the next call if storage was
+    /// unreachable).
+    pub async fn catalog_ready(&self) -> Result<(), tonic::Status> {
+        self.loaded
+            .get_or_try_init(|| {
+                Box::pin(async {
+                    let cancel = self.shutdown.child_token();
+                    let repo = self.repo.get(&cancel).await.map_err(|e| format!("{e:#}"))?;
+                    let count = self
+                        .catalog
+                        .load(repo, &cancel)
+                        .await
+                        .map_err(|e| format!("read the catalog: {e}"))?;
+                    tracing::info!(sets = count, "catalog rebuilt from the repository");
+                    self.seed_metrics();
+                    Ok::<(), String>(())
+                })
+            })
+            .await
+            .map(|_| ())
+            .map_err(tonic::Status::unavailable)
+    }
+
+    /// Verifies a committed set's data; the problems found, each naming an object.
+    pub async fn verify(&self, set_id: &str, read_data: bool) -> anyhow::Result<Vec<String>> {
+        let cancel = self.shutdown.child_token();
+        let repo = self.repo.get(&cancel).await?;
+        let report = Box::pin(aitbc_backup_repository::verify::verify_set(
+            repo, set_id, read_data, &cancel,
+        ))
+        .await?;
+        Ok(report
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.object, p.problem))
+            .collect())
+    }
+
+    /// Deletes a set (committed or aborted) from the repository and the catalog.
+    pub async fn delete(&self, record: &SetRecord) -> anyhow::Result<Vec<String>> {
+        let cancel = self.shutdown.child_token();
+        let repo = self.repo.get(&cancel).await?;
+        let deleted = if record.state == SetState::Committed {
+            repo.delete_set(&record.id, &cancel).await?
+        } else {
+            repo.delete_aborted_set(&record.id, &cancel).await?
+        };
+        self.catalog.remove(&record.id);
+        tracing::info!(set = %record.id, manifests = deleted.len(), "snapshot set deleted");
+        Ok(deleted)
+    }
+
+    /// Applies a policy's retention to its sets, then GC (when configured); returns how many
+    /// sets were deleted.
+    pub async fn apply_retention(
+        &self,
+        policy: &str,
+        rules: crate::retention::Rules,
+        gc: &crate::config::GcSettings,
+    ) -> anyhow::Result<usize> {
+        let sets: Vec<SetRecord> = self
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|s| s.policy == policy)
+            .collect();
+        let expired = crate::retention::expired(&sets, rules, chrono::Utc::now());
+        let mut deleted = 0;
+        for id in &expired {
+            if let Some(record) = self.catalog.get(id) {
+                Box::pin(self.delete(&record)).await?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(policy, deleted, "retention deleted sets");
+            if gc.after_retention {
+                let cancel = self.shutdown.child_token();
+                let repo = self.repo.get(&cancel).await?;
+                let report = Box::pin(aitbc_backup_repository::gc::gc(
+                    repo, gc.grace, false, &cancel,
+                ))
+                .await?;
+                tracing::info!(
+                    deleted_chunks = report.deleted_chunks,
+                    deleted_bytes = report.deleted_bytes,
+                    in_grace = report.in_grace,
+                    "GC after retention"
+                );
+            }
+            self.refresh_repository_metrics().await;
+        }
+        Ok(deleted)
+    }
+}
