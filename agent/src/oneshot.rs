@@ -60,11 +60,13 @@ pub async fn backup(
     })
 }
 
-/// Restores manifest `id` of the configured component; returns the report as JSON.
+/// Restores manifest `id` of the configured component, counting bytes into `progress`; returns
+/// the report as JSON.
 pub async fn restore(
     config: &AgentConfig,
     id: &str,
     options: RestoreOptions,
+    progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<serde_json::Value> {
     let RestoreOptions {
@@ -86,7 +88,6 @@ pub async fn restore(
         .component(id, cancel)
         .await
         .with_context(|| format!("read backup {id}"))?;
-    let progress = Arc::new(Progress::default());
     Ok(match kind {
         Component::Postgres => {
             if target.is_some() {
@@ -227,7 +228,8 @@ impl Command {
         match self {
             Command::Backup(options) => Box::pin(backup(config, &options, cancel)).await,
             Command::Restore { manifest, options } => {
-                Box::pin(restore(config, &manifest, options, cancel)).await
+                let progress = Arc::new(Progress::default());
+                Box::pin(restore(config, &manifest, options, progress, cancel)).await
             }
         }
     }

@@ -226,15 +226,6 @@ impl SetTask {
                     ..Done::default()
                 })
             }
-            (Action::Release(_), Stage::Cut(cut)) => {
-                let (cut, pause) = cut.release().await?;
-                self.stage = Stage::Cut(cut);
-                Ok(Done {
-                    at: Some(SystemTime::now()),
-                    pause,
-                    ..Done::default()
-                })
-            }
             (Action::Upload(upload), Stage::Cut(cut)) => {
                 let repo = self
                     .repo
@@ -295,6 +286,7 @@ impl SetTask {
                     &self.config,
                     &restore.manifest_id,
                     options,
+                    progress.clone(),
                     &self.cancel,
                 ));
                 let report = with_progress(

@@ -1,11 +1,10 @@
 //! `aitbc-backup agents list | get`.
 
-use aitbc_backup_proto::model::Component;
 use aitbc_backup_proto::{Agent, AgentState, GetAgentRequest, ListAgentsRequest};
 use serde::Serialize;
 
 use crate::client::{ConnectionArgs, status_error};
-use crate::output::print_table;
+use crate::output::{component_name, print_table};
 
 #[derive(clap::Subcommand)]
 pub enum AgentsCommand {
@@ -81,9 +80,7 @@ pub async fn run(
 }
 
 fn to_json(agent: Agent) -> AgentJson {
-    let component = Component::from_proto("component", agent.component)
-        .map(|c| c.as_str().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
+    let component = component_name(agent.component).to_owned();
     let state = match AgentState::try_from(agent.state) {
         Ok(AgentState::Online) => "online",
         Ok(AgentState::Offline) => "offline",

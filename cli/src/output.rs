@@ -21,3 +21,9 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         line(row.iter().map(String::as_str).collect());
     }
 }
+
+/// The name of a `ComponentKind` wire value (`unknown` for one this CLI does not know).
+pub fn component_name(kind: i32) -> &'static str {
+    aitbc_backup_proto::model::Component::from_proto("component", kind)
+        .map_or("unknown", |c| c.as_str())
+}

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::agents::rfc3339;
 use crate::client::{ConnectionArgs, status_error};
-use crate::output::print_table;
+use crate::output::{component_name, print_table};
 
 #[derive(clap::Subcommand)]
 pub enum SnapshotCommand {
@@ -295,9 +295,7 @@ pub async fn restore(
         .await
         .map_err(|s| status_error("RestoreSnapshot", s))?
     {
-        let component = Component::from_proto("component", event.component)
-            .map(|c| c.to_string())
-            .unwrap_or_default();
+        let component = component_name(event.component);
         if json {
             let report: serde_json::Value =
                 serde_json::from_str(&event.report_json).unwrap_or(serde_json::Value::Null);
@@ -394,7 +392,7 @@ fn to_json(snapshot: &Snapshot) -> serde_json::Value {
         .map(|c| {
             json!({
                 "agent": c.agent,
-                "component": Component::from_proto("component", c.component).map(|c| c.to_string()).unwrap_or_default(),
+                "component": component_name(c.component),
                 "manifest": c.manifest_id,
                 "consistency": serde_json::from_str::<serde_json::Value>(&c.consistency_json).unwrap_or(serde_json::Value::Null),
                 "bytes_read": c.bytes_read,
@@ -420,11 +418,10 @@ fn print_list(snapshots: &[Snapshot]) {
     let rows: Vec<Vec<String>> = snapshots
         .iter()
         .map(|s| {
-            let components: Vec<String> = s
+            let components: Vec<&str> = s
                 .components
                 .iter()
-                .filter_map(|c| Component::from_proto("component", c.component).ok())
-                .map(|c| c.to_string())
+                .map(|c| component_name(c.component))
                 .collect();
             vec![
                 s.id.clone(),
@@ -477,9 +474,7 @@ fn print_show(snapshot: &Snapshot) {
         .map(|c| {
             vec![
                 c.agent.clone(),
-                Component::from_proto("component", c.component)
-                    .map(|c| c.to_string())
-                    .unwrap_or_default(),
+                component_name(c.component).to_owned(),
                 c.manifest_id.clone(),
                 c.consistency_json.clone(),
             ]

@@ -186,7 +186,7 @@ pub struct SnapshotSettings {
     /// Every agent must be prepared within this.
     #[serde(with = "humantime_serde")]
     pub prepare_timeout: Duration,
-    /// Each of fence, cut and release must be done by every agent within this.
+    /// Each of fence and cut (with its release) must be done by every agent within this.
     #[serde(with = "humantime_serde")]
     pub cut_timeout: Duration,
     /// Coordinated sets: how far ahead the cut instant is set, so that every agent cuts on its

@@ -15,6 +15,7 @@ use aitbc_backup_proto::{
     RestoreSnapshotRequest, Snapshot, SnapshotEvent, VerifySnapshotRequest, VerifySnapshotResponse,
 };
 use aitbc_backup_repository::RepoError;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,33 +100,21 @@ impl Operator for OperatorService {
             agents: request.agents,
             mode: Mode::from_proto("mode", request.mode)?,
         };
-        let (set_id, mut events) = self
+        let (set_id, events) = self
             .sets
             .start(set)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(64);
-        let first = SnapshotEvent {
+        let started = SnapshotEvent {
             set_id,
             phase: "started".to_owned(),
             ..SnapshotEvent::default()
         };
-        let _ = tx.try_send(Ok(first));
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(event) => {
-                        let last = matches!(event.phase.as_str(), "committed" | "aborted");
-                        if tx.send(Ok(event)).await.is_err() || last {
-                            break;
-                        }
-                    }
-                    // A slow reader misses progress events, never the end (it is sent last).
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
+        let following = futures::stream::unfold(events, |mut events| async move {
+            events.next().await.map(|event| (Ok(event), events))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            futures::stream::once(async { Ok(started) }).chain(following),
+        )))
     }
 
     async fn list_snapshots(
@@ -246,19 +235,12 @@ impl Operator for OperatorService {
         self.sets.catalog_ready().await?;
         let request = request.into_inner();
         let record = self.committed(&request.set_id)?;
-        let cancel = CancellationToken::new();
-        let repo = self.sets.repo.get(&cancel).await.map_err(repo_status)?;
-        let report = Box::pin(aitbc_backup_repository::verify::verify_set(
-            repo,
-            &request.set_id,
-            request.read_data,
-            &cancel,
-        ))
-        .await
-        .map_err(|e| match e {
-            RepoError::NoSuchManifest(_) => Status::not_found(e.to_string()),
-            other => repo_status(other),
-        })?;
+        let report = Box::pin(self.sets.verify(&request.set_id, request.read_data))
+            .await
+            .map_err(|e| match e.downcast_ref::<RepoError>() {
+                Some(RepoError::NoSuchManifest(_)) => Status::not_found(format!("{e:#}")),
+                _ => repo_status(e),
+            })?;
         self.sets
             .metrics
             .verifications
@@ -269,11 +251,7 @@ impl Operator for OperatorService {
             .inc();
         Ok(Response::new(VerifySnapshotResponse {
             ok: report.ok(),
-            problems: report
-                .problems
-                .iter()
-                .map(|p| format!("{}: {}", p.object, p.problem))
-                .collect(),
+            problems: report.problems.iter().map(|p| p.to_string()).collect(),
             manifests: report.manifests as u64,
             chunks: report.chunks as u64,
             chunks_read: report.chunks_read as u64,

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use aitbc_backup_proto::model::Component;
+
 use crate::catalog::{SetRecord, SetState};
 use crate::metrics::{ComponentLabel, ComponentStageLabel};
 use crate::snapshot::Sets;
@@ -28,6 +30,16 @@ impl Sets {
             }
             m.cut_skew.set(record.cut_skew_ms / 1e3);
             m.write_pause.set(record.write_pause_ms / 1e3);
+        }
+    }
+
+    /// An aborted set: every component it included failed its backup.
+    pub(crate) fn record_failure(&self, components: impl Iterator<Item = Component>) {
+        for component in components {
+            self.metrics
+                .backup_success
+                .get_or_create(&ComponentLabel::of(component))
+                .set(0);
         }
     }
 

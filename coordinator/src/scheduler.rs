@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aitbc_backup_proto::SnapshotEvent;
 use chrono::Utc;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::SetState;
@@ -135,12 +133,14 @@ impl Scheduler {
                     (policy.name.clone(), self.gc.clone(), self.metrics.clone());
                 let verify = policy.verify;
                 self.sets.tasks.spawn(async move {
-                    if wait_for_end(events).await && verify != VerifyAfter::None {
+                    if events.committed().await && verify != VerifyAfter::None {
                         let checked = match verify {
                             VerifyAfter::Restore => Box::pin(sets.trial_restore(&set_id)).await,
                             other => {
                                 let read_data = other == VerifyAfter::ReadData;
-                                Box::pin(sets.verify(&set_id, read_data)).await
+                                Box::pin(sets.verify(&set_id, read_data)).await.map(|report| {
+                                    report.problems.iter().map(|p| p.to_string()).collect()
+                                })
                             }
                         };
                         let outcome = match checked {
@@ -176,18 +176,6 @@ impl Scheduler {
                 });
                 true
             }
-        }
-    }
-}
-
-/// Waits for the set's last event; true if it committed.
-async fn wait_for_end(mut events: broadcast::Receiver<SnapshotEvent>) -> bool {
-    loop {
-        match events.recv().await {
-            Ok(event) if event.phase == "committed" => return true,
-            Ok(event) if event.phase == "aborted" => return false,
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return false,
         }
     }
 }

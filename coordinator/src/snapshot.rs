@@ -1,5 +1,5 @@
-//! The snapshot-set protocol, one task per set: prepare → [fence] → cut → release → upload →
-//! commit, each phase under its deadline. Any failure aborts the set: every agent is told to
+//! The snapshot-set protocol, one task per set: prepare → [fence] → cut (and release) →
+//! upload → commit, each phase under its deadline. Any failure aborts the set: every agent is told to
 //! abort (fences come down, uploads stop before committing), the attempt record says why, and
 //! no set manifest is written — a set exists exactly when its manifest does.
 //!
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use aitbc_backup_proto::model::{Component, Mode};
 use aitbc_backup_proto::{
-    Abort, CommandResult, Cut, Fence, Prepare, SnapshotEvent, Upload, command,
+    Abort, CommandResult, Cut, Fence, Prepare, SnapshotEvent, SnapshotState, Upload, command,
 };
 use aitbc_backup_repository::Repository;
 use aitbc_backup_repository::manifest::{SetComponent, SetManifest};
@@ -30,7 +30,7 @@ use crate::catalog::{Catalog, ComponentRecord, RepoHandle, SetRecord, SetState};
 pub use crate::config::DEFAULT_POLICY;
 use crate::config::SnapshotSettings;
 use crate::fleet::Fleet;
-use crate::metrics::{ComponentLabel, Metrics};
+use crate::metrics::Metrics;
 
 /// Events buffered per set for slow readers (progress is sent once a second per agent).
 const EVENT_BUFFER: usize = 1024;
@@ -86,15 +86,40 @@ struct Plan {
     agents: Vec<(String, Component)>,
 }
 
+/// The events of one running set. A slow reader may miss progress events, never the last one
+/// (`committed` or `aborted`, carrying the set): the stream ends after it, when the set's task
+/// drops its sender.
+pub struct SetEvents(broadcast::Receiver<SnapshotEvent>);
+
+impl SetEvents {
+    /// The next event; None once the set has ended and every event was read.
+    pub async fn next(&mut self) -> Option<SnapshotEvent> {
+        loop {
+            match self.0.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Waits for the set's end; true if it committed.
+    pub async fn committed(mut self) -> bool {
+        while let Some(event) = self.next().await {
+            if let Some(set) = event.snapshot {
+                return set.state == SnapshotState::Committed as i32;
+            }
+        }
+        false
+    }
+}
+
 /// A phase's results, one per agent, in plan order.
 type Results = Vec<CommandResult>;
 
 impl Sets {
     /// Picks the agents and starts the set; events follow on the returned receiver.
-    pub fn start(
-        self: &Arc<Self>,
-        request: SetRequest,
-    ) -> Result<(String, broadcast::Receiver<SnapshotEvent>), StartError> {
+    pub fn start(self: &Arc<Self>, request: SetRequest) -> Result<(String, SetEvents), StartError> {
         let online = self.fleet.online();
         if let Some(missing) = request
             .agents
@@ -157,7 +182,7 @@ impl Sets {
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             Box::pin(async move { sets.drive(plan, events).await });
         self.tasks.spawn(drive.instrument(span));
-        Ok((id, receiver))
+        Ok((id, SetEvents(receiver)))
     }
 
     /// Runs the set to its end, committed or aborted.
@@ -176,9 +201,10 @@ impl Sets {
                 if let Some(record) = self.catalog.get(&plan.id) {
                     self.record_success(&record, started.elapsed());
                 }
-                self.refresh_repository_metrics().await;
                 tracing::info!("snapshot set committed");
                 self.emit(&events, &plan.id, "", "committed", String::new());
+                // After the event: whoever waits for the set does not wait for this scan.
+                self.refresh_repository_metrics().await;
             }
             Err(reason) => {
                 tracing::warn!(%reason, "snapshot set aborted");
@@ -193,12 +219,7 @@ impl Sets {
                     r.state = SetState::Aborted;
                     r.abort_reason = reason.clone();
                 });
-                for (_, component) in &plan.agents {
-                    self.metrics
-                        .backup_success
-                        .get_or_create(&ComponentLabel::of(*component))
-                        .set(0);
-                }
+                self.record_failure(plan.agents.iter().map(|(_, component)| *component));
                 if let Ok(repo) = self.repo.get(&CancellationToken::new()).await {
                     let attempt = self.attempt(&plan, "aborted", &reason);
                     if let Err(err) = repo

@@ -1,6 +1,8 @@
 //! What the coordinator does with stored sets: rebuild the catalog from the repository,
 //! verify a set's data, delete a set, apply a policy's retention (then GC).
 
+use aitbc_backup_repository::verify::{VerifyReport, verify_set};
+
 use crate::catalog::{SetRecord, SetState};
 use crate::snapshot::Sets;
 
@@ -28,19 +30,11 @@ impl Sets {
             .map_err(tonic::Status::unavailable)
     }
 
-    /// Verifies a committed set's data; the problems found, each naming an object.
-    pub async fn verify(&self, set_id: &str, read_data: bool) -> anyhow::Result<Vec<String>> {
+    /// Verifies a committed set's data; every problem in the report names its object.
+    pub async fn verify(&self, set_id: &str, read_data: bool) -> anyhow::Result<VerifyReport> {
         let cancel = self.shutdown.child_token();
         let repo = self.repo.get(&cancel).await?;
-        let report = Box::pin(aitbc_backup_repository::verify::verify_set(
-            repo, set_id, read_data, &cancel,
-        ))
-        .await?;
-        Ok(report
-            .problems
-            .iter()
-            .map(|p| format!("{}: {}", p.object, p.problem))
-            .collect())
+        Ok(Box::pin(verify_set(repo, set_id, read_data, &cancel)).await?)
     }
 
     /// Deletes a set (committed or aborted) from the repository and the catalog.

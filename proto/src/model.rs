@@ -238,7 +238,6 @@ impl crate::command::Action {
             Action::Prepare(_) => "prepare",
             Action::Fence(_) => "fence",
             Action::Cut(_) => "cut",
-            Action::Release(_) => "release",
             Action::Upload(_) => "upload",
             Action::Abort(_) => "abort",
             Action::Restore(_) => "restore",

@@ -181,6 +181,43 @@ impl Stack {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `snapshot list --json`: every set the coordinator knows.
+    pub fn snapshots(&self) -> Vec<serde_json::Value> {
+        let list: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["snapshot", "list", "--json"])).expect("list JSON");
+        list.as_array().expect("a JSON array").clone()
+    }
+
+    /// The listed set `id`, or Null.
+    pub fn snapshot_listed(&self, id: &str) -> serde_json::Value {
+        self.snapshots()
+            .into_iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The local repository's directory.
+    pub fn repository_dir(&self) -> PathBuf {
+        PathBuf::from(self.repository.trim_start_matches("file://"))
+    }
+
+    /// The bodies of the set manifests stored in the repository (unencrypted envelopes).
+    pub fn stored_sets(&self) -> Vec<serde_json::Value> {
+        let dir = self.repository_dir().join("manifests/sets");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                let envelope: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(e.path()).expect("read set manifest"))
+                        .expect("set manifest JSON");
+                envelope["body"].clone()
+            })
+            .collect()
+    }
+
     /// `snapshot create --wait --json` in `mode`: the final event's snapshot.
     pub fn snapshot(&self, mode: &str) -> serde_json::Value {
         let out = self.cli_ok(&["snapshot", "create", "--wait", "--json", "--mode", mode]);

@@ -45,28 +45,6 @@ fn create_until(
     }
 }
 
-fn set_ids_in_repository(stack: &Stack) -> Vec<String> {
-    let dir = stack.repository.trim_start_matches("file://").to_owned() + "/manifests/sets";
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn listed(stack: &Stack, id: &str) -> Value {
-    let list: Value =
-        serde_json::from_str(&stack.cli_ok(&["snapshot", "list", "--json"])).expect("list JSON");
-    list.as_array()
-        .expect("array")
-        .iter()
-        .find(|s| s["id"] == id)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
 /// A slow ledger upload: 64 KiB/s.
 const SLOW: &[(&str, &str)] = &[(
     "AITBC_BACKUP_REPOSITORY__LIMIT_UPLOAD_BYTES_PER_SEC",
@@ -81,6 +59,14 @@ fn an_agent_killed_mid_upload_aborts_the_set_naming_it() {
     let (mut child, mut out) = create_until(&stack, "coordinated", |e| {
         e["agent"] == "ledger" && e["phase"] == "upload"
     });
+    // PostgreSQL and Redis have committed their component manifests; the slow ledger has not.
+    let components = stack.repository_dir().join("manifests/components");
+    let count = || {
+        std::fs::read_dir(&components)
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(20), || count() == 2));
     let killed = Instant::now();
     stack.agent("ledger").service().kill9();
     let mut rest = String::new();
@@ -100,9 +86,9 @@ fn an_agent_killed_mid_upload_aborts_the_set_naming_it() {
         "aborted after {aborted_in:?}"
     );
     // No set manifest; the repository holds nothing dangling; the catalog says why.
-    assert!(set_ids_in_repository(&stack).is_empty());
+    assert!(stack.stored_sets().is_empty());
     let id = set["id"].as_str().expect("id");
-    assert_eq!(listed(&stack, id)["state"], "aborted");
+    assert_eq!(stack.snapshot_listed(id)["state"], "aborted");
     let verify = std::process::Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
         .args(["repo", "--repository", &stack.repository, "verify"])
         .output()
@@ -112,6 +98,18 @@ fn an_agent_killed_mid_upload_aborts_the_set_naming_it() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
+
+    // The other agents committed their component manifests for the set; deleting the aborted
+    // set removes exactly those (GC then reclaims their data).
+    assert_eq!(count(), 2);
+    let deleted: Value = serde_json::from_str(&stack.cli_ok(&["snapshot", "delete", id, "--json"]))
+        .expect("delete JSON");
+    assert_eq!(
+        deleted["deleted_manifests"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(count(), 0);
+    assert_eq!(stack.snapshot_listed(id), Value::Null);
 }
 
 #[test]
@@ -122,17 +120,15 @@ fn a_coordinator_killed_mid_upload_records_the_set_aborted_after_restart() {
     let (mut child, _out) = create_until(&stack, "coordinated", |e| {
         e["agent"] == "ledger" && e["phase"] == "upload"
     });
-    let first = |stack: &Stack| -> Option<String> {
-        let list: Value =
-            serde_json::from_str(&stack.cli_ok(&["snapshot", "list", "--json"])).ok()?;
-        list.as_array()?.first()?["id"].as_str().map(str::to_owned)
-    };
-    let id = first(&stack).expect("the running set is listed");
+    let id = stack.snapshots()[0]["id"]
+        .as_str()
+        .expect("the running set is listed")
+        .to_owned();
     stack.coordinator.kill9();
     let _ = child.wait();
     stack.coordinator.restart();
     // The catalog is rebuilt from the repository: the interrupted set is aborted, not lost.
-    let set = listed(&stack, &id);
+    let set = stack.snapshot_listed(&id);
     assert_eq!(set["state"], "aborted", "{set:#}");
     assert!(
         set["abort_reason"]
@@ -141,7 +137,7 @@ fn a_coordinator_killed_mid_upload_records_the_set_aborted_after_restart() {
             .contains("interrupted"),
         "{set:#}"
     );
-    assert!(set_ids_in_repository(&stack).is_empty());
+    assert!(stack.stored_sets().is_empty());
 
     // The agents reconnect and the next set commits.
     stack.start_agent("ledger", &[]);
@@ -153,7 +149,7 @@ fn a_coordinator_killed_mid_upload_records_the_set_aborted_after_restart() {
     }));
     let next = stack.snapshot("coordinated");
     assert_eq!(next["state"], "committed", "{next:#}");
-    assert_eq!(set_ids_in_repository(&stack).len(), 1);
+    assert_eq!(stack.stored_sets().len(), 1);
 }
 
 #[test]

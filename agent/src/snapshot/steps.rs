@@ -51,7 +51,7 @@ pub fn instant_of(unix_micros: i64) -> Option<Instant> {
     const MAX_CUT_DELAY: Duration = Duration::from_secs(1);
     let target = SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(unix_micros).ok()?);
     let ahead = target.duration_since(SystemTime::now()).ok()?;
-    (unix_micros > 0 && ahead <= MAX_CUT_DELAY).then(|| Instant::now() + ahead)
+    (ahead <= MAX_CUT_DELAY).then(|| Instant::now() + ahead)
 }
 
 pub async fn prepare(config: &AgentConfig, component: Component) -> anyhow::Result<Prepared> {
