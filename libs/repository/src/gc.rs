@@ -71,6 +71,10 @@ pub async fn gc(
         report.manifests += 1;
         referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
     }
+    for (_, manifest) in crate::wal::manifests(repo, cancel).await? {
+        report.manifests += 1;
+        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
+    }
     report.referenced = referenced.len();
 
     let mut condemned_at: HashMap<String, u64> = HashMap::new();

@@ -24,6 +24,7 @@ pub mod restore;
 pub mod sets;
 pub mod storage;
 pub mod verify;
+pub mod wal;
 
 pub use backup::{BackupRequest, ChunkSink, Progress, backup, backup_async, backup_with};
 pub use chunker::ChunkerParams;

@@ -370,6 +370,40 @@ impl Repository {
         Ok(out)
     }
 
+    /// Commits the manifest of an archived WAL file at `path` (see [`crate::wal`]).
+    pub(crate) async fn commit_wal(
+        &self,
+        path: &RemotePath,
+        manifest: &ComponentManifest,
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
+        self.commit(
+            path,
+            &manifest.id,
+            manifest::encode(COMPONENT_FORMAT, manifest),
+            cancel,
+        )
+        .await
+    }
+
+    /// Reads the manifest of an archived WAL file.
+    pub(crate) async fn wal_manifest(
+        &self,
+        path: &RemotePath,
+        cancel: &CancellationToken,
+    ) -> Result<ComponentManifest, RepoError> {
+        let stored = match self.storage.get(path, cancel).await {
+            Ok(bytes) => bytes,
+            Err(StorageError::NotFound(_)) => return Err(RepoError::Missing(path.to_string())),
+            Err(err) => return Err(err.into()),
+        };
+        let plain = self.open_manifest(path, &stored)?;
+        manifest::decode(COMPONENT_FORMAT, &plain).map_err(|source| RepoError::Manifest {
+            object: path.to_string(),
+            source,
+        })
+    }
+
     /// Deletes a component manifest (its chunks become garbage for GC).
     pub async fn delete_component(
         &self,
