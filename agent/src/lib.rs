@@ -86,6 +86,13 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut registry = Registry::default();
         let metrics = metrics::Metrics::register(&mut registry);
+        let config = self.settings.config.clone();
+        let archiving = config.component == Some(aitbc_backup_proto::model::Component::Postgres)
+            && config.postgres.wal.archive;
+        let wal_metrics = metrics::WalMetrics::default();
+        if archiving {
+            wal_metrics.register(&mut registry);
+        }
         let up = Arc::new(AtomicBool::new(false));
         let probe_up = up.clone();
         let router = aitbc_backup_telemetry::probe_router(Arc::new(registry), move || {
@@ -103,7 +110,30 @@ impl Agent {
             router,
             shutdown.clone(),
         ));
+        // The WAL archiver lives as long as the agent, beside the session: it needs no
+        // coordinator, and a restarted coordinator must not interrupt it.
+        let wal = archiving.then(|| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let archived = async {
+                    let repo = oneshot::open(&config, &shutdown).await?;
+                    Box::pin(postgres::wal_archive::run(
+                        &config.postgres,
+                        repo,
+                        wal_metrics,
+                        shutdown,
+                    ))
+                    .await
+                };
+                if let Err(err) = archived.await {
+                    tracing::error!(error = %format!("{err:#}"), "WAL archiving stopped");
+                }
+            })
+        });
         session::run(self.settings, up, metrics, shutdown).await;
+        if let Some(wal) = wal {
+            wal.await?;
+        }
         http.await?
     }
 }

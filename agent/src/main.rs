@@ -64,6 +64,34 @@ enum Command {
         #[arg(long, conflicts_with_all = ["target", "target_url", "rename", "force"])]
         trial: bool,
     },
+    /// PostgreSQL: take a physical base backup (pg_basebackup) into the repository; with the
+    /// archived WAL it is the start of point-in-time restores.
+    BaseBackup,
+    /// PostgreSQL: archive the server's WAL into the repository until SIGTERM (the sidecar does
+    /// this itself when postgres.wal.archive is on).
+    WalArchive,
+    /// PostgreSQL: restore a base backup plus archived WAL into a new data directory, recovered
+    /// to a snapshot set's restore point, a time, an LSN, or the latest archived WAL.
+    PitrRestore {
+        /// The data directory to create (absent or empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Recover to this snapshot set's restore point (its PostgreSQL cut).
+        #[arg(long, group = "pitr_target")]
+        to_set: Option<String>,
+        /// Recover the transactions committed before this time (RFC 3339).
+        #[arg(long, group = "pitr_target")]
+        to_time: Option<chrono::DateTime<chrono::Utc>>,
+        /// Recover the WAL up to this LSN (X/Y).
+        #[arg(long, group = "pitr_target")]
+        to_lsn: Option<String>,
+        /// Recover everything archived (the default).
+        #[arg(long, group = "pitr_target")]
+        latest: bool,
+        /// Start from this base backup (default: the newest that ends before the target).
+        #[arg(long)]
+        base: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -96,6 +124,32 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("start tokio runtime")?;
     let run = match args.command {
         None => return runtime.block_on(serve(config)),
+        Some(Command::BaseBackup) => oneshot::Command::BaseBackup,
+        Some(Command::WalArchive) => oneshot::Command::WalArchive,
+        Some(Command::PitrRestore {
+            data_dir,
+            to_set,
+            to_time,
+            to_lsn,
+            latest: _,
+            base,
+        }) => {
+            use aitbc_backup_agent::postgres::pitr::TargetSpec;
+            let target = match (to_set, to_time, to_lsn) {
+                (Some(set), _, _) => TargetSpec::Set(set),
+                (_, Some(at), _) => TargetSpec::Time(at),
+                (_, _, Some(lsn)) => TargetSpec::Lsn(
+                    aitbc_backup_repository::wal::parse_lsn(&lsn)
+                        .with_context(|| format!("--to-lsn `{lsn}` is not an LSN like 0/3000028"))?,
+                ),
+                _ => TargetSpec::Latest,
+            };
+            oneshot::Command::PitrRestore {
+                data_dir,
+                target,
+                base,
+            }
+        }
         Some(Command::Backup { full_scan, fenced }) => {
             oneshot::Command::Backup(oneshot::BackupOptions { full_scan, fenced })
         }
@@ -128,7 +182,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
     runtime.block_on(aitbc_backup_telemetry::run_until_signal(
         move |cancel| async move {
-            let report = run.execute(&config, &cancel).await?;
+            let report = Box::pin(run.execute(&config, &cancel)).await?;
             println!("{report:#}");
             Ok(())
         },

@@ -23,6 +23,48 @@ pub struct Metrics {
     pub heartbeat_rtt: Histogram,
 }
 
+/// The WAL archiver's metrics (standalone counters, registered when the agent serves them).
+#[derive(Clone, Default)]
+pub struct WalMetrics {
+    pub archived_segments: Counter,
+    pub gaps: Counter,
+    pub receiver_restarts: Counter,
+    pub upload_failures: Counter,
+    /// Unix seconds of the last completed segment stored.
+    pub last_archived: Gauge,
+}
+
+impl WalMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("aitbc_backup_agent_wal");
+        sub.register(
+            "archived_segments",
+            "Completed WAL segments stored in the repository",
+            self.archived_segments.clone(),
+        );
+        sub.register(
+            "gaps",
+            "Breaks in the archived WAL sequence (segments never archived)",
+            self.gaps.clone(),
+        );
+        sub.register(
+            "receiver_restarts",
+            "Times pg_receivewal stopped and was restarted",
+            self.receiver_restarts.clone(),
+        );
+        sub.register(
+            "upload_failures",
+            "WAL upload passes that failed (retried on the next pass)",
+            self.upload_failures.clone(),
+        );
+        sub.register(
+            "last_archived_timestamp_seconds",
+            "When the last completed WAL segment was stored",
+            self.last_archived.clone(),
+        );
+    }
+}
+
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Arc<Self> {
         let metrics = Metrics {

@@ -153,6 +153,17 @@ fn json(report: impl serde::Serialize) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::to_value(report)?)
 }
 
+/// The repository, for a command only the PostgreSQL component has.
+async fn postgres_repository(
+    config: &AgentConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Repository> {
+    if component(config)? != Component::Postgres {
+        bail!("this command is for the postgres component (AITBC_BACKUP_COMPONENT=postgres)");
+    }
+    open(config, cancel).await
+}
+
 pub(crate) async fn open(
     config: &AgentConfig,
     cancel: &CancellationToken,
@@ -214,6 +225,16 @@ pub enum Command {
         manifest: String,
         options: RestoreOptions,
     },
+    /// PostgreSQL: a physical base backup.
+    BaseBackup,
+    /// PostgreSQL: archive WAL until cancelled.
+    WalArchive,
+    /// PostgreSQL: point-in-time restore into a new data directory.
+    PitrRestore {
+        data_dir: PathBuf,
+        target: postgres::pitr::TargetSpec,
+        base: Option<String>,
+    },
 }
 
 impl Command {
@@ -230,6 +251,58 @@ impl Command {
             Command::Restore { manifest, options } => {
                 let progress = Arc::new(Progress::default());
                 Box::pin(restore(config, &manifest, options, progress, cancel)).await
+            }
+            Command::BaseBackup => {
+                let repo = postgres_repository(config, cancel).await?;
+                let label = aitbc_backup_repository::backup::Label::new(&format!(
+                    "{}-base",
+                    config.backup_name()
+                ));
+                json(
+                    Box::pin(postgres::base_backup::base_backup(
+                        &repo,
+                        &config.postgres,
+                        &label,
+                        Arc::default(),
+                        cancel,
+                    ))
+                    .await?,
+                )
+            }
+            Command::WalArchive => {
+                let repo = postgres_repository(config, cancel).await?;
+                let metrics = crate::metrics::WalMetrics::default();
+                Box::pin(postgres::wal_archive::run(
+                    &config.postgres,
+                    repo,
+                    metrics.clone(),
+                    cancel.clone(),
+                ))
+                .await?;
+                Ok(serde_json::json!({
+                    "archived_segments": metrics.archived_segments.get(),
+                    "gaps": metrics.gaps.get(),
+                }))
+            }
+            Command::PitrRestore {
+                data_dir,
+                target,
+                base,
+            } => {
+                let repo = postgres_repository(config, cancel).await?;
+                let target = Box::pin(target.resolve(&repo, cancel)).await?;
+                json(
+                    Box::pin(postgres::pitr::restore(
+                        &repo,
+                        &config.postgres,
+                        &target,
+                        base.as_deref(),
+                        &data_dir,
+                        Arc::default(),
+                        cancel,
+                    ))
+                    .await?,
+                )
             }
         }
     }

@@ -6,12 +6,17 @@
 //! - [`server`]: connections and client tools.
 //! - [`cut`]: prepare, fence, export the snapshots.
 //! - [`backup`], [`restore`]: the two directions.
+//! - [`wal_archive`]: continuous WAL archiving (`pg_receivewal` into the repository).
+//! - [`base_backup`], [`pitr`]: physical base backups and point-in-time recovery.
 
 pub mod archive;
 pub mod backup;
+pub mod base_backup;
 pub mod config;
 pub mod cut;
+pub mod pitr;
 pub mod restore;
 pub mod server;
+pub mod wal_archive;
 
 pub use config::PostgresSettings;

@@ -196,7 +196,9 @@ impl SetTask {
         match (action, stage) {
             (Action::Prepare(_), Stage::Idle) => {
                 self.repo = Some(oneshot::open(&self.config, &self.cancel).await?);
-                self.stage = Stage::Prepared(steps::prepare(&self.config, self.component).await?);
+                self.stage = Stage::Prepared(
+                    steps::prepare(&self.config, self.component, &command.set_id).await?,
+                );
                 Ok(Done::default())
             }
             (Action::Fence(_), Stage::Prepared(prepared)) => {

@@ -56,7 +56,9 @@ pub struct SetRecord {
 /// The component a consistency point belongs to.
 pub fn component_of(point: &ConsistencyPoint) -> Component {
     match point {
-        ConsistencyPoint::Postgres { .. } => Component::Postgres,
+        ConsistencyPoint::Postgres { .. } | ConsistencyPoint::PostgresBase { .. } => {
+            Component::Postgres
+        }
         ConsistencyPoint::Redis { .. } => Component::Redis,
         ConsistencyPoint::Ledger { .. } => Component::Ledger,
     }

@@ -44,6 +44,49 @@ pub struct PostgresSettings {
     pub fence_max_pause: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Continuous WAL archiving and point-in-time recovery.
+    pub wal: WalSettings,
+}
+
+pub const DEFAULT_SLOT: &str = "aitbc_backup";
+pub const DEFAULT_PARTIAL_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The `[postgres.wal]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSettings {
+    /// Stream the server's WAL into the repository (`pg_receivewal`) while the agent runs, and
+    /// mark every snapshot set's cut with a restore point `aitbc-set-<id>`.
+    pub archive: bool,
+    /// Physical replication slot the stream uses, created if missing, so the server keeps WAL
+    /// the agent has not archived yet (mind `max_slot_wal_keep_size`); empty: no slot.
+    pub slot: String,
+    /// Where `pg_receivewal` writes before upload; empty: `<scratch_dir>/wal`.
+    pub spool_dir: PathBuf,
+    /// How often the segment being written is uploaded: at most this much committed work is
+    /// lost with the server.
+    #[serde(with = "humantime_serde")]
+    pub partial_interval: Duration,
+    /// The OS user a point-in-time restore runs the recovering server as, when the agent runs
+    /// as root (PostgreSQL refuses root).
+    pub os_user: String,
+    /// The longest a point-in-time restore's recovery may take.
+    #[serde(with = "humantime_serde")]
+    pub recovery_timeout: Duration,
+}
+
+impl Default for WalSettings {
+    fn default() -> Self {
+        WalSettings {
+            archive: false,
+            slot: DEFAULT_SLOT.to_owned(),
+            spool_dir: PathBuf::new(),
+            partial_interval: DEFAULT_PARTIAL_INTERVAL,
+            os_user: "postgres".to_owned(),
+            recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
+        }
+    }
 }
 
 impl Default for PostgresSettings {
@@ -59,6 +102,7 @@ impl Default for PostgresSettings {
             fence_tables: Vec::new(),
             fence_max_pause: DEFAULT_FENCE_MAX_PAUSE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            wal: WalSettings::default(),
         }
     }
 }
@@ -98,7 +142,32 @@ impl PostgresSettings {
             ));
         }
         self.fence_tables()?;
+        if self.wal.partial_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "postgres.wal.partial_interval",
+                "must be positive",
+            ));
+        }
+        let valid_slot = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+        if !self.wal.slot.chars().all(valid_slot) || self.wal.slot.len() > 63 {
+            return Err(ConfigError::invalid(
+                "postgres.wal.slot",
+                format!(
+                    "`{}` is not a slot name (lower-case letters, digits, `_`)",
+                    self.wal.slot
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Where `pg_receivewal` writes.
+    pub fn wal_spool_dir(&self) -> PathBuf {
+        if self.wal.spool_dir.as_os_str().is_empty() {
+            self.scratch_dir.join("wal")
+        } else {
+            self.wal.spool_dir.clone()
+        }
     }
 
     pub fn fence_tables(&self) -> Result<Vec<FenceTable>, ConfigError> {

@@ -35,6 +35,8 @@ pub struct Prepared {
     max_pause: Duration,
     /// Raised by [`Prepared::fence`]; carried into the cut.
     fence: Option<Fence>,
+    /// The restore point the cut writes, and the connection that writes it.
+    restore_point: Option<(String, Client)>,
 }
 
 /// Snapshots exported and held.
@@ -55,6 +57,9 @@ pub struct Point {
     pub timeline: u32,
     pub info: ServerInfo,
     pub databases: Vec<(Database, Exported)>,
+    /// The restore point written at the cut (WAL archiving on), and its LSN; else empty.
+    pub restore_point: String,
+    pub restore_point_lsn: String,
 }
 
 /// What a database's exporting transaction returned.
@@ -99,6 +104,8 @@ impl Point {
                     row_counts,
                 })
                 .collect(),
+            restore_point: self.restore_point.clone(),
+            restore_point_lsn: self.restore_point_lsn.clone(),
         }
     }
 }
@@ -169,6 +176,7 @@ pub async fn prepare(settings: &PostgresSettings) -> anyhow::Result<Prepared> {
         fences,
         max_pause: settings.fence_max_pause,
         fence: None,
+        restore_point: None,
     })
 }
 
@@ -216,6 +224,16 @@ async fn list_databases(
 }
 
 impl Prepared {
+    /// Makes the cut write a restore point named `name` (WAL archiving on).
+    pub async fn with_restore_point(mut self, name: String) -> anyhow::Result<Prepared> {
+        let client = self
+            .server
+            .connect(&self.server.maintenance_db.clone())
+            .await?;
+        self.restore_point = Some((name, client));
+        Ok(self)
+    }
+
     /// Locks the fenced tables (if any are configured). They stay locked until
     /// [`Fence::release`] or the deadline (`fence_max_pause`), whichever is first.
     pub async fn fence(&mut self) -> anyhow::Result<()> {
@@ -265,6 +283,18 @@ impl Prepared {
             )
             .await
             .map_err(|e| anyhow::anyhow!("read the WAL position: {}", describe(&e)))?;
+        // Written while the fence (if any) still holds writers, so in fenced mode recovery to
+        // this point reproduces exactly the state the snapshots saw.
+        let restore_point_lsn = match &self.restore_point {
+            Some((name, client)) => client
+                .query_one("SELECT pg_create_restore_point($1)::text", &[name])
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("create the restore point `{name}`: {}", describe(&e))
+                })?
+                .get(0),
+            None => String::new(),
+        };
         let (databases, exporters): (Vec<Database>, Vec<Client>) =
             self.exporters.into_iter().unzip();
         Ok(Cut {
@@ -274,6 +304,8 @@ impl Prepared {
                 timeline: row.get::<_, i32>(1) as u32,
                 info: self.info,
                 databases: databases.into_iter().zip(exported).collect(),
+                restore_point: self.restore_point.map(|(name, _)| name).unwrap_or_default(),
+                restore_point_lsn,
             },
             exporters,
             fence,

@@ -54,9 +54,26 @@ pub fn instant_of(unix_micros: i64) -> Option<Instant> {
     (ahead <= MAX_CUT_DELAY).then(|| Instant::now() + ahead)
 }
 
-pub async fn prepare(config: &AgentConfig, component: Component) -> anyhow::Result<Prepared> {
+/// The restore point a set's PostgreSQL cut writes when WAL is archived.
+pub fn restore_point_name(set_id: &str) -> String {
+    format!("aitbc-set-{set_id}")
+}
+
+pub async fn prepare(
+    config: &AgentConfig,
+    component: Component,
+    set_id: &str,
+) -> anyhow::Result<Prepared> {
     Ok(match component {
-        Component::Postgres => Prepared::Postgres(postgres::cut::prepare(&config.postgres).await?),
+        Component::Postgres => {
+            let mut prepared = postgres::cut::prepare(&config.postgres).await?;
+            if config.postgres.wal.archive {
+                prepared = prepared
+                    .with_restore_point(restore_point_name(set_id))
+                    .await?;
+            }
+            Prepared::Postgres(prepared)
+        }
         Component::Redis => {
             let settings = config.redis.clone();
             Prepared::Redis(blocking(move || redis::backup::prepare(&settings)).await?)

@@ -49,6 +49,24 @@ pub enum ConsistencyPoint {
         /// Every database in the backup, with what restore needs and checks.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         databases: Vec<PgDatabase>,
+        /// With WAL archiving: the restore point written at the cut (`aitbc-set-<set id>`) and
+        /// its LSN, which a point-in-time restore can stop at.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        restore_point: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        restore_point_lsn: String,
+    },
+    /// A physical base backup (`pg_basebackup` tar stream): restorable with the archived WAL
+    /// from `start_lsn` to at least `end_lsn`.
+    PostgresBase {
+        start_lsn: String,
+        end_lsn: String,
+        timeline: u32,
+        wal_segment_size: u64,
+        system_identifier: String,
+        server_version: String,
+        /// RFC 3339, UTC: when the backup ended (the earliest time it can be recovered to).
+        finished: String,
     },
     Redis {
         /// The master's replication id and offset at the fork.

@@ -222,6 +222,13 @@ impl WalWriter {
     }
 }
 
+impl WalWriter {
+    /// Removes an archived file's manifest (superseded partial uploads).
+    pub async fn delete(&self, file: &WalFile, cancel: &CancellationToken) -> Result<(), RepoError> {
+        Ok(self.repo.storage.delete(&file.path(), cancel).await?)
+    }
+}
+
 /// Cuts, hashes and (for chunks not in `known`) encodes `data`.
 fn encode(
     repo: &Repository,

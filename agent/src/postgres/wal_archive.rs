@@ -1,0 +1,330 @@
+//! Continuous WAL archiving. `pg_receivewal` streams the server's WAL over a replication
+//! connection into a spool directory (through a replication slot, so the server keeps what is not
+//! archived yet); this task stores every completed segment and history file in the repository
+//! and then removes it from the spool, and uploads the segment being written every
+//! `partial_interval` when it changed — which bounds what is lost with the server to that
+//! interval. A receiver that exits is restarted with backoff; gaps in the archived sequence and
+//! timeline switches are logged and counted.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use aitbc_backup_backoff::Backoff;
+use aitbc_backup_repository::Repository;
+use aitbc_backup_repository::wal::{Catalog, Segment, WalFile, WalWriter};
+use anyhow::Context;
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use super::PostgresSettings;
+use super::server::Server;
+use crate::metrics::WalMetrics;
+
+const RESTART: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+
+/// Archives until `cancel` fires; then stops the receiver and uploads what it flushed.
+pub async fn run(
+    settings: &PostgresSettings,
+    repo: Repository,
+    metrics: WalMetrics,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let spool = settings.wal_spool_dir();
+    tokio::fs::create_dir_all(&spool)
+        .await
+        .with_context(|| format!("create the WAL spool directory {}", spool.display()))?;
+    let mut uploader = Uploader::start(repo, &spool, metrics.clone(), &cancel).await?;
+    let mut attempt = 0;
+    while !cancel.is_cancelled() {
+        let outcome = receive(settings, &spool, &mut uploader, &cancel).await;
+        uploader.pass(&cancel).await;
+        match outcome {
+            Ok(()) => break,
+            Err(err) => {
+                metrics.receiver_restarts.inc();
+                let delay = RESTART.delay(attempt);
+                attempt += 1;
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?delay, "WAL receiver stopped");
+                if !aitbc_backup_backoff::sleep_or_cancel(delay, &cancel).await {
+                    break;
+                }
+            }
+        }
+    }
+    uploader.pass(&CancellationToken::new()).await;
+    Ok(())
+}
+
+/// One life of `pg_receivewal`: uploads every interval while it runs. Ok when cancelled.
+async fn receive(
+    settings: &PostgresSettings,
+    spool: &Path,
+    uploader: &mut Uploader,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut server = Server::new(settings, None)?;
+    let admin = server.connect(&server.maintenance_db.clone()).await?;
+    let info = server.info(&admin).await?;
+    server.resolve_tools(info.major)?;
+    uploader.set_segment_size(wal_segment_size(&admin).await?);
+    drop(admin);
+    let slot = &settings.wal.slot;
+    if !slot.is_empty() {
+        let output = server
+            .tool("pg_receivewal")
+            .args(["--create-slot", "--if-not-exists", "--slot", slot, "--no-password"])
+            .output()
+            .context("run pg_receivewal --create-slot")?;
+        super::server::check_output("pg_receivewal --create-slot", output)?;
+    }
+    let mut command = tokio::process::Command::from(server.tool("pg_receivewal"));
+    command
+        .arg("--directory")
+        .arg(spool)
+        .args(["--no-loop", "--no-password", "--status-interval=1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if !slot.is_empty() {
+        command.args(["--slot", slot]);
+    }
+    let mut child = command.spawn().context("start pg_receivewal")?;
+    let mut stderr = child.stderr.take().context("pg_receivewal stderr")?;
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    tracing::info!(spool = %spool.display(), slot = %slot, "WAL receiver started");
+    let mut tick = tokio::time::interval(settings.wal.partial_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = tick.tick() => uploader.pass(cancel).await,
+            _ = cancel.cancelled() => {
+                // SIGINT: pg_receivewal flushes what it received and exits.
+                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGINT,
+                    );
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                return Ok(());
+            }
+        }
+    };
+    let text = errors.await.unwrap_or_default();
+    anyhow::bail!("pg_receivewal exited ({status}): {}", text.trim())
+}
+
+pub(crate) async fn wal_segment_size(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
+    let row = client
+        .query_one(
+            "SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 \
+                    WHEN 'MB' THEN 1048576 ELSE 1 END \
+             FROM pg_settings WHERE name = 'wal_segment_size'",
+            &[],
+        )
+        .await
+        .context("read wal_segment_size")?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Moves what the receiver wrote into the repository.
+struct Uploader {
+    writer: WalWriter,
+    spool: PathBuf,
+    seg_size: u64,
+    metrics: WalMetrics,
+    /// Segments archived before this run.
+    archived: Vec<String>,
+    /// The newest segment stored, to notice gaps and timeline switches.
+    last: Option<Segment>,
+    partial: Option<Partial>,
+}
+
+/// The segment being written: its uploads so far and what its file looked like at the last.
+struct Partial {
+    segment: String,
+    uploads: Vec<WalFile>,
+    seen: Option<(u64, SystemTime)>,
+}
+
+impl Uploader {
+    async fn start(
+        repo: Repository,
+        spool: &Path,
+        metrics: WalMetrics,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let catalog = Catalog::load(&repo, cancel)
+            .await
+            .context("list the archived WAL")?;
+        Ok(Uploader {
+            writer: WalWriter::new(repo),
+            spool: spool.to_owned(),
+            seg_size: 16 << 20,
+            metrics,
+            archived: catalog.segments.into_keys().collect(),
+            last: None,
+            partial: None,
+        })
+    }
+
+    /// The server's segment size, known once connected; finds the newest archived segment.
+    fn set_segment_size(&mut self, seg_size: u64) {
+        self.seg_size = seg_size;
+        let newest = self
+            .archived
+            .iter()
+            .filter_map(|name| Segment::parse(name, seg_size))
+            .max_by_key(|s| (s.number, s.timeline));
+        self.last = self.last.max(newest);
+    }
+
+    /// One pass over the spool; failures are logged and retried on the next pass (the files
+    /// stay in the spool until stored).
+    async fn pass(&mut self, cancel: &CancellationToken) {
+        if let Err(err) = self.upload(cancel).await {
+            self.metrics.upload_failures.inc();
+            tracing::warn!(error = %format!("{err:#}"), "WAL upload failed; retrying");
+        }
+    }
+
+    async fn upload(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let mut names = Vec::new();
+        let mut entries = tokio::fs::read_dir(&self.spool).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        for name in &names {
+            if name.ends_with(".history") {
+                let Some(timeline) = name
+                    .strip_suffix(".history")
+                    .and_then(|t| u32::from_str_radix(t, 16).ok())
+                else {
+                    continue;
+                };
+                self.store_file(WalFile::History(timeline), name, cancel)
+                    .await?;
+                tracing::info!(timeline, "timeline history archived");
+            } else if let Some(segment) = Segment::parse(name, self.seg_size) {
+                self.note_sequence(segment, name);
+                self.store_file(WalFile::Segment(name.clone()), name, cancel)
+                    .await?;
+                self.metrics.archived_segments.inc();
+                self.metrics.last_archived.set(unix_now());
+                if self.partial.as_ref().is_some_and(|p| &p.segment == name) {
+                    if let Some(done) = self.partial.take() {
+                        self.delete(&done.uploads, cancel).await;
+                    }
+                }
+            }
+        }
+        if let Some(name) = names.iter().find_map(|n| n.strip_suffix(".partial")) {
+            self.upload_partial(name, cancel).await?;
+        }
+        Ok(())
+    }
+
+    fn note_sequence(&mut self, segment: Segment, name: &str) {
+        if let Some(last) = self.last {
+            if segment.timeline != last.timeline {
+                tracing::info!(from = last.timeline, to = segment.timeline, segment = name, "WAL timeline switch");
+            } else if segment.number > last.number + 1 {
+                self.metrics.gaps.inc();
+                tracing::error!(
+                    after = %last.name(self.seg_size),
+                    next = name,
+                    missing = segment.number - last.number - 1,
+                    "WAL gap: segments between these were never archived; point-in-time recovery cannot cross it until the next base backup"
+                );
+            }
+        }
+        if self.last.is_none_or(|l| (segment.number, segment.timeline) > (l.number, l.timeline)) {
+            self.last = Some(segment);
+        }
+    }
+
+    /// Stores a spool file and removes it from the spool.
+    async fn store_file(
+        &mut self,
+        file: WalFile,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let path = self.spool.join(name);
+        let data = tokio::fs::read(&path)
+            .await
+            .with_context(|| format!("read {}", path.display()))?;
+        self.writer
+            .store(&file, data, cancel)
+            .await
+            .with_context(|| format!("archive {name}"))?;
+        tokio::fs::remove_file(&path).await?;
+        Ok(())
+    }
+
+    /// Uploads the segment being written if it changed since its last upload, then removes the
+    /// uploads it supersedes.
+    async fn upload_partial(&mut self, name: &str, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let path = self.spool.join(format!("{name}.partial"));
+        let meta = tokio::fs::metadata(&path).await?;
+        let seen = Some((meta.len(), meta.modified()?));
+        let mut partial = match self.partial.take() {
+            Some(current) if current.segment == name => current,
+            older => {
+                if let Some(older) = older {
+                    self.delete(&older.uploads, cancel).await;
+                }
+                Partial {
+                    segment: name.to_owned(),
+                    uploads: Vec::new(),
+                    seen: None,
+                }
+            }
+        };
+        if partial.seen == seen {
+            self.partial = Some(partial);
+            return Ok(());
+        }
+        let data = tokio::fs::read(&path).await?;
+        let file = WalFile::Partial {
+            segment: name.to_owned(),
+            micros: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+        };
+        let stored = self.writer.store(&file, data, cancel).await;
+        if stored.is_ok() {
+            self.delete(&partial.uploads, cancel).await;
+            partial.uploads = vec![file];
+            partial.seen = seen;
+        }
+        self.partial = Some(partial);
+        stored.with_context(|| format!("upload the partial segment {name}"))?;
+        Ok(())
+    }
+
+    /// Removes superseded partial uploads (a failure leaves them to `repo wal prune`).
+    async fn delete(&self, files: &[WalFile], cancel: &CancellationToken) {
+        for file in files {
+            if let Err(err) = self.writer.delete(file, cancel).await {
+                tracing::debug!(error = %err, object = %file.path(), "could not remove a superseded partial upload");
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
