@@ -8,7 +8,7 @@ use std::time::Duration;
 use aitbc_backup_repository::storage::StorageLimits;
 use aitbc_backup_repository::{
     BackupRequest, ChunkerParams, KeySecret, Progress, RepoSettings, RepoUrl, Repository,
-    S3Options, Storage, gc, keys, open, verify,
+    S3Options, Storage, gc, keys, open, verify, wal,
 };
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -96,6 +96,23 @@ enum RepoCommand {
     /// Manage encryption keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Archived PostgreSQL WAL and base backups (point-in-time recovery).
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum WalCommand {
+    /// List base backups and a summary of the archived WAL.
+    Ls,
+    /// Check that the WAL from every base backup to the newest archived has no gap; exit code 1
+    /// naming the missing segments otherwise.
+    Verify,
+    /// Keep the newest KEEP base backups and the WAL they need; delete older ones and older WAL.
+    Retain {
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -422,6 +439,105 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             println!("forgot {id}; its data is removed by the next gc after the grace period");
         }
         RepoCommand::Keys(command) => run_keys(&args, command, json, &cancel).await?,
+        RepoCommand::Wal(command) => {
+            let repo = args.open(&cancel).await?;
+            run_wal(&repo, command, json, &cancel).await?
+        }
+    }
+    Ok(())
+}
+
+async fn run_wal(
+    repo: &Repository,
+    command: &WalCommand,
+    json: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    match command {
+        WalCommand::Ls => {
+            let bases = wal::base_backups(repo, cancel).await?;
+            let catalog = wal::Catalog::load(repo, cancel).await?;
+            let summary = serde_json::json!({
+                "base_backups": bases.iter().map(|b| serde_json::json!({
+                    "id": b.manifest.id,
+                    "created": b.manifest.created,
+                    "timeline": b.timeline,
+                    "start_lsn": wal::format_lsn(b.start_lsn),
+                    "end_lsn": wal::format_lsn(b.end_lsn),
+                    "bytes": b.manifest.raw_size,
+                })).collect::<Vec<_>>(),
+                "segments": catalog.segments.len(),
+                "first_segment": catalog.segments.keys().next(),
+                "last_segment": catalog.segments.keys().next_back(),
+                "partial": catalog.partials.keys().next_back(),
+                "timelines": catalog.histories.keys().collect::<Vec<_>>(),
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                let rows: Vec<Vec<String>> = bases
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.manifest.id.clone(),
+                            b.manifest.created.clone(),
+                            b.timeline.to_string(),
+                            wal::format_lsn(b.start_lsn),
+                            wal::format_lsn(b.end_lsn),
+                            b.manifest.raw_size.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["BASE BACKUP", "CREATED", "TIMELINE", "START", "END", "BYTES"],
+                    &rows,
+                );
+                println!(
+                    "WAL: {} segments, {} .. {}, partial {}",
+                    catalog.segments.len(),
+                    summary["first_segment"].as_str().unwrap_or("-"),
+                    summary["last_segment"].as_str().unwrap_or("-"),
+                    summary["partial"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+        WalCommand::Verify => {
+            let chains = wal::verify_chains(repo, cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&chains)?);
+            } else {
+                for chain in &chains {
+                    match chain.problem.as_str() {
+                        "" => println!(
+                            "base backup {}: WAL complete from {} to {} ({} files)",
+                            chain.base_backup, chain.first_segment, chain.last_segment, chain.files
+                        ),
+                        problem => println!("base backup {}: {problem}", chain.base_backup),
+                    }
+                }
+            }
+            if chains.is_empty() {
+                bail!("no base backup in the repository: nothing to recover from");
+            }
+            let broken = chains.iter().filter(|c| !c.problem.is_empty()).count();
+            if broken > 0 {
+                bail!("verify failed: the WAL of {broken} base backup(s) is incomplete");
+            }
+        }
+        WalCommand::Retain { keep } => {
+            let report = wal::retain(repo, *keep, cancel).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "kept {} base backup(s), deleted {}; removed {} WAL segment(s) and {} partial upload(s) no kept backup needs",
+                    report.kept_base_backups,
+                    report.deleted_base_backups.len(),
+                    report.pruned.segments,
+                    report.pruned.partials
+                );
+            }
+        }
     }
     Ok(())
 }

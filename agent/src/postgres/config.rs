@@ -51,6 +51,8 @@ pub struct PostgresSettings {
 pub const DEFAULT_SLOT: &str = "aitbc_backup";
 pub const DEFAULT_PARTIAL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_BASE_BACKUP_EVERY: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_KEEP_BASE_BACKUPS: usize = 2;
 
 /// The `[postgres.wal]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +76,13 @@ pub struct WalSettings {
     /// The longest a point-in-time restore's recovery may take.
     #[serde(with = "humantime_serde")]
     pub recovery_timeout: Duration,
+    /// While archiving: take a base backup when the newest is older than this (and at once
+    /// when there is none); 0 turns this off.
+    #[serde(with = "humantime_serde")]
+    pub base_backup_every: Duration,
+    /// Base backups kept after each new one; the WAL older than the oldest kept one is removed.
+    /// This is the point-in-time recovery window.
+    pub keep_base_backups: usize,
 }
 
 impl Default for WalSettings {
@@ -85,6 +94,8 @@ impl Default for WalSettings {
             partial_interval: DEFAULT_PARTIAL_INTERVAL,
             os_user: "postgres".to_owned(),
             recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
+            base_backup_every: DEFAULT_BASE_BACKUP_EVERY,
+            keep_base_backups: DEFAULT_KEEP_BASE_BACKUPS,
         }
     }
 }
@@ -146,6 +157,12 @@ impl PostgresSettings {
             return Err(ConfigError::invalid(
                 "postgres.wal.partial_interval",
                 "must be positive",
+            ));
+        }
+        if self.wal.keep_base_backups == 0 {
+            return Err(ConfigError::invalid(
+                "postgres.wal.keep_base_backups",
+                "must be at least 1",
             ));
         }
         let valid_slot = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';

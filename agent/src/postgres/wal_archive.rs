@@ -8,11 +8,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aitbc_backup_backoff::Backoff;
 use aitbc_backup_repository::Repository;
-use aitbc_backup_repository::wal::{Catalog, Segment, WalFile, WalWriter};
+use aitbc_backup_repository::backup::Label;
+use aitbc_backup_repository::wal::{self, Catalog, Segment, WalFile, WalWriter};
 use anyhow::Context;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +36,11 @@ pub async fn run(
     tokio::fs::create_dir_all(&spool)
         .await
         .with_context(|| format!("create the WAL spool directory {}", spool.display()))?;
-    let mut uploader = Uploader::start(repo, &spool, metrics.clone(), &cancel).await?;
+    let mut uploader = Uploader::start(repo.clone(), &spool, metrics.clone(), &cancel).await?;
+    let base_backups = (!settings.wal.base_backup_every.is_zero()).then(|| {
+        let (settings, cancel) = (settings.clone(), cancel.clone());
+        tokio::spawn(async move { base_backups(&settings, &repo, &cancel).await })
+    });
     let mut attempt = 0;
     while !cancel.is_cancelled() {
         let outcome = receive(settings, &spool, &mut uploader, &cancel).await;
@@ -53,7 +59,64 @@ pub async fn run(
         }
     }
     uploader.pass(&CancellationToken::new()).await;
+    if let Some(task) = base_backups {
+        let _ = task.await;
+    }
     Ok(())
+}
+
+/// Takes a base backup whenever the newest is older than `base_backup_every` (at once when
+/// there is none), then keeps `keep_base_backups` of them and the WAL they need.
+async fn base_backups(settings: &PostgresSettings, repo: &Repository, cancel: &CancellationToken) {
+    let every = settings.wal.base_backup_every;
+    let label = Label::new("postgres-base");
+    while !cancel.is_cancelled() {
+        let wait = match newest_base_backup_age(repo, cancel).await {
+            Ok(Some(age)) if age < every => every - age,
+            Ok(_) => {
+                match Box::pin(super::base_backup::base_backup(repo, settings, &label, Arc::default(), cancel)).await {
+                    Ok(report) => {
+                        tracing::info!(manifest = %report.manifest, start_lsn = %report.start_lsn, seconds = report.seconds, "base backup stored");
+                        match wal::retain(repo, settings.wal.keep_base_backups, cancel).await {
+                            Ok(retained) => tracing::info!(deleted = ?retained.deleted_base_backups, segments = retained.pruned.segments, "old base backups and WAL removed"),
+                            Err(err) => tracing::warn!(error = %err, "retention of base backups failed"),
+                        }
+                        every
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %format!("{err:#}"), "base backup failed; retrying in 5 minutes");
+                        RETRY_BASE_BACKUP
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not list base backups");
+                RETRY_BASE_BACKUP
+            }
+        };
+        // Checked again at least hourly: another agent or an operator may have taken one.
+        if !aitbc_backup_backoff::sleep_or_cancel(wait.min(Duration::from_secs(3600)), cancel).await {
+            return;
+        }
+    }
+}
+
+const RETRY_BASE_BACKUP: Duration = Duration::from_secs(300);
+
+async fn newest_base_backup_age(
+    repo: &Repository,
+    cancel: &CancellationToken,
+) -> Result<Option<Duration>, aitbc_backup_repository::RepoError> {
+    let newest = wal::base_backups(repo, cancel)
+        .await?
+        .into_iter()
+        .filter_map(|b| chrono::DateTime::parse_from_rfc3339(&b.manifest.created).ok())
+        .max();
+    Ok(newest.map(|at| {
+        (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+            .to_std()
+            .unwrap_or_default()
+    }))
 }
 
 /// One life of `pg_receivewal`: uploads every interval while it runs. Ok when cancelled.

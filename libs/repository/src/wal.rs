@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
 use crate::layout;
-use crate::manifest::{BackupStats, ChunkRef, ComponentManifest};
+use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint};
 use crate::path::RemotePath;
 use crate::repo::{Repository, now_rfc3339};
 use crate::storage::{PutMode, StorageError};
@@ -546,6 +546,136 @@ pub async fn prune(
         }
     }
     Ok(pruned)
+}
+
+/// A base backup's WAL needs: where it starts and how big its segments are.
+#[derive(Debug, Clone)]
+pub struct BaseBackup {
+    pub manifest: ComponentManifest,
+    pub timeline: u32,
+    pub start_lsn: u64,
+    pub end_lsn: u64,
+    pub seg_size: u64,
+}
+
+/// Every base backup in the repository, oldest first.
+pub async fn base_backups(
+    repo: &Repository,
+    cancel: &CancellationToken,
+) -> Result<Vec<BaseBackup>, RepoError> {
+    let mut out = Vec::new();
+    for manifest in repo.components(cancel).await? {
+        if let Some(ConsistencyPoint::PostgresBase {
+            start_lsn,
+            end_lsn,
+            timeline,
+            wal_segment_size,
+            ..
+        }) = &manifest.consistency
+        {
+            let (Some(start), Some(end)) = (parse_lsn(start_lsn), parse_lsn(end_lsn)) else {
+                continue;
+            };
+            out.push(BaseBackup {
+                timeline: *timeline,
+                start_lsn: start,
+                end_lsn: end,
+                seg_size: *wal_segment_size,
+                manifest,
+            });
+        }
+    }
+    out.sort_by_key(|b| b.end_lsn);
+    Ok(out)
+}
+
+/// What [`retain`] removed.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Retained {
+    pub deleted_base_backups: Vec<String>,
+    pub kept_base_backups: usize,
+    pub pruned: Pruned,
+}
+
+/// Keeps the newest `keep` base backups (at least one) and the WAL they need, and nothing
+/// older: older base backups' manifests go (their data with GC), then every segment before
+/// the oldest kept backup's start.
+pub async fn retain(
+    repo: &Repository,
+    keep: usize,
+    cancel: &CancellationToken,
+) -> Result<Retained, RepoError> {
+    let all = base_backups(repo, cancel).await?;
+    let mut report = Retained::default();
+    let first_kept = all.len().saturating_sub(keep.max(1));
+    for old in &all[..first_kept] {
+        repo.delete_component(&old.manifest.id, cancel).await?;
+        report.deleted_base_backups.push(old.manifest.id.clone());
+    }
+    let kept = &all[first_kept..];
+    report.kept_base_backups = kept.len();
+    if let Some(oldest) = kept.iter().min_by_key(|b| b.start_lsn) {
+        report.pruned = prune(repo, oldest.seg_size, oldest.start_lsn / oldest.seg_size, cancel).await?;
+    }
+    Ok(report)
+}
+
+/// A base backup's WAL chain to the newest archived WAL.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChainReport {
+    pub base_backup: String,
+    pub first_segment: String,
+    pub last_segment: String,
+    pub files: usize,
+    /// Segments missing on the way (empty: complete).
+    pub missing: Vec<String>,
+    pub problem: String,
+}
+
+/// Checks, for every base backup, that the WAL from its start to the newest archived is
+/// complete.
+pub async fn verify_chains(
+    repo: &Repository,
+    cancel: &CancellationToken,
+) -> Result<Vec<ChainReport>, RepoError> {
+    let catalog = Catalog::load(repo, cancel).await?;
+    let histories = histories(repo, &catalog, cancel).await?;
+    let mut out = Vec::new();
+    for base in base_backups(repo, cancel).await? {
+        let first = Segment::of_lsn(base.timeline, base.start_lsn, base.seg_size).name(base.seg_size);
+        let mut report = ChainReport {
+            base_backup: base.manifest.id.clone(),
+            first_segment: first,
+            last_segment: String::new(),
+            files: 0,
+            missing: Vec::new(),
+            problem: String::new(),
+        };
+        match plan(&catalog, &histories, base.seg_size, base.timeline, base.start_lsn, End::Latest) {
+            Ok(plan) => {
+                // The backup is only restorable once the WAL reaches its end.
+                if plan_end(&plan, base.seg_size) < base.end_lsn / base.seg_size {
+                    report.problem = format!(
+                        "the archived WAL ends before the backup's end ({})",
+                        format_lsn(base.end_lsn)
+                    );
+                }
+                report.files = plan.files.len();
+                report.last_segment = plan.last_segment;
+            }
+            Err(ChainError::Gap { missing }) => {
+                report.problem = format!("missing segment(s) {}", missing.join(", "));
+                report.missing = missing;
+            }
+            Err(err) => report.problem = err.to_string(),
+        }
+        out.push(report);
+    }
+    Ok(out)
+}
+
+fn plan_end(plan: &Plan, seg_size: u64) -> u64 {
+    Segment::parse(&plan.last_segment, seg_size).map_or(0, |s| s.number)
 }
 
 /// Every WAL file's manifest (for GC marking and verification).
