@@ -138,10 +138,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             let target = match (to_set, to_time, to_lsn) {
                 (Some(set), _, _) => TargetSpec::Set(set),
                 (_, Some(at), _) => TargetSpec::Time(at),
-                (_, _, Some(lsn)) => TargetSpec::Lsn(
-                    aitbc_backup_repository::wal::parse_lsn(&lsn)
-                        .with_context(|| format!("--to-lsn `{lsn}` is not an LSN like 0/3000028"))?,
-                ),
+                (_, _, Some(lsn)) => {
+                    TargetSpec::Lsn(aitbc_backup_repository::wal::parse_lsn(&lsn).with_context(
+                        || format!("--to-lsn `{lsn}` is not an LSN like 0/3000028"),
+                    )?)
+                }
                 _ => TargetSpec::Latest,
             };
             oneshot::Command::PitrRestore {

@@ -489,7 +489,14 @@ async fn run_wal(
                     })
                     .collect();
                 print_table(
-                    &["BASE BACKUP", "CREATED", "TIMELINE", "START", "END", "BYTES"],
+                    &[
+                        "BASE BACKUP",
+                        "CREATED",
+                        "TIMELINE",
+                        "START",
+                        "END",
+                        "BYTES",
+                    ],
                     &rows,
                 );
                 println!(

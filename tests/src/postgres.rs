@@ -114,6 +114,16 @@ impl Postgres {
             .status()
             .expect("copy template cluster");
         assert!(status.success(), "copy template cluster");
+        Postgres::start_in(dir, data_dir)
+    }
+
+    /// Starts a server on an existing data directory (a restored cluster); `dir` holds the
+    /// socket and the log and is removed with the server.
+    pub fn start_on(data_dir: &Path) -> Postgres {
+        Postgres::start_in(crate::temp_dir("pg"), data_dir.to_owned())
+    }
+
+    fn start_in(dir: tempfile::TempDir, data_dir: PathBuf) -> Postgres {
         let socket_dir = dir.path().join("sock");
         std::fs::create_dir_all(&socket_dir).expect("socket dir");
         chown_to_postgres(dir.path());
@@ -187,5 +197,96 @@ impl Postgres {
 
     pub fn pid(&self) -> u32 {
         self.service.pid()
+    }
+
+    /// SIGKILLs the postmaster (its backends exit when they notice).
+    pub fn kill9(&mut self) {
+        self.service.kill9();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        self.service.log()
+    }
+}
+
+/// Hands a directory to the PostgreSQL OS user (a parent a restored cluster goes into).
+pub fn hand_to_postgres(path: &Path) {
+    chown_to_postgres(path);
+}
+
+/// A writer committing one row into `ticks(id, at)` about every `1/rate` seconds, one
+/// transaction at a time, remembering the last id the server acknowledged.
+pub struct TickWriter {
+    acked: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TickWriter {
+    pub fn start(url: &str, rate: u32) -> TickWriter {
+        use std::sync::atomic::Ordering;
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (url, thread_acked, thread_stop) = (url.to_owned(), acked.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .expect("writer connects");
+                tokio::spawn(connection);
+                client
+                    .batch_execute(
+                        "CREATE TABLE IF NOT EXISTS ticks(id bigserial PRIMARY KEY, \
+                         at timestamptz NOT NULL DEFAULT clock_timestamp())",
+                    )
+                    .await
+                    .expect("create ticks");
+                let _ = ready_tx.send(());
+                let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+                while !thread_stop.load(Ordering::Relaxed) {
+                    match client
+                        .query_one("INSERT INTO ticks DEFAULT VALUES RETURNING id", &[])
+                        .await
+                    {
+                        Ok(row) => thread_acked.store(row.get(0), Ordering::SeqCst),
+                        Err(_) => return, // the server is gone
+                    }
+                    tokio::time::sleep(period).await;
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the writer starts");
+        TickWriter {
+            acked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The last id the server acknowledged as committed.
+    pub fn acked(&self) -> i64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn stop(&mut self) -> i64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.acked()
+    }
+}
+
+impl Drop for TickWriter {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

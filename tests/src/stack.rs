@@ -115,6 +115,10 @@ impl Stack {
                 "AITBC_BACKUP_LEDGER__SCRATCH_DIR".into(),
                 scratch.display().to_string(),
             ),
+            (
+                "AITBC_BACKUP_POSTGRES__SCRATCH_DIR".into(),
+                scratch.display().to_string(),
+            ),
             ("COMPRESSION_LEVEL".into(), "1".into()),
         ];
         let mut env: Vec<(&str, &str)> =

@@ -217,8 +217,8 @@ mod tests {
                      CHECKPOINT LOCATION: 0/2000060\nSTART TIMELINE: 1\n";
         let manifest = r#"{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [],
             "WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }]}"#;
-        let point = base_point(label, manifest, 16 << 20, ("7".into(), "15.8".into()))
-            .expect("parsed");
+        let point =
+            base_point(label, manifest, 16 << 20, ("7".into(), "15.8".into())).expect("parsed");
         let ConsistencyPoint::PostgresBase {
             start_lsn,
             end_lsn,
@@ -228,7 +228,10 @@ mod tests {
         else {
             panic!("not a base backup point");
         };
-        assert_eq!((start_lsn.as_str(), end_lsn.as_str(), timeline), ("0/2000028", "0/2000100", 1));
+        assert_eq!(
+            (start_lsn.as_str(), end_lsn.as_str(), timeline),
+            ("0/2000028", "0/2000100", 1)
+        );
         assert!(base_point("", manifest, 16 << 20, Default::default()).is_err());
     }
 }

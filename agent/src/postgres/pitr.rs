@@ -154,15 +154,8 @@ pub async fn restore(
     };
     let catalog = Catalog::load(repo, cancel).await?;
     let histories = wal::histories(repo, &catalog, cancel).await?;
-    let plan = wal::plan(
-        &catalog,
-        &histories,
-        wal_segment_size,
-        timeline,
-        start,
-        end,
-    )
-    .with_context(|| format!("cannot restore base backup {} to {target}", base.id))?;
+    let plan = wal::plan(&catalog, &histories, wal_segment_size, timeline, start, end)
+        .with_context(|| format!("cannot restore base backup {} to {target}", base.id))?;
     if let End::Lsn(lsn) = end {
         let base_end = wal::parse_lsn(&end_lsn).unwrap_or(u64::MAX);
         if lsn < base_end {
@@ -284,7 +277,10 @@ fn staging_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
         .file_name()
         .context("the data directory has no name")?
         .to_string_lossy();
-    let staging = parent.join(format!(".{name}.aitbc-restore-{:08x}", rand::random::<u32>()));
+    let staging = parent.join(format!(
+        ".{name}.aitbc-restore-{:08x}",
+        rand::random::<u32>()
+    ));
     std::fs::create_dir(&staging)
         .with_context(|| format!("create the staging directory {}", staging.display()))?;
     std::fs::set_permissions(
@@ -309,21 +305,24 @@ async fn unpack(
     .context("set up the pipe")?;
     let reader = std::io::BufReader::with_capacity(1 << 20, reader);
     let root = root.to_owned();
-    let unpacker =
-        tokio::task::spawn_blocking(move || extract::unpack(reader, &root, &mut |_| {}));
+    let unpacker = tokio::task::spawn_blocking(move || extract::unpack(reader, &root, &mut |_| {}));
     let fetched = aitbc_backup_repository::restore(repo, manifest, writer, progress, cancel).await;
     let unpacked = unpacker.await?;
     match (fetched, unpacked) {
         (Ok(()), Ok(_)) => Ok(()),
         (_, Err(refused)) => bail!("unpack base backup {}: {refused}", manifest.id),
-        (Err(err), _) => Err(anyhow::Error::new(err).context(format!("read base backup {}", manifest.id))),
+        (Err(err), _) => {
+            Err(anyhow::Error::new(err).context(format!("read base backup {}", manifest.id)))
+        }
     }
 }
 
 fn write_recovery_settings(staging: &Path, wal_dir: &Path, target: &Target) -> anyhow::Result<()> {
     let dir = wal_dir.to_str().context("the staging path is not UTF-8")?;
     if dir.contains(['\'', '"', '\\', '%']) {
-        bail!("the staging path {dir} holds a quote, backslash or %; choose another target directory");
+        bail!(
+            "the staging path {dir} holds a quote, backslash or %; choose another target directory"
+        );
     }
     let mut block = vec![
         RECOVERY_BEGIN.to_owned(),
@@ -340,7 +339,9 @@ fn write_recovery_settings(staging: &Path, wal_dir: &Path, target: &Target) -> a
             // "Before it": a transaction committed exactly at the instant is left out.
             block.push("recovery_target_inclusive = off".to_owned());
         }
-        Target::Lsn(lsn) => block.push(format!("recovery_target_lsn = '{}'", wal::format_lsn(*lsn))),
+        Target::Lsn(lsn) => {
+            block.push(format!("recovery_target_lsn = '{}'", wal::format_lsn(*lsn)))
+        }
         Target::RestorePoint { name, .. } => {
             if name.contains(['\'', '\\']) {
                 bail!("restore point name `{name}` holds a quote or backslash");
@@ -430,7 +431,14 @@ async fn recover(
     command
         .arg("-D")
         .arg(staging)
-        .args(["-c", "listen_addresses=", "-c", "archive_mode=off", "-c", "port=5432"])
+        .args([
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "archive_mode=off",
+            "-c",
+            "port=5432",
+        ])
         .arg("-c")
         .arg(format!("unix_socket_directories={}", run.path().display()))
         .stdin(Stdio::null())
@@ -477,7 +485,10 @@ async fn recover(
     }
     match status {
         Ok(Ok(status)) if status.success() => {}
-        _ => bail!("the recovered server did not shut down cleanly: {}", log_tail(&log_text)),
+        _ => bail!(
+            "the recovered server did not shut down cleanly: {}",
+            log_tail(&log_text)
+        ),
     }
     Ok(log_text
         .lines()
@@ -512,8 +523,11 @@ fn os_user(settings: &PostgresSettings) -> anyhow::Result<Option<(u32, u32)>> {
         return Ok(None);
     }
     let name = &settings.wal.os_user;
-    let user = nix::unistd::User::from_name(name)?
-        .with_context(|| format!("OS user `{name}` does not exist (postgres.wal.os_user); PostgreSQL cannot run as root"))?;
+    let user = nix::unistd::User::from_name(name)?.with_context(|| {
+        format!(
+            "OS user `{name}` does not exist (postgres.wal.os_user); PostgreSQL cannot run as root"
+        )
+    })?;
     Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
 }
 
@@ -545,7 +559,9 @@ fn control_data(bin: &Path, dir: &Path) -> anyhow::Result<(String, u32, String)>
     };
     Ok((
         field("Database cluster state:"),
-        field("Latest checkpoint's TimeLineID:").parse().unwrap_or(0),
+        field("Latest checkpoint's TimeLineID:")
+            .parse()
+            .unwrap_or(0),
         field("Latest checkpoint location:"),
     ))
 }

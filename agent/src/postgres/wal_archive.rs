@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aitbc_backup_backoff::Backoff;
@@ -39,7 +40,18 @@ pub async fn run(
     let mut uploader = Uploader::start(repo.clone(), &spool, metrics.clone(), &cancel).await?;
     let base_backups = (!settings.wal.base_backup_every.is_zero()).then(|| {
         let (settings, cancel) = (settings.clone(), cancel.clone());
-        tokio::spawn(async move { base_backups(&settings, &repo, &cancel).await })
+        let streaming = uploader.streaming.clone();
+        tokio::spawn(async move {
+            // A base backup is only restorable if the WAL from its start is archived: wait
+            // until the receiver writes WAL (its start is then at or before any new backup's).
+            while !streaming.load(Ordering::Relaxed) {
+                if !aitbc_backup_backoff::sleep_or_cancel(Duration::from_millis(200), &cancel).await
+                {
+                    return;
+                }
+            }
+            base_backups(&settings, &repo, &cancel).await
+        })
     });
     let mut attempt = 0;
     while !cancel.is_cancelled() {
@@ -74,12 +86,24 @@ async fn base_backups(settings: &PostgresSettings, repo: &Repository, cancel: &C
         let wait = match newest_base_backup_age(repo, cancel).await {
             Ok(Some(age)) if age < every => every - age,
             Ok(_) => {
-                match Box::pin(super::base_backup::base_backup(repo, settings, &label, Arc::default(), cancel)).await {
+                match Box::pin(super::base_backup::base_backup(
+                    repo,
+                    settings,
+                    &label,
+                    Arc::default(),
+                    cancel,
+                ))
+                .await
+                {
                     Ok(report) => {
                         tracing::info!(manifest = %report.manifest, start_lsn = %report.start_lsn, seconds = report.seconds, "base backup stored");
                         match wal::retain(repo, settings.wal.keep_base_backups, cancel).await {
-                            Ok(retained) => tracing::info!(deleted = ?retained.deleted_base_backups, segments = retained.pruned.segments, "old base backups and WAL removed"),
-                            Err(err) => tracing::warn!(error = %err, "retention of base backups failed"),
+                            Ok(retained) => {
+                                tracing::info!(deleted = ?retained.deleted_base_backups, segments = retained.pruned.segments, "old base backups and WAL removed")
+                            }
+                            Err(err) => {
+                                tracing::warn!(error = %err, "retention of base backups failed")
+                            }
                         }
                         every
                     }
@@ -95,7 +119,8 @@ async fn base_backups(settings: &PostgresSettings, repo: &Repository, cancel: &C
             }
         };
         // Checked again at least hourly: another agent or an operator may have taken one.
-        if !aitbc_backup_backoff::sleep_or_cancel(wait.min(Duration::from_secs(3600)), cancel).await {
+        if !aitbc_backup_backoff::sleep_or_cancel(wait.min(Duration::from_secs(3600)), cancel).await
+        {
             return;
         }
     }
@@ -132,11 +157,18 @@ async fn receive(
     server.resolve_tools(info.major)?;
     uploader.set_segment_size(wal_segment_size(&admin).await?);
     drop(admin);
+    claim_spool(spool, &info.system_identifier, uploader).await?;
     let slot = &settings.wal.slot;
     if !slot.is_empty() {
         let output = server
             .tool("pg_receivewal")
-            .args(["--create-slot", "--if-not-exists", "--slot", slot, "--no-password"])
+            .args([
+                "--create-slot",
+                "--if-not-exists",
+                "--slot",
+                slot,
+                "--no-password",
+            ])
             .output()
             .context("run pg_receivewal --create-slot")?;
         super::server::check_output("pg_receivewal --create-slot", output)?;
@@ -184,6 +216,41 @@ async fn receive(
     anyhow::bail!("pg_receivewal exited ({status}): {}", text.trim())
 }
 
+/// The spool holds the WAL of one server: `pg_receivewal` resumes from the newest file in it,
+/// so files of another cluster (a reused scratch directory) would make it ask for a position
+/// this server never had. Such files are removed (they are not this server's WAL).
+async fn claim_spool(
+    spool: &Path,
+    system_identifier: &str,
+    uploader: &mut Uploader,
+) -> anyhow::Result<()> {
+    let marker = spool.join(".system_identifier");
+    let owner = tokio::fs::read_to_string(&marker).await.unwrap_or_default();
+    if owner.trim() == system_identifier {
+        return Ok(());
+    }
+    let mut entries = tokio::fs::read_dir(spool).await?;
+    let mut stale = Vec::new();
+    while let Some(entry) = entries.next_entry().await? {
+        stale.push(entry.path());
+    }
+    if !stale.is_empty() {
+        tracing::warn!(
+            spool = %spool.display(),
+            files = stale.len(),
+            previous = %owner.trim(),
+            system_identifier,
+            "the WAL spool holds another server's files; clearing it"
+        );
+        for path in stale {
+            tokio::fs::remove_file(&path).await?;
+        }
+    }
+    uploader.partial = None;
+    tokio::fs::write(&marker, system_identifier).await?;
+    Ok(())
+}
+
 pub(crate) async fn wal_segment_size(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
     let row = client
         .query_one(
@@ -205,6 +272,8 @@ struct Uploader {
     metrics: WalMetrics,
     /// Segments archived before this run.
     archived: Vec<String>,
+    /// Set once the receiver has written any WAL.
+    streaming: Arc<AtomicBool>,
     /// The newest segment stored, to notice gaps and timeline switches.
     last: Option<Segment>,
     partial: Option<Partial>,
@@ -233,6 +302,7 @@ impl Uploader {
             seg_size: 16 << 20,
             metrics,
             archived: catalog.segments.into_keys().collect(),
+            streaming: Arc::default(),
             last: None,
             partial: None,
         })
@@ -265,6 +335,12 @@ impl Uploader {
             names.push(entry.file_name().to_string_lossy().into_owned());
         }
         names.sort();
+        if names
+            .iter()
+            .any(|n| n.ends_with(".partial") || n.len() == 24)
+        {
+            self.streaming.store(true, Ordering::Relaxed);
+        }
         for name in &names {
             if name.ends_with(".history") {
                 let Some(timeline) = name
@@ -298,7 +374,12 @@ impl Uploader {
     fn note_sequence(&mut self, segment: Segment, name: &str) {
         if let Some(last) = self.last {
             if segment.timeline != last.timeline {
-                tracing::info!(from = last.timeline, to = segment.timeline, segment = name, "WAL timeline switch");
+                tracing::info!(
+                    from = last.timeline,
+                    to = segment.timeline,
+                    segment = name,
+                    "WAL timeline switch"
+                );
             } else if segment.number > last.number + 1 {
                 self.metrics.gaps.inc();
                 tracing::error!(
@@ -309,7 +390,10 @@ impl Uploader {
                 );
             }
         }
-        if self.last.is_none_or(|l| (segment.number, segment.timeline) > (l.number, l.timeline)) {
+        if self
+            .last
+            .is_none_or(|l| (segment.number, segment.timeline) > (l.number, l.timeline))
+        {
             self.last = Some(segment);
         }
     }
@@ -335,7 +419,11 @@ impl Uploader {
 
     /// Uploads the segment being written if it changed since its last upload, then removes the
     /// uploads it supersedes.
-    async fn upload_partial(&mut self, name: &str, cancel: &CancellationToken) -> anyhow::Result<()> {
+    async fn upload_partial(
+        &mut self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let path = self.spool.join(format!("{name}.partial"));
         let meta = tokio::fs::metadata(&path).await?;
         let seen = Some((meta.len(), meta.modified()?));

@@ -224,7 +224,11 @@ impl WalWriter {
 
 impl WalWriter {
     /// Removes an archived file's manifest (superseded partial uploads).
-    pub async fn delete(&self, file: &WalFile, cancel: &CancellationToken) -> Result<(), RepoError> {
+    pub async fn delete(
+        &self,
+        file: &WalFile,
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
         Ok(self.repo.storage.delete(&file.path(), cancel).await?)
     }
 }
@@ -386,12 +390,13 @@ pub async fn histories(
             cancel,
         )
         .await?;
-        let history = History::parse(timeline, &String::from_utf8_lossy(&text)).ok_or_else(
-            || RepoError::Corrupt {
-                object: path.to_string(),
-                reason: "not a timeline history file".into(),
-            },
-        )?;
+        let history =
+            History::parse(timeline, &String::from_utf8_lossy(&text)).ok_or_else(|| {
+                RepoError::Corrupt {
+                    object: path.to_string(),
+                    reason: "not a timeline history file".into(),
+                }
+            })?;
         out.push(history);
     }
     Ok(out)
@@ -439,7 +444,9 @@ pub fn plan(
         let branches_after_start = candidate.iter().enumerate().any(|(i, &(tli, begin))| {
             tli == start_timeline
                 && begin <= start_lsn
-                && candidate.get(i + 1).is_none_or(|&(_, next)| next > start_lsn)
+                && candidate
+                    .get(i + 1)
+                    .is_none_or(|&(_, next)| next > start_lsn)
         });
         if branches_after_start && history.timeline > path.last().map_or(0, |p| p.0) {
             path = candidate;
@@ -615,7 +622,13 @@ pub async fn retain(
     let kept = &all[first_kept..];
     report.kept_base_backups = kept.len();
     if let Some(oldest) = kept.iter().min_by_key(|b| b.start_lsn) {
-        report.pruned = prune(repo, oldest.seg_size, oldest.start_lsn / oldest.seg_size, cancel).await?;
+        report.pruned = prune(
+            repo,
+            oldest.seg_size,
+            oldest.start_lsn / oldest.seg_size,
+            cancel,
+        )
+        .await?;
     }
     Ok(report)
 }
@@ -642,7 +655,8 @@ pub async fn verify_chains(
     let histories = histories(repo, &catalog, cancel).await?;
     let mut out = Vec::new();
     for base in base_backups(repo, cancel).await? {
-        let first = Segment::of_lsn(base.timeline, base.start_lsn, base.seg_size).name(base.seg_size);
+        let first =
+            Segment::of_lsn(base.timeline, base.start_lsn, base.seg_size).name(base.seg_size);
         let mut report = ChainReport {
             base_backup: base.manifest.id.clone(),
             first_segment: first,
@@ -651,7 +665,14 @@ pub async fn verify_chains(
             missing: Vec::new(),
             problem: String::new(),
         };
-        match plan(&catalog, &histories, base.seg_size, base.timeline, base.start_lsn, End::Latest) {
+        match plan(
+            &catalog,
+            &histories,
+            base.seg_size,
+            base.timeline,
+            base.start_lsn,
+            End::Latest,
+        ) {
             Ok(plan) => {
                 // The backup is only restorable once the WAL reaches its end.
                 if plan_end(&plan, base.seg_size) < base.end_lsn / base.seg_size {
@@ -693,8 +714,28 @@ pub async fn manifests(
     Ok(out)
 }
 
-/// Restores one WAL file into `path` (atomically).
+/// Restores one WAL file into `path` (atomically). A partial upload superseded since it was
+/// planned (the archiver runs on) is replaced by what superseded it: the completed segment or
+/// a newer partial, both holding more of the same segment.
 pub async fn fetch(
+    repo: &Repository,
+    file: &WalFile,
+    path: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<u64, RepoError> {
+    match fetch_exact(repo, file, path, cancel).await {
+        Err(RepoError::Missing(object)) if matches!(file, WalFile::Partial { .. }) => {
+            let catalog = Catalog::load(repo, cancel).await?;
+            let current = catalog
+                .file_for(&file.file_name(), true)
+                .ok_or(RepoError::Missing(object))?;
+            fetch_exact(repo, &current, path, cancel).await
+        }
+        other => other,
+    }
+}
+
+async fn fetch_exact(
     repo: &Repository,
     file: &WalFile,
     path: &std::path::Path,
@@ -772,8 +813,8 @@ mod tests {
             &["000000020000000000000004", "000000010000000000000004"],
             &[2],
         );
-        let history = History::parse(2, "1\t0/3000100\tno recovery target specified\n")
-            .expect("history");
+        let history =
+            History::parse(2, "1\t0/3000100\tno recovery target specified\n").expect("history");
         let plan = plan(&c, &[history], SEG, 1, 2 * SEG, End::Latest).expect("plan");
         assert_eq!(plan.timeline, 2);
         assert_eq!(
