@@ -9,6 +9,8 @@
 #                                              (-Z0, default, | gzip) and pg_restore -j2 from a file
 #   scripts/bench.sh redis [--keys N]          ~1 GB in Redis: the redis component vs redis-cli --rdb
 #                                              (and | gzip); restore live vs restart with dump.rdb
+#   scripts/bench.sh pitr [--scale N]          pgbench scale 50 with WAL archiving: base backup and
+#                                              point-in-time restore vs pgBackRest 2.45 (zst, 2 procs)
 #   scripts/bench.sh sets [--sets N]           snapshot sets: cut skew of N coordinated sets, fenced
 #                                              write pause with ~1 GB in Redis, a full set (~1 GB per
 #                                              component) and its ordered restore vs the old scripts
@@ -80,6 +82,16 @@ bench_redis() {
   python3 bench/redis.py --bin "$BIN" --work "${AITBC_BENCH_DIR:-/tmp/aitbc-bench-redis}" "$@"
 }
 
+bench_pitr() {
+  bash scripts/setup.sh
+  command -v pgbackrest >/dev/null || {
+    echo "[bench] installing pgbackrest (baseline)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest >/dev/null
+  }
+  # The pgbench cluster is kept between runs (initializing scale 50 takes a while).
+  python3 bench/pitr.py --bin "$BIN" --work "${AITBC_BENCH_DIR:-/tmp/aitbc-bench-pitr}" "$@"
+}
+
 bench_sets() {
   bash scripts/setup.sh
   # The pgbench data and the 1 GiB node directory are kept between runs.
@@ -93,5 +105,6 @@ case "$scenario" in
   postgres) shift || true; bench_postgres "$@" ;;
   redis) shift || true; bench_redis "$@" ;;
   sets) shift || true; bench_sets "$@" ;;
+  pitr) shift || true; bench_pitr "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aitbc_backup_repository::manifest::{ComponentManifest, ConsistencyPoint};
-use aitbc_backup_repository::{Progress, RepoError, Repository};
+use aitbc_backup_repository::{Progress, Repository};
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
@@ -186,18 +186,10 @@ async fn unpack_and_check(
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(extract::Unpacked, usize)> {
-    // An OS pipe: the async side writes the stream, the unpacker reads it on a blocking thread;
-    // closing either end ends the other (EOF, or EPIPE for the writer).
-    let (reader, writer) = std::io::pipe().context("create a pipe")?;
-    let writer = tokio::net::unix::pipe::Sender::from_file(std::fs::File::from(
-        std::os::fd::OwnedFd::from(writer),
-    ))
-    .context("set up the pipe")?;
-    let reader = std::io::BufReader::with_capacity(1 << 20, reader);
     let root = staging.to_owned();
     let chain = staging.join(&options.chain_db);
     let query = options.height_query.clone();
-    let unpacker = tokio::task::spawn_blocking(move || {
+    let unpack = move |reader: &mut dyn std::io::Read| {
         let mut checks: Vec<(PathBuf, Check)> = Vec::new();
         let mut on_file = |path: &Path| {
             if is_sqlite(path).unwrap_or(false) {
@@ -210,30 +202,24 @@ async fn unpack_and_check(
             }
         };
         let unpacked = extract::unpack(reader, &root, &mut on_file);
-        (unpacked, checks)
-    });
-    let fetched = aitbc_backup_repository::restore(repo, manifest, writer, progress, cancel).await;
-    let (unpacked, checks) = unpacker.await?;
-    // Wait for every check, whatever happened, so no thread outlives the staging directory.
-    let results: Vec<_> = checks
-        .into_iter()
-        .map(|(path, check)| {
-            let result = check
-                .join()
-                .unwrap_or_else(|_| Err("the check panicked".to_owned()));
-            (path, result)
-        })
-        .collect();
-    let unpacked = match (fetched, unpacked) {
-        (Ok(()), Ok(unpacked)) => unpacked,
-        // The unpacker stopped (a refused entry) and so broke the pipe: its error is the cause.
-        (Err(RepoError::Io(io)), Err(refused)) if io.kind() == std::io::ErrorKind::BrokenPipe => {
-            bail!(refused)
-        }
-        (Ok(()), Err(refused)) => bail!(refused),
-        (Err(err), _) => {
-            return Err(anyhow::Error::new(err).context(format!("read backup {}", manifest.id)));
-        }
+        // Wait for every check, whatever happened, so no thread outlives the staging directory.
+        let results: Vec<_> = checks
+            .into_iter()
+            .map(|(path, check)| {
+                let result = check
+                    .join()
+                    .unwrap_or_else(|_| Err("the check panicked".to_owned()));
+                (path, result)
+            })
+            .collect();
+        (unpacked, results)
+    };
+    let fetched =
+        aitbc_backup_repository::restore_with(repo, manifest, progress, cancel, unpack).await;
+    let (unpacked, results) = fetched.with_context(|| format!("read backup {}", manifest.id))?;
+    let unpacked = match unpacked {
+        Ok(unpacked) => unpacked,
+        Err(refused) => bail!(refused),
     };
     let mut head = None;
     for (path, result) in &results {

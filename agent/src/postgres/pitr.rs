@@ -116,6 +116,10 @@ pub struct PitrReport {
     pub timeline: u32,
     pub checkpoint_lsn: String,
     pub seconds: f64,
+    /// Where the time went: unpacking the base backup, fetching WAL, recovery.
+    pub unpack_seconds: f64,
+    pub wal_seconds: f64,
+    pub recovery_seconds: f64,
 }
 
 const RECOVERY_BEGIN: &str = "# aitbc-backup point-in-time recovery (removed when it ends)";
@@ -167,8 +171,12 @@ pub async fn restore(
     }
 
     let staging = staging_dir(data_dir)?;
+    let mut phases = [0.0f64; 3];
     let result = async {
+        let mut phase = Instant::now();
         unpack(repo, &base, &staging, progress.clone(), cancel).await?;
+        phases[0] = phase.elapsed().as_secs_f64();
+        phase = Instant::now();
         let wal_dir = staging.join(WAL_DIR);
         tokio::fs::create_dir(&wal_dir).await?;
         let mut wal_bytes = 0;
@@ -177,6 +185,8 @@ pub async fn restore(
                 .await
                 .with_context(|| format!("fetch WAL {}", file.path()))?;
         }
+        phases[1] = phase.elapsed().as_secs_f64();
+        phase = Instant::now();
         write_recovery_settings(&staging, &wal_dir, target)?;
         let major = server_version
             .split('.')
@@ -191,6 +201,7 @@ pub async fn restore(
         if state != "shut down" {
             bail!("after recovery the cluster state is `{state}`, not `shut down`");
         }
+        phases[2] = phase.elapsed().as_secs_f64();
         Ok::<_, anyhow::Error>((wal_bytes, stopped, timeline, checkpoint_lsn))
     }
     .await;
@@ -213,6 +224,9 @@ pub async fn restore(
         timeline,
         checkpoint_lsn,
         seconds: started.elapsed().as_secs_f64(),
+        unpack_seconds: phases[0],
+        wal_seconds: phases[1],
+        recovery_seconds: phases[2],
     })
 }
 
@@ -290,7 +304,7 @@ fn staging_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(staging)
 }
 
-/// Streams the base backup through a pipe into the (path-checking) unpacker.
+/// Streams the base backup into the (path-checking) unpacker.
 async fn unpack(
     repo: &Repository,
     manifest: &ComponentManifest,
@@ -298,22 +312,16 @@ async fn unpack(
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let (reader, writer) = std::io::pipe().context("create a pipe")?;
-    let writer = tokio::net::unix::pipe::Sender::from_file(std::fs::File::from(
-        std::os::fd::OwnedFd::from(writer),
-    ))
-    .context("set up the pipe")?;
-    let reader = std::io::BufReader::with_capacity(1 << 20, reader);
     let root = root.to_owned();
-    let unpacker = tokio::task::spawn_blocking(move || extract::unpack(reader, &root, &mut |_| {}));
-    let fetched = aitbc_backup_repository::restore(repo, manifest, writer, progress, cancel).await;
-    let unpacked = unpacker.await?;
-    match (fetched, unpacked) {
-        (Ok(()), Ok(_)) => Ok(()),
-        (_, Err(refused)) => bail!("unpack base backup {}: {refused}", manifest.id),
-        (Err(err), _) => {
-            Err(anyhow::Error::new(err).context(format!("read base backup {}", manifest.id)))
-        }
+    let unpacked =
+        aitbc_backup_repository::restore_with(repo, manifest, progress, cancel, move |reader| {
+            extract::unpack(reader, &root, &mut |_| {})
+        })
+        .await
+        .with_context(|| format!("read base backup {}", manifest.id))?;
+    match unpacked {
+        Ok(_) => Ok(()),
+        Err(refused) => bail!("unpack base backup {}: {refused}", manifest.id),
     }
 }
 

@@ -6,6 +6,7 @@
 //! interval. A receiver that exits is restarted with backoff; gaps in the archived sequence and
 //! timeline switches are logged and counted.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -64,6 +65,13 @@ pub async fn run(
                 let delay = RESTART.delay(attempt);
                 attempt += 1;
                 tracing::warn!(error = %format!("{err:#}"), retry_in = ?delay, "WAL receiver stopped");
+                if cannot_resume(&format!("{err:#}")) {
+                    // What the spool holds is stored (the pass above); start again from where
+                    // the server can stream. A gap this leaves is reported with the next segment.
+                    tracing::warn!(spool = %spool.display(), "the server cannot stream from the spool's position (a restored or rewound server); restarting the stream from the server's");
+                    clear_spool(&spool).await?;
+                    uploader.partials.clear();
+                }
                 if !aitbc_backup_backoff::sleep_or_cancel(delay, &cancel).await {
                     break;
                 }
@@ -216,6 +224,26 @@ async fn receive(
     anyhow::bail!("pg_receivewal exited ({status}): {}", text.trim())
 }
 
+/// Whether `pg_receivewal` failed because the server cannot stream from where the spool ends.
+fn cannot_resume(error: &str) -> bool {
+    error.contains("has already been removed")
+        || error.contains("ahead of the WAL flush position")
+        || error.contains("is not in this server's history")
+}
+
+/// Removes the WAL files of the spool (not its marker).
+async fn clear_spool(spool: &Path) -> anyhow::Result<usize> {
+    let mut entries = tokio::fs::read_dir(spool).await?;
+    let mut removed = 0;
+    while let Some(entry) = entries.next_entry().await? {
+        if !entry.file_name().to_string_lossy().starts_with('.') {
+            tokio::fs::remove_file(entry.path()).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The spool holds the WAL of one server: `pg_receivewal` resumes from the newest file in it,
 /// so files of another cluster (a reused scratch directory) would make it ask for a position
 /// this server never had. Such files are removed (they are not this server's WAL).
@@ -229,24 +257,17 @@ async fn claim_spool(
     if owner.trim() == system_identifier {
         return Ok(());
     }
-    let mut entries = tokio::fs::read_dir(spool).await?;
-    let mut stale = Vec::new();
-    while let Some(entry) = entries.next_entry().await? {
-        stale.push(entry.path());
-    }
-    if !stale.is_empty() {
+    let removed = clear_spool(spool).await?;
+    if removed > 0 {
         tracing::warn!(
             spool = %spool.display(),
-            files = stale.len(),
+            files = removed,
             previous = %owner.trim(),
             system_identifier,
-            "the WAL spool holds another server's files; clearing it"
+            "the WAL spool held another server's files; cleared"
         );
-        for path in stale {
-            tokio::fs::remove_file(&path).await?;
-        }
     }
-    uploader.partial = None;
+    uploader.partials.clear();
     tokio::fs::write(&marker, system_identifier).await?;
     Ok(())
 }
@@ -276,12 +297,14 @@ struct Uploader {
     streaming: Arc<AtomicBool>,
     /// The newest segment stored, to notice gaps and timeline switches.
     last: Option<Segment>,
-    partial: Option<Partial>,
+    /// Partial segments in the spool by name: the one being written, and the last one of an
+    /// earlier timeline, which `pg_receivewal` leaves partial at a switch.
+    partials: BTreeMap<String, Partial>,
 }
 
-/// The segment being written: its uploads so far and what its file looked like at the last.
+/// A partial segment: its uploads so far and what its file looked like at the last.
+#[derive(Default)]
 struct Partial {
-    segment: String,
     uploads: Vec<WalFile>,
     seen: Option<(u64, SystemTime)>,
 }
@@ -304,7 +327,7 @@ impl Uploader {
             archived: catalog.segments.into_keys().collect(),
             streaming: Arc::default(),
             last: None,
-            partial: None,
+            partials: BTreeMap::new(),
         })
     }
 
@@ -358,14 +381,12 @@ impl Uploader {
                     .await?;
                 self.metrics.archived_segments.inc();
                 self.metrics.last_archived.set(unix_now());
-                if self.partial.as_ref().is_some_and(|p| &p.segment == name) {
-                    if let Some(done) = self.partial.take() {
-                        self.delete(&done.uploads, cancel).await;
-                    }
+                if let Some(done) = self.partials.remove(name) {
+                    self.delete(&done.uploads, cancel).await;
                 }
             }
         }
-        if let Some(name) = names.iter().find_map(|n| n.strip_suffix(".partial")) {
+        for name in names.iter().filter_map(|n| n.strip_suffix(".partial")) {
             self.upload_partial(name, cancel).await?;
         }
         Ok(())
@@ -427,21 +448,9 @@ impl Uploader {
         let path = self.spool.join(format!("{name}.partial"));
         let meta = tokio::fs::metadata(&path).await?;
         let seen = Some((meta.len(), meta.modified()?));
-        let mut partial = match self.partial.take() {
-            Some(current) if current.segment == name => current,
-            older => {
-                if let Some(older) = older {
-                    self.delete(&older.uploads, cancel).await;
-                }
-                Partial {
-                    segment: name.to_owned(),
-                    uploads: Vec::new(),
-                    seen: None,
-                }
-            }
-        };
+        let mut partial = self.partials.remove(name).unwrap_or_default();
         if partial.seen == seen {
-            self.partial = Some(partial);
+            self.partials.insert(name.to_owned(), partial);
             return Ok(());
         }
         let data = tokio::fs::read(&path).await?;
@@ -458,7 +467,7 @@ impl Uploader {
             partial.uploads = vec![file];
             partial.seen = seen;
         }
-        self.partial = Some(partial);
+        self.partials.insert(name.to_owned(), partial);
         stored.with_context(|| format!("upload the partial segment {name}"))?;
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::AgentConfig;
 use crate::{ledger, postgres, redis};
 
 /// Connected and checked; maybe fenced.
+#[allow(clippy::large_enum_variant)] // one per set, moved a handful of times
 pub enum Prepared {
     Postgres(postgres::cut::Prepared),
     Redis(redis::backup::Prepared),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -30,10 +31,111 @@ pub async fn restore<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let mut chunks = futures::stream::iter(manifest.chunks.iter().cloned())
-        .map(|chunk| {
+    let mut chunks = chunk_stream(repo, manifest, cancel);
+    let mut size = 0u64;
+    while let Some(data) = chunks.next().await {
+        let data = data?;
+        size += data.len() as u64;
+        writer.write_all(&data).await?;
+        progress
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+    writer.flush().await?;
+    check_size(manifest, size)
+}
+
+/// The stream of `manifest`, read by `consume` on a blocking thread (an unpacker): the verified
+/// chunks are handed over without another copy. If the download fails, `consume`'s reads fail
+/// and the download's error is returned; if `consume` stops reading early (it refused the
+/// data), the download stops and its output is returned, to say why.
+pub async fn restore_with<T, F>(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+    consume: F,
+) -> Result<T, RepoError>
+where
+    F: FnOnce(&mut dyn std::io::Read) -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(4);
+    let consumer = tokio::task::spawn_blocking(move || {
+        let mut reader = ChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
+        consume(&mut reader)
+    });
+    let fed = async {
+        let mut chunks = chunk_stream(repo, manifest, cancel);
+        let mut size = 0u64;
+        while let Some(data) = chunks.next().await {
+            let data = match data {
+                Ok(data) => data,
+                Err(err) => {
+                    let _ = tx.send(Err(err.to_string())).await;
+                    return Err(err);
+                }
+            };
+            size += data.len() as u64;
+            progress
+                .bytes_read
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if tx.send(Ok(data)).await.is_err() {
+                return Ok(()); // the consumer stopped; its output says why
+            }
+        }
+        let checked = check_size(manifest, size);
+        if let Err(err) = &checked {
+            let _ = tx.send(Err(err.to_string())).await;
+        }
+        checked
+    }
+    .await;
+    drop(tx);
+    let output = consumer
+        .await
+        .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
+    fed?;
+    Ok(output)
+}
+
+/// A blocking reader over the chunks a [`restore_with`] download hands over.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(data)) => self.current = data,
+                Some(Err(message)) => return Err(std::io::Error::other(message)),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// The verified chunks of `manifest` in stream order, downloaded and decoded in parallel.
+fn chunk_stream<'a>(
+    repo: &'a Repository,
+    manifest: &'a ComponentManifest,
+    cancel: &'a CancellationToken,
+) -> impl futures::Stream<Item = Result<Bytes, RepoError>> + 'a {
+    futures::stream::iter(manifest.chunks.iter().cloned())
+        .map(move |chunk| {
             let repo = repo.clone();
             async move {
+                if cancel.is_cancelled() {
+                    return Err(RepoError::Cancelled);
+                }
                 let object = layout::chunk(&chunk.id);
                 let stored = match repo.storage.get(&object, cancel).await {
                     Ok(bytes) => bytes,
@@ -49,21 +151,10 @@ where
                 .map_err(|e| RepoError::Io(std::io::Error::other(e)))?
             }
         })
-        .buffered(repo.settings.download_concurrency.max(1));
+        .buffered(repo.settings.download_concurrency.max(1))
+}
 
-    let mut size = 0u64;
-    while let Some(data) = chunks.next().await {
-        if cancel.is_cancelled() {
-            return Err(RepoError::Cancelled);
-        }
-        let data = data?;
-        size += data.len() as u64;
-        writer.write_all(&data).await?;
-        progress
-            .bytes_read
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-    }
-    writer.flush().await?;
+fn check_size(manifest: &ComponentManifest, size: u64) -> Result<(), RepoError> {
     if size != manifest.raw_size {
         return Err(RepoError::Corrupt {
             object: layout::component_manifest(&manifest.id).to_string(),

@@ -50,6 +50,23 @@ pub async fn verify(
     let ids = repo.component_ids(cancel).await?;
     let mut report = check_components(repo, &ids, read_data, cancel).await?;
     verify_sets(repo, &ids, &mut report, cancel).await?;
+    for chain in crate::wal::verify_chains(repo, cancel).await? {
+        let needed_by = vec![chain.base_backup.clone()];
+        if chain.missing.is_empty() && !chain.problem.is_empty() {
+            report.problems.push(Problem {
+                object: crate::layout::component_manifest(&chain.base_backup).to_string(),
+                problem: chain.problem.clone(),
+                manifests: needed_by.clone(),
+            });
+        }
+        for segment in &chain.missing {
+            report.problems.push(Problem {
+                object: crate::wal::WalFile::Segment(segment.clone()).path().to_string(),
+                problem: "WAL segment missing: point-in-time recovery from this base backup cannot cross it".into(),
+                manifests: needed_by.clone(),
+            });
+        }
+    }
     report.problems.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(report)
 }

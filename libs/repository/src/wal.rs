@@ -263,7 +263,6 @@ fn encode(
     // Writing into memory cannot fail.
     let _ = cutter.push(data, &mut emit);
     let _ = cutter.finish(&mut emit);
-    drop(emit);
     pieces
 }
 
@@ -565,13 +564,19 @@ pub struct BaseBackup {
     pub seg_size: u64,
 }
 
-/// Every base backup in the repository, oldest first.
+/// Every base backup in the repository, oldest first. Manifests that cannot be read are
+/// skipped here (`verify` names them): a damaged one is no starting point.
 pub async fn base_backups(
     repo: &Repository,
     cancel: &CancellationToken,
 ) -> Result<Vec<BaseBackup>, RepoError> {
     let mut out = Vec::new();
-    for manifest in repo.components(cancel).await? {
+    for id in repo.component_ids(cancel).await? {
+        let manifest = match repo.component(&id, cancel).await {
+            Ok(manifest) => manifest,
+            Err(RepoError::Manifest { .. } | RepoError::Corrupt { .. }) => continue,
+            Err(err) => return Err(err),
+        };
         if let Some(ConsistencyPoint::PostgresBase {
             start_lsn,
             end_lsn,
