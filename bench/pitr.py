@@ -134,10 +134,17 @@ pg1-socket-path={run}
         # The restore's base backup, in the archiver's repository; then a second one (dedup).
         first = json.loads(subprocess.run([agent, "base-backup"], env=env, check=True,
                                           capture_output=True, text=True).stdout)
-        subprocess.run([f"{PG_BIN}/pgbench", "-t", "2000", "-c", "2", "-d", f"{url}/bench"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Appended data (new rows in a new relation, as the platform's jobs and blocks grow)
+        # leaves the existing files' chunks unchanged.
+        psql(f"{url}/bench", "DROP TABLE IF EXISTS appended; CREATE TABLE appended AS "
+             "SELECT i, md5(i::text) AS v FROM generate_series(1, 200000) i")
         second = json.loads(subprocess.run([agent, "base-backup"], env=env, check=True,
                                            capture_output=True, text=True).stdout)
+        # Updates scattered over a big table touch nearly every 1 MiB chunk of it.
+        subprocess.run([f"{PG_BIN}/pgbench", "-t", "2000", "-c", "2", "-d", f"{url}/bench"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        third = json.loads(subprocess.run([agent, "base-backup"], env=env, check=True,
+                                          capture_output=True, text=True).stdout)
         psql(f"{url}/postgres", "SELECT pg_switch_wal()")
         time.sleep(3)
 
@@ -166,7 +173,8 @@ pg1-socket-path={run}
              restore_speedup_vs_pgbackrest=round(restore_ratio, 3), restore_target=">= 1.0",
              restore_met=restore_ratio >= 1.0,
              first_base_stored_mb=round(first["new_stored_bytes"] / 1e6, 1),
-             second_base_new_stored_mb=round(second["new_stored_bytes"] / 1e6, 1),
+             second_base_after_append_new_stored_mb=round(second["new_stored_bytes"] / 1e6, 1),
+             third_base_after_4000_random_updates_new_stored_mb=round(third["new_stored_bytes"] / 1e6, 1),
              pgbackrest_repo_mb_all_fulls=round(pgbr_bytes / 1e6, 1),
              restored_wal_files=pitr["wal_files"], restored_timeline=pitr["timeline"])
     finally:

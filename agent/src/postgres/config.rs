@@ -263,4 +263,44 @@ mod tests {
         let err = settings.validate().expect_err("unqualified").to_string();
         assert!(err.contains("`jobs`"), "{err}");
     }
+
+    #[test]
+    fn wal_settings_are_checked_and_the_spool_defaults_under_scratch() {
+        let settings = PostgresSettings::default();
+        assert_eq!(
+            settings.wal_spool_dir(),
+            PathBuf::from("/tmp/aitbc-backup/wal")
+        );
+        let invalid = [
+            (
+                WalSettings {
+                    slot: "Backup-Slot".into(),
+                    ..Default::default()
+                },
+                "postgres.wal.slot",
+            ),
+            (
+                WalSettings {
+                    partial_interval: Duration::ZERO,
+                    ..Default::default()
+                },
+                "postgres.wal.partial_interval",
+            ),
+            (
+                WalSettings {
+                    keep_base_backups: 0,
+                    ..Default::default()
+                },
+                "postgres.wal.keep_base_backups",
+            ),
+        ];
+        for (wal, key) in invalid {
+            let settings = PostgresSettings {
+                wal,
+                ..Default::default()
+            };
+            let err = settings.validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
 }

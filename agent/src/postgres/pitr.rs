@@ -477,7 +477,7 @@ async fn recover(
         if cancel.is_cancelled() {
             break Err(anyhow::anyhow!("cancelled"));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
     };
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         // SIGINT: fast shutdown, with a checkpoint.
