@@ -32,6 +32,8 @@ pub struct WalMetrics {
     pub upload_failures: Counter,
     /// Unix seconds of the last completed segment stored.
     pub last_archived: Gauge,
+    /// Unix seconds of the last base backup this agent took.
+    pub last_base_backup: Gauge,
 }
 
 impl WalMetrics {
@@ -61,6 +63,11 @@ impl WalMetrics {
             "last_archived_timestamp_seconds",
             "When the last completed WAL segment was stored",
             self.last_archived.clone(),
+        );
+        sub.register(
+            "last_base_backup_timestamp_seconds",
+            "When this agent last stored a base backup",
+            self.last_base_backup.clone(),
         );
     }
 }

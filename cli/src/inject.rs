@@ -187,6 +187,7 @@ fn sidecar(args: &InjectArgs) -> anyhow::Result<Value> {
                    "value": "postgres://postgres@127.0.0.1:5432/postgres"}),
             password("postgres", "AITBC_BACKUP_POSTGRES__PASSWORD"),
             json!({"name": "AITBC_BACKUP_POSTGRES__SCRATCH_DIR", "value": "/scratch"}),
+            json!({"name": "AITBC_BACKUP_POSTGRES__WAL__ARCHIVE", "value": "true"}),
         ]),
         Component::Redis => env.extend([
             json!({"name": "AITBC_BACKUP_REDIS__ADDRESS", "value": "127.0.0.1:6379"}),

@@ -138,6 +138,48 @@ pub async fn restore(
 ) -> anyhow::Result<PitrReport> {
     let started = Instant::now();
     check_empty(data_dir)?;
+    let planned = plan_restore(repo, target, base, cancel).await?;
+    let staging = staging_dir(data_dir)?;
+    let rebuilt = match rebuild(repo, settings, &planned, target, &staging, progress, cancel).await
+    {
+        Ok(rebuilt) => rebuilt,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(err);
+        }
+    };
+    swap_in(&staging, data_dir)?;
+    Ok(PitrReport {
+        data_dir: data_dir.display().to_string(),
+        base_backup: planned.base.id.clone(),
+        target: target.to_string(),
+        wal_files: planned.plan.files.len(),
+        wal_bytes: rebuilt.wal_bytes,
+        last_segment: planned.plan.last_segment,
+        stopped: rebuilt.stopped,
+        timeline: rebuilt.timeline,
+        checkpoint_lsn: rebuilt.checkpoint_lsn,
+        seconds: started.elapsed().as_secs_f64(),
+        unpack_seconds: rebuilt.phases[0],
+        wal_seconds: rebuilt.phases[1],
+        recovery_seconds: rebuilt.phases[2],
+    })
+}
+
+/// The base backup and the WAL a restore to `target` needs.
+struct Planned {
+    base: ComponentManifest,
+    plan: wal::Plan,
+    server_major: u32,
+}
+
+/// Picks the base backup and plans the WAL; refuses a target recovery cannot reach.
+async fn plan_restore(
+    repo: &Repository,
+    target: &Target,
+    base: Option<&str>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Planned> {
     let base = choose_base(repo, base, target, cancel).await?;
     let Some(ConsistencyPoint::PostgresBase {
         start_lsn,
@@ -156,77 +198,81 @@ pub async fn restore(
         Target::Time(at) => End::Time(SystemTime::from(*at)),
         Target::Lsn(lsn) | Target::RestorePoint { lsn, .. } => End::Lsn(*lsn),
     };
+    if let End::Lsn(lsn) = end
+        && lsn < wal::parse_lsn(&end_lsn).unwrap_or(u64::MAX)
+    {
+        bail!(
+            "{target} is before the end of base backup {} ({end_lsn}); pick an older base backup",
+            base.id
+        );
+    }
     let catalog = Catalog::load(repo, cancel).await?;
     let histories = wal::histories(repo, &catalog, cancel).await?;
     let plan = wal::plan(&catalog, &histories, wal_segment_size, timeline, start, end)
         .with_context(|| format!("cannot restore base backup {} to {target}", base.id))?;
-    if let End::Lsn(lsn) = end {
-        let base_end = wal::parse_lsn(&end_lsn).unwrap_or(u64::MAX);
-        if lsn < base_end {
-            bail!(
-                "{target} is before the end of base backup {} ({end_lsn}); pick an older base backup",
-                base.id
-            );
-        }
-    }
+    let server_major = server_version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(15);
+    Ok(Planned {
+        base,
+        plan,
+        server_major,
+    })
+}
 
-    let staging = staging_dir(data_dir)?;
-    let mut phases = [0.0f64; 3];
-    let result = async {
-        let mut phase = Instant::now();
-        unpack(repo, &base, &staging, progress.clone(), cancel).await?;
-        phases[0] = phase.elapsed().as_secs_f64();
-        phase = Instant::now();
-        let wal_dir = staging.join(WAL_DIR);
-        tokio::fs::create_dir(&wal_dir).await?;
-        let mut wal_bytes = 0;
-        for file in &plan.files {
-            wal_bytes += wal::fetch(repo, file, &wal_dir.join(file.file_name()), cancel)
-                .await
-                .with_context(|| format!("fetch WAL {}", file.path()))?;
-        }
-        phases[1] = phase.elapsed().as_secs_f64();
-        phase = Instant::now();
-        write_recovery_settings(&staging, &wal_dir, target)?;
-        let major = server_version
-            .split('.')
-            .next()
-            .and_then(|m| m.parse::<u32>().ok())
-            .unwrap_or(15);
-        let bin = bin_dir(settings, major);
-        let stopped = recover(&bin, &staging, settings, cancel).await?;
-        remove_recovery_settings(&staging)?;
-        tokio::fs::remove_dir_all(&wal_dir).await?;
-        let (state, timeline, checkpoint_lsn) = control_data(&bin, &staging)?;
-        if state != "shut down" {
-            bail!("after recovery the cluster state is `{state}`, not `shut down`");
-        }
-        phases[2] = phase.elapsed().as_secs_f64();
-        Ok::<_, anyhow::Error>((wal_bytes, stopped, timeline, checkpoint_lsn))
+/// What [`rebuild`] did.
+struct Rebuilt {
+    wal_bytes: u64,
+    stopped: String,
+    timeline: u32,
+    checkpoint_lsn: String,
+    /// Seconds unpacking, fetching WAL, recovering.
+    phases: [f64; 3],
+}
+
+/// Unpacks the base backup into `staging`, fetches the WAL, recovers and cleans up.
+async fn rebuild(
+    repo: &Repository,
+    settings: &PostgresSettings,
+    planned: &Planned,
+    target: &Target,
+    staging: &Path,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Rebuilt> {
+    let mut phases = [0.0; 3];
+    let mut phase = Instant::now();
+    unpack(repo, &planned.base, staging, progress, cancel).await?;
+    phases[0] = phase.elapsed().as_secs_f64();
+    phase = Instant::now();
+    let wal_dir = staging.join(WAL_DIR);
+    tokio::fs::create_dir(&wal_dir).await?;
+    let mut wal_bytes = 0;
+    for file in &planned.plan.files {
+        wal_bytes += wal::fetch(repo, file, &wal_dir.join(file.file_name()), cancel)
+            .await
+            .with_context(|| format!("fetch WAL {}", file.path()))?;
     }
-    .await;
-    let (wal_bytes, stopped, timeline, checkpoint_lsn) = match result {
-        Ok(done) => done,
-        Err(err) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(err);
-        }
-    };
-    swap_in(&staging, data_dir)?;
-    Ok(PitrReport {
-        data_dir: data_dir.display().to_string(),
-        base_backup: base.id.clone(),
-        target: target.to_string(),
-        wal_files: plan.files.len(),
+    phases[1] = phase.elapsed().as_secs_f64();
+    phase = Instant::now();
+    write_recovery_settings(staging, &wal_dir, target)?;
+    let bin = bin_dir(settings, planned.server_major);
+    let stopped = recover(&bin, staging, settings, cancel).await?;
+    remove_recovery_settings(staging)?;
+    tokio::fs::remove_dir_all(&wal_dir).await?;
+    let (state, timeline, checkpoint_lsn) = control_data(&bin, staging)?;
+    if state != "shut down" {
+        bail!("after recovery the cluster state is `{state}`, not `shut down`");
+    }
+    phases[2] = phase.elapsed().as_secs_f64();
+    Ok(Rebuilt {
         wal_bytes,
-        last_segment: plan.last_segment,
         stopped,
         timeline,
         checkpoint_lsn,
-        seconds: started.elapsed().as_secs_f64(),
-        unpack_seconds: phases[0],
-        wal_seconds: phases[1],
-        recovery_seconds: phases[2],
+        phases,
     })
 }
 
@@ -257,27 +303,22 @@ async fn choose_base(
     if let Some(id) = wanted {
         return Ok(repo.component(id, cancel).await?);
     }
-    let mut best: Option<(u64, ComponentManifest)> = None;
-    for manifest in repo.components(cancel).await? {
-        let Some(ConsistencyPoint::PostgresBase {
-            end_lsn, finished, ..
-        }) = &manifest.consistency
-        else {
-            continue;
-        };
-        let end = wal::parse_lsn(end_lsn).unwrap_or(u64::MAX);
-        let fits = match target {
+    let fitting = wal::base_backups(repo, cancel)
+        .await?
+        .into_iter()
+        .filter(|base| match target {
             Target::Latest => true,
-            Target::Lsn(lsn) | Target::RestorePoint { lsn, .. } => end <= *lsn,
-            Target::Time(at) => DateTime::parse_from_rfc3339(finished)
-                .map(|f| f.with_timezone(&Utc) < *at)
-                .unwrap_or(false),
-        };
-        if fits && best.as_ref().is_none_or(|(e, _)| end > *e) {
-            best = Some((end, manifest));
-        }
-    }
-    best.map(|(_, m)| m).with_context(|| {
+            Target::Lsn(lsn) | Target::RestorePoint { lsn, .. } => base.end_lsn <= *lsn,
+            Target::Time(at) => match &base.manifest.consistency {
+                Some(ConsistencyPoint::PostgresBase { finished, .. }) => {
+                    DateTime::parse_from_rfc3339(finished)
+                        .is_ok_and(|f| f.with_timezone(&Utc) < *at)
+                }
+                _ => false,
+            },
+        })
+        .max_by_key(|base| base.end_lsn);
+    fitting.map(|base| base.manifest).with_context(|| {
         format!("no base backup in the repository ends before {target}; take one with `aitbc-backup-agent base-backup`")
     })
 }

@@ -40,7 +40,7 @@ pub async fn run(
         .with_context(|| format!("create the WAL spool directory {}", spool.display()))?;
     let mut uploader = Uploader::start(repo.clone(), &spool, metrics.clone(), &cancel).await?;
     let base_backups = (!settings.wal.base_backup_every.is_zero()).then(|| {
-        let (settings, cancel) = (settings.clone(), cancel.clone());
+        let (settings, cancel, metrics) = (settings.clone(), cancel.clone(), metrics.clone());
         let streaming = uploader.streaming.clone();
         tokio::spawn(async move {
             // A base backup is only restorable if the WAL from its start is archived: wait
@@ -51,13 +51,17 @@ pub async fn run(
                     return;
                 }
             }
-            base_backups(&settings, &repo, &cancel).await
+            base_backups(&settings, &repo, &metrics, &cancel).await
         })
     });
     let mut attempt = 0;
     while !cancel.is_cancelled() {
+        let started = std::time::Instant::now();
         let outcome = receive(settings, &spool, &mut uploader, &cancel).await;
         uploader.pass(&cancel).await;
+        if started.elapsed() > STREAMED_WELL {
+            attempt = 0;
+        }
         match outcome {
             Ok(()) => break,
             Err(err) => {
@@ -87,46 +91,32 @@ pub async fn run(
 
 /// Takes a base backup whenever the newest is older than `base_backup_every` (at once when
 /// there is none), then keeps `keep_base_backups` of them and the WAL they need.
-async fn base_backups(settings: &PostgresSettings, repo: &Repository, cancel: &CancellationToken) {
+async fn base_backups(
+    settings: &PostgresSettings,
+    repo: &Repository,
+    metrics: &WalMetrics,
+    cancel: &CancellationToken,
+) {
     let every = settings.wal.base_backup_every;
-    let label = Label::new("postgres-base");
     while !cancel.is_cancelled() {
         let wait = match newest_base_backup_age(repo, cancel).await {
             Ok(Some(age)) if age < every => every - age,
-            Ok(_) => {
-                match Box::pin(super::base_backup::base_backup(
-                    repo,
-                    settings,
-                    &label,
-                    Arc::default(),
-                    cancel,
-                ))
-                .await
-                {
-                    Ok(report) => {
-                        tracing::info!(manifest = %report.manifest, start_lsn = %report.start_lsn, seconds = report.seconds, "base backup stored");
-                        match wal::retain(repo, settings.wal.keep_base_backups, cancel).await {
-                            Ok(retained) => {
-                                tracing::info!(deleted = ?retained.deleted_base_backups, segments = retained.pruned.segments, "old base backups and WAL removed")
-                            }
-                            Err(err) => {
-                                tracing::warn!(error = %err, "retention of base backups failed")
-                            }
-                        }
-                        every
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %format!("{err:#}"), "base backup failed; retrying in 5 minutes");
-                        RETRY_BASE_BACKUP
-                    }
+            Ok(_) => match take_base_backup(settings, repo, cancel).await {
+                Ok(()) => {
+                    metrics.last_base_backup.set(unix_now());
+                    every
                 }
-            }
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), retry_in = ?RETRY_BASE_BACKUP, "base backup failed");
+                    RETRY_BASE_BACKUP
+                }
+            },
             Err(err) => {
                 tracing::warn!(error = %err, "could not list base backups");
                 RETRY_BASE_BACKUP
             }
         };
-        // Checked again at least hourly: another agent or an operator may have taken one.
+        // Checked again at least hourly: an operator may have taken one meanwhile.
         if !aitbc_backup_backoff::sleep_or_cancel(wait.min(Duration::from_secs(3600)), cancel).await
         {
             return;
@@ -134,7 +124,32 @@ async fn base_backups(settings: &PostgresSettings, repo: &Repository, cancel: &C
     }
 }
 
+/// One base backup, then retention of base backups and WAL.
+async fn take_base_backup(
+    settings: &PostgresSettings,
+    repo: &Repository,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let label = Label::new("postgres-base");
+    let report = Box::pin(super::base_backup::base_backup(
+        repo,
+        settings,
+        &label,
+        Arc::default(),
+        cancel,
+    ))
+    .await?;
+    tracing::info!(manifest = %report.manifest, start_lsn = %report.start_lsn, seconds = report.seconds, "base backup stored");
+    let retained = wal::retain(repo, settings.wal.keep_base_backups, cancel)
+        .await
+        .context("retention of base backups and WAL")?;
+    tracing::info!(deleted = ?retained.deleted_base_backups, segments = retained.pruned.segments, "older base backups and their WAL removed");
+    Ok(())
+}
+
 const RETRY_BASE_BACKUP: Duration = Duration::from_secs(300);
+/// A receiver that ran this long before it stopped starts the backoff afresh.
+const STREAMED_WELL: Duration = Duration::from_secs(60);
 
 async fn newest_base_backup_age(
     repo: &Repository,
