@@ -139,6 +139,9 @@ impl WalFile {
     }
 }
 
+/// How many chunk ids a [`WalWriter`] remembers (a few hundred segments' worth).
+const MAX_KNOWN_CHUNKS: usize = 4096;
+
 /// Stores WAL files, remembering the chunks it stored so that the next upload of a growing
 /// partial segment sends only what changed.
 pub struct WalWriter {
@@ -218,11 +221,14 @@ impl WalWriter {
         self.repo
             .commit_wal(&file.path(), &manifest, cancel)
             .await?;
+        if self.known.len() > MAX_KNOWN_CHUNKS {
+            // Bounded memory for an agent that archives for months; forgetting costs one
+            // create-only put that finds the chunk there.
+            self.known.clear();
+        }
         Ok(manifest)
     }
-}
 
-impl WalWriter {
     /// Removes an archived file's manifest (superseded partial uploads).
     pub async fn delete(
         &self,
