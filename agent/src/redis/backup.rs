@@ -38,6 +38,8 @@ pub struct Prepared {
 /// `replica`.
 pub struct Cut {
     replica: Connection,
+    /// zstd level of the stream (`redis.compression_level`; 0: the repository's).
+    compression_level: i32,
     pub point: Point,
     /// Writers paused (fenced mode) since this instant, on this connection.
     fence: Option<(Connection, Instant)>,
@@ -138,6 +140,7 @@ impl Prepared {
         };
         Ok(Cut {
             replica,
+            compression_level: self.settings.compression_level,
             point,
             fence: fence.map(|at| (self.control, at)),
             at,
@@ -169,10 +172,12 @@ impl Cut {
         };
         let Cut {
             mut replica,
+            compression_level,
             point,
             fence,
             ..
         } = self;
+        let repo = &with_level(repo, compression_level);
         let recorded = point.clone();
         let (manifest, summary) = backup_with(repo, request, progress, cancel, move |sink| {
             // A fence nobody released ends here, on the blocking thread, before the transfer.
@@ -203,6 +208,16 @@ impl Cut {
             warnings,
         })
     }
+}
+
+/// The repository with the RDB's zstd level (0 keeps the repository's).
+fn with_level(repo: &Repository, level: i32) -> Repository {
+    if level == 0 {
+        return repo.clone();
+    }
+    let mut settings = repo.settings().clone();
+    settings.compression_level = level;
+    repo.clone().with_settings(settings)
 }
 
 /// `CLIENT UNPAUSE` on the fence's connection, if there is a fence; how long it held.
