@@ -115,18 +115,25 @@ impl Agent {
         let wal = archiving.then(|| {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let archived = async {
-                    let repo = oneshot::open(&config, &shutdown).await?;
-                    Box::pin(postgres::wal_archive::run(
-                        &config.postgres,
-                        repo,
-                        wal_metrics,
-                        shutdown,
-                    ))
-                    .await
-                };
-                if let Err(err) = archived.await {
-                    tracing::error!(error = %format!("{err:#}"), "WAL archiving stopped");
+                // Only starting can fail (the repository or the spool unreachable): retried.
+                let backoff = config.reconnect.backoff();
+                for attempt in 0.. {
+                    let archived = async {
+                        let repo = oneshot::open(&config, &shutdown).await?;
+                        Box::pin(postgres::wal_archive::run(
+                            &config.postgres,
+                            repo,
+                            wal_metrics.clone(),
+                            shutdown.clone(),
+                        ))
+                        .await
+                    };
+                    let Err(err) = archived.await else { return };
+                    let delay = backoff.delay(attempt);
+                    tracing::error!(error = %format!("{err:#}"), retry_in = ?delay, "WAL archiving could not start");
+                    if !aitbc_backup_backoff::sleep_or_cancel(delay, &shutdown).await {
+                        return;
+                    }
                 }
             })
         });
