@@ -380,11 +380,14 @@ fn a_missing_segment_is_named_and_restore_refuses_to_cross_it() {
     let archiver = start_archiver(&oneshot, &dir.path().join("archiver.log"));
     wait_for_base_backup(&oneshot);
     pg.psql("postgres", "CREATE TABLE t(i int)");
+    // Two rows per segment, i and 100 + i, each committed on its own; the WAL position
+    // between them.
+    let mut lsns = Vec::new();
     for i in 0..4 {
-        pg.psql(
-            "postgres",
-            &format!("INSERT INTO t VALUES ({i}); SELECT pg_switch_wal()"),
-        );
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({i})"));
+        lsns.push(pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()"));
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({})", 100 + i));
+        pg.psql("postgres", "SELECT pg_switch_wal()");
     }
     assert!(
         wait_until(Duration::from_secs(20), || segments(&repository).len() >= 5),
@@ -428,4 +431,22 @@ fn a_missing_segment_is_named_and_restore_refuses_to_cross_it() {
         .expect("target dir")
         .count();
     assert_eq!(left, 0, "no staging left behind");
+
+    // Up to an LSN before the gap (between rows 1 and 101, in the segment before the missing
+    // one) recovery works, and stops exactly there.
+    oneshot.ok(&[
+        "pitr-restore",
+        "--data-dir",
+        &path(&data),
+        "--to-lsn",
+        &lsns[1],
+    ]);
+    let recovered = Postgres::start_on(&data);
+    assert_eq!(
+        recovered.psql(
+            "postgres",
+            "SELECT string_agg(i::text, ',' ORDER BY i) FROM t"
+        ),
+        "0,1,100"
+    );
 }
