@@ -43,10 +43,7 @@ pub async fn base_backup(
     cancel: &CancellationToken,
 ) -> anyhow::Result<BaseBackupReport> {
     let started = Instant::now();
-    let mut server = Server::new(settings, None)?;
-    let admin = server.connect(&server.maintenance_db.clone()).await?;
-    let info = server.info(&admin).await?;
-    server.resolve_tools(info.major)?;
+    let (server, admin, info) = Server::open(settings).await?;
     let wal_segment_size = super::wal_archive::wal_segment_size(&admin).await?;
     drop(admin);
     let mut child = server

@@ -129,10 +129,7 @@ impl Fence {
 
 /// Connects to every database, checks the fenced tables exist and finds the client tools.
 pub async fn prepare(settings: &PostgresSettings) -> anyhow::Result<Prepared> {
-    let mut server = Server::new(settings, None)?;
-    let admin = server.connect(&server.maintenance_db.clone()).await?;
-    let info = server.info(&admin).await?;
-    server.resolve_tools(info.major)?;
+    let (server, admin, info) = Server::open(settings).await?;
     let databases = list_databases(&admin, &settings.databases, &server).await?;
     let exporters = try_join_all(databases.into_iter().map(|db| {
         let server = server.clone();

@@ -26,6 +26,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::PostgresSettings;
+use super::server::{tool_in, tools_dir};
 use crate::ledger::extract;
 
 /// Where recovery stops.
@@ -258,7 +259,7 @@ async fn rebuild(
     phases[1] = phase.elapsed().as_secs_f64();
     phase = Instant::now();
     write_recovery_settings(staging, &wal_dir, target)?;
-    let bin = bin_dir(settings, planned.server_major);
+    let bin = tools_dir(&settings.bin_dir, planned.server_major, "postgres");
     let stopped = recover(&bin, staging, settings, cancel).await?;
     remove_recovery_settings(staging)?;
     tokio::fs::remove_dir_all(&wal_dir).await?;
@@ -434,26 +435,6 @@ fn remove_recovery_settings(staging: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bin_dir(settings: &PostgresSettings, major: u32) -> PathBuf {
-    if !settings.bin_dir.as_os_str().is_empty() {
-        return settings.bin_dir.clone();
-    }
-    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
-    if debian.join("postgres").exists() {
-        debian
-    } else {
-        PathBuf::new()
-    }
-}
-
-fn tool(bin: &Path, name: &str) -> PathBuf {
-    if bin.as_os_str().is_empty() {
-        PathBuf::from(name)
-    } else {
-        bin.join(name)
-    }
-}
-
 /// Runs the server on the staging directory until recovery ends, then shuts it down.
 /// Returns the line where the server said it stopped.
 async fn recover(
@@ -476,7 +457,7 @@ async fn recover(
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&log_path, Some(uid), Some(gid))?;
     }
-    let mut command = tokio::process::Command::new(tool(bin, "postgres"));
+    let mut command = tokio::process::Command::new(tool_in(bin, "postgres"));
     command
         .arg("-D")
         .arg(staging)
@@ -499,7 +480,7 @@ async fn recover(
     }
     let mut child = command
         .spawn()
-        .with_context(|| format!("start {}", tool(bin, "postgres").display()))?;
+        .with_context(|| format!("start {}", tool_in(bin, "postgres").display()))?;
     let signal = staging.join("recovery.signal");
     let deadline = Instant::now() + settings.wal.recovery_timeout;
     let outcome = loop {
@@ -593,7 +574,7 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
 
 /// `pg_controldata`: cluster state, timeline, latest checkpoint.
 fn control_data(bin: &Path, dir: &Path) -> anyhow::Result<(String, u32, String)> {
-    let output = std::process::Command::new(tool(bin, "pg_controldata"))
+    let output = std::process::Command::new(tool_in(bin, "pg_controldata"))
         .arg(dir)
         .env("LC_ALL", "C")
         .output()

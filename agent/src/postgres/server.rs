@@ -2,7 +2,7 @@
 //! `pg_restore`, `pg_dumpall`, `psql`) pointed at it through libpq's environment, so no
 //! password ever appears on a command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -74,6 +74,16 @@ impl Server {
             maintenance_db,
             bin_dir: settings.bin_dir.clone(),
         })
+    }
+
+    /// The configured server, connected to its maintenance database, its version and identity
+    /// read and its client tools found: what every operation on the live server starts with.
+    pub async fn open(settings: &PostgresSettings) -> anyhow::Result<(Server, Client, ServerInfo)> {
+        let mut server = Server::new(settings, None)?;
+        let admin = server.connect(&server.maintenance_db.clone()).await?;
+        let info = server.info(&admin).await?;
+        server.resolve_tools(info.major)?;
+        Ok((server, admin, info))
     }
 
     /// `host:port` or the socket directory, for messages.
@@ -170,12 +180,7 @@ impl Server {
     /// Finds the client tools for a server of `major` (`bin_dir`, the Debian layout, `PATH`)
     /// and checks `pg_dump` is at least as new as the server.
     pub fn resolve_tools(&mut self, major: u32) -> anyhow::Result<()> {
-        if self.bin_dir.as_os_str().is_empty() {
-            let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
-            if debian.join("pg_dump").exists() {
-                self.bin_dir = debian;
-            }
-        }
+        self.bin_dir = tools_dir(&self.bin_dir, major, "pg_dump");
         let output = self
             .tool("pg_dump")
             .arg("--version")
@@ -200,11 +205,7 @@ impl Server {
     }
 
     fn tool_path(&self, name: &str) -> PathBuf {
-        if self.bin_dir.as_os_str().is_empty() {
-            PathBuf::from(name)
-        } else {
-            self.bin_dir.join(name)
-        }
+        tool_in(&self.bin_dir, name)
     }
 
     /// A client tool with libpq's environment set for this server (password included, never
@@ -238,6 +239,29 @@ impl Server {
         }
         command.env("PGAPPNAME", "aitbc-backup-agent");
         command
+    }
+}
+
+/// Where the programs of PostgreSQL `major` are: `configured` (`postgres.bin_dir`), else the
+/// Debian layout when it has `probe`, else empty (found on `PATH`).
+pub fn tools_dir(configured: &Path, major: u32, probe: &str) -> PathBuf {
+    if !configured.as_os_str().is_empty() {
+        return configured.to_owned();
+    }
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if debian.join(probe).exists() {
+        debian
+    } else {
+        PathBuf::new()
+    }
+}
+
+/// Program `name` in `dir` (from [`tools_dir`]; empty: on `PATH`).
+pub fn tool_in(dir: &Path, name: &str) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(name)
+    } else {
+        dir.join(name)
     }
 }
 

@@ -174,10 +174,7 @@ async fn receive(
     uploader: &mut Uploader,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut server = Server::new(settings, None)?;
-    let admin = server.connect(&server.maintenance_db.clone()).await?;
-    let info = server.info(&admin).await?;
-    server.resolve_tools(info.major)?;
+    let (server, admin, info) = Server::open(settings).await?;
     uploader.set_segment_size(wal_segment_size(&admin).await?);
     drop(admin);
     claim_spool(spool, &info.system_identifier, uploader).await?;
