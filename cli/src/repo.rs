@@ -509,7 +509,9 @@ async fn run_wal(
             }
         }
         WalCommand::Verify => {
-            let chains = wal::verify_chains(repo, cancel).await?;
+            let catalog = wal::Catalog::load(repo, cancel).await?;
+            let bases = wal::base_backups(repo, cancel).await?;
+            let chains = wal::verify_chains(repo, &catalog, &bases, cancel).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&chains)?);
             } else {

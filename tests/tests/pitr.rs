@@ -449,4 +449,43 @@ fn a_missing_segment_is_named_and_restore_refuses_to_cross_it() {
         ),
         "0,1,100"
     );
+
+    // A chunk only the newest segment's manifest references, deleted: verify names it and the
+    // WAL manifest that uses it.
+    let chunk_ids = |name: &str| -> Vec<String> {
+        let text = std::fs::read(objects.join(format!("{name}.json"))).expect("WAL manifest");
+        let envelope: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
+        envelope["body"]["chunks"]
+            .as_array()
+            .expect("chunks")
+            .iter()
+            .map(|c| c["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let names = segments(&repository);
+    let newest = names.last().expect("segments").clone();
+    let elsewhere: Vec<String> = names[..names.len() - 1]
+        .iter()
+        .flat_map(|n| chunk_ids(n))
+        .collect();
+    let only_newest = chunk_ids(&newest)
+        .into_iter()
+        .find(|id| !elsewhere.contains(id))
+        .expect("a chunk of its own");
+    let chunk = PathBuf::from(repository.trim_start_matches("file://"))
+        .join("chunks")
+        .join(&only_newest[..2])
+        .join(&only_newest);
+    std::fs::remove_file(&chunk).expect("remove the chunk");
+    let out = Command::new(binary("aitbc-backup"))
+        .args(["repo", "--repository", &repository, "verify"])
+        .output()
+        .expect("run repo verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let expected = format!(
+        "chunks/{}/{only_newest}: missing (used by wal/segments/{newest}.json)",
+        &only_newest[..2]
+    );
+    assert!(text.contains(&expected), "{text}");
 }

@@ -71,7 +71,7 @@ pub async fn gc(
         report.manifests += 1;
         referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
     }
-    for (_, manifest) in crate::wal::manifests(repo, cancel).await? {
+    for manifest in crate::wal::manifests(repo, cancel).await? {
         report.manifests += 1;
         referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
     }

@@ -1,5 +1,6 @@
-//! `verify`: structure (every manifest parses, every chunk it names is stored with the recorded
-//! size, every set names existing component manifests) and, with `read_data`, every referenced
+//! `verify`: structure (every manifest parses — component, set and archived-WAL manifests —,
+//! every chunk they name is stored with the recorded size, every set names existing component
+//! manifests, every base backup's WAL chain has no gap) and, with `read_data`, every referenced
 //! chunk downloaded, decrypted, decompressed and re-hashed.
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
 use crate::layout;
+use crate::manifest::ComponentManifest;
 use crate::repo::Repository;
+use crate::wal;
 
 /// One thing wrong, naming the object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -41,27 +44,46 @@ impl VerifyReport {
     }
 }
 
-/// Checks every manifest of the repository and the chunks they name.
+/// Checks every manifest of the repository (components, sets, archived WAL), the chunks they
+/// name, and the WAL chain of every base backup.
 pub async fn verify(
     repo: &Repository,
     read_data: bool,
     cancel: &CancellationToken,
 ) -> Result<VerifyReport, RepoError> {
     let ids = repo.component_ids(cancel).await?;
-    let mut report = check_components(repo, &ids, read_data, cancel).await?;
+    let mut report = VerifyReport::default();
+    let mut chunks = References::default();
+    let bases = read_components(repo, &ids, &mut chunks, &mut report, cancel).await?;
+    let catalog = wal::Catalog::load(repo, cancel).await?;
+    for file in catalog.files() {
+        let object = file.path();
+        match repo.wal_manifest(&object, cancel).await {
+            Ok(manifest) => {
+                report.manifests += 1;
+                chunks.add(object.as_str(), &manifest);
+            }
+            Err(err) => report.problems.push(Problem {
+                object: object.to_string(),
+                problem: err.to_string(),
+                manifests: vec![object.to_string()],
+            }),
+        }
+    }
+    check_chunks(repo, &chunks, read_data, &mut report, cancel).await?;
     verify_sets(repo, &ids, &mut report, cancel).await?;
-    for chain in crate::wal::verify_chains(repo, cancel).await? {
+    for chain in wal::verify_chains(repo, &catalog, &bases, cancel).await? {
         let needed_by = vec![chain.base_backup.clone()];
         if chain.missing.is_empty() && !chain.problem.is_empty() {
             report.problems.push(Problem {
-                object: crate::layout::component_manifest(&chain.base_backup).to_string(),
+                object: layout::component_manifest(&chain.base_backup).to_string(),
                 problem: chain.problem.clone(),
                 manifests: needed_by.clone(),
             });
         }
         for segment in &chain.missing {
             report.problems.push(Problem {
-                object: crate::wal::WalFile::Segment(segment.clone()).path().to_string(),
+                object: wal::WalFile::Segment(segment.clone()).path().to_string(),
                 problem: "WAL segment missing: point-in-time recovery from this base backup cannot cross it".into(),
                 manifests: needed_by.clone(),
             });
@@ -80,37 +102,52 @@ pub async fn verify_set(
 ) -> Result<VerifyReport, RepoError> {
     let set = repo.set(set_id, cancel).await?;
     let ids: Vec<String> = set.components.into_iter().map(|c| c.manifest_id).collect();
-    let mut report = check_components(repo, &ids, read_data, cancel).await?;
+    let mut report = VerifyReport::default();
+    let mut chunks = References::default();
+    read_components(repo, &ids, &mut chunks, &mut report, cancel).await?;
+    check_chunks(repo, &chunks, read_data, &mut report, cancel).await?;
     report.manifests += 1;
     report.problems.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(report)
 }
 
-/// Reads the component manifests `ids` and checks every chunk they name.
-async fn check_components(
+/// The chunks manifests reference: chunk id → (raw length, stored length, manifests).
+#[derive(Default)]
+struct References(BTreeMap<String, (u32, u32, Vec<String>)>);
+
+impl References {
+    fn add(&mut self, name: &str, manifest: &ComponentManifest) {
+        for chunk in &manifest.chunks {
+            let entry = self.0.entry(chunk.id.clone()).or_insert((
+                chunk.raw_len,
+                chunk.stored_len,
+                Vec::new(),
+            ));
+            if entry.2.last().map(String::as_str) != Some(name) {
+                entry.2.push(name.to_owned());
+            }
+        }
+    }
+}
+
+/// Reads the component manifests `ids` (a manifest that cannot be read is a problem) into
+/// `chunks`; returns the base backups among them.
+async fn read_components(
     repo: &Repository,
     ids: &[String],
-    read_data: bool,
+    chunks: &mut References,
+    report: &mut VerifyReport,
     cancel: &CancellationToken,
-) -> Result<VerifyReport, RepoError> {
-    let mut report = VerifyReport::default();
-    // chunk id → (raw_len, stored_len, referencing manifests)
-    let mut referenced: BTreeMap<String, (u32, u32, Vec<String>)> = BTreeMap::new();
+) -> Result<Vec<wal::BaseBackup>, RepoError> {
+    let mut bases = Vec::new();
     for id in ids {
         match repo.component(id, cancel).await {
             Ok(manifest) => {
                 report.manifests += 1;
-                for chunk in &manifest.chunks {
-                    let entry = referenced.entry(chunk.id.clone()).or_insert((
-                        chunk.raw_len,
-                        chunk.stored_len,
-                        Vec::new(),
-                    ));
-                    if entry.2.last() != Some(id) {
-                        entry.2.push(id.clone());
-                    }
-                }
+                chunks.add(id, &manifest);
+                bases.extend(wal::BaseBackup::of(manifest));
             }
+            Err(RepoError::Cancelled) => return Err(RepoError::Cancelled),
             Err(err) => report.problems.push(Problem {
                 object: layout::component_manifest(id).to_string(),
                 problem: err.to_string(),
@@ -118,7 +155,18 @@ async fn check_components(
             }),
         }
     }
+    Ok(bases)
+}
 
+/// Checks every referenced chunk is stored with its recorded size and, with `read_data`,
+/// downloads, decodes and re-hashes it.
+async fn check_chunks(
+    repo: &Repository,
+    chunks: &References,
+    read_data: bool,
+    report: &mut VerifyReport,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
     let stored: HashMap<String, u64> = repo
         .storage
         .list(layout::CHUNKS, cancel)
@@ -126,9 +174,9 @@ async fn check_components(
         .into_iter()
         .map(|o| (o.path.file_name().to_owned(), o.size))
         .collect();
-    report.chunks = referenced.len();
+    report.chunks = chunks.0.len();
     let mut readable = Vec::new();
-    for (id, (raw_len, stored_len, manifests)) in &referenced {
+    for (id, (raw_len, stored_len, manifests)) in &chunks.0 {
         let object = layout::chunk(id).to_string();
         match stored.get(id) {
             None => report.problems.push(Problem {
@@ -181,7 +229,7 @@ async fn check_components(
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 async fn verify_sets(

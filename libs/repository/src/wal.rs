@@ -310,6 +310,16 @@ impl Catalog {
         Ok(catalog)
     }
 
+    /// Every archived file: segments, partial uploads, history files.
+    pub fn files(&self) -> Vec<WalFile> {
+        let segments = self.segments.keys().cloned().map(WalFile::Segment);
+        let histories = self.histories.keys().copied().map(WalFile::History);
+        segments
+            .chain(self.partial_objects.iter().cloned())
+            .chain(histories)
+            .collect()
+    }
+
     /// The file to restore as `segment`: the completed one, else (when `partial_ok`) the
     /// newest partial upload.
     fn file_for(&self, name: &str, partial_ok: bool) -> Option<WalFile> {
@@ -583,28 +593,33 @@ pub async fn base_backups(
             Err(RepoError::Manifest { .. } | RepoError::Corrupt { .. }) => continue,
             Err(err) => return Err(err),
         };
-        if let Some(ConsistencyPoint::PostgresBase {
+        out.extend(BaseBackup::of(manifest));
+    }
+    out.sort_by_key(|b| b.end_lsn);
+    Ok(out)
+}
+
+impl BaseBackup {
+    /// `manifest` if it is a base backup (with a readable WAL range).
+    pub fn of(manifest: ComponentManifest) -> Option<BaseBackup> {
+        let Some(ConsistencyPoint::PostgresBase {
             start_lsn,
             end_lsn,
             timeline,
             wal_segment_size,
             ..
         }) = &manifest.consistency
-        {
-            let (Some(start), Some(end)) = (parse_lsn(start_lsn), parse_lsn(end_lsn)) else {
-                continue;
-            };
-            out.push(BaseBackup {
-                timeline: *timeline,
-                start_lsn: start,
-                end_lsn: end,
-                seg_size: *wal_segment_size,
-                manifest,
-            });
-        }
+        else {
+            return None;
+        };
+        Some(BaseBackup {
+            timeline: *timeline,
+            start_lsn: parse_lsn(start_lsn)?,
+            end_lsn: parse_lsn(end_lsn)?,
+            seg_size: *wal_segment_size,
+            manifest,
+        })
     }
-    out.sort_by_key(|b| b.end_lsn);
-    Ok(out)
 }
 
 /// What [`retain`] removed.
@@ -656,16 +671,17 @@ pub struct ChainReport {
     pub problem: String,
 }
 
-/// Checks, for every base backup, that the WAL from its start to the newest archived is
-/// complete.
+/// Checks, for every base backup in `bases`, that the WAL of `catalog` from its start to the
+/// newest archived is complete.
 pub async fn verify_chains(
     repo: &Repository,
+    catalog: &Catalog,
+    bases: &[BaseBackup],
     cancel: &CancellationToken,
 ) -> Result<Vec<ChainReport>, RepoError> {
-    let catalog = Catalog::load(repo, cancel).await?;
-    let histories = histories(repo, &catalog, cancel).await?;
+    let histories = histories(repo, catalog, cancel).await?;
     let mut out = Vec::new();
-    for base in base_backups(repo, cancel).await? {
+    for base in bases {
         let first =
             Segment::of_lsn(base.timeline, base.start_lsn, base.seg_size).name(base.seg_size);
         let mut report = ChainReport {
@@ -677,7 +693,7 @@ pub async fn verify_chains(
             problem: String::new(),
         };
         match plan(
-            &catalog,
+            catalog,
             &histories,
             base.seg_size,
             base.timeline,
@@ -710,17 +726,14 @@ fn plan_end(plan: &Plan, seg_size: u64) -> u64 {
     Segment::parse(&plan.last_segment, seg_size).map_or(0, |s| s.number)
 }
 
-/// Every WAL file's manifest (for GC marking and verification).
+/// Every WAL file's manifest (for GC marking).
 pub async fn manifests(
     repo: &Repository,
     cancel: &CancellationToken,
-) -> Result<Vec<(RemotePath, ComponentManifest)>, RepoError> {
+) -> Result<Vec<ComponentManifest>, RepoError> {
     let mut out = Vec::new();
-    for prefix in [SEGMENTS, PARTIAL, HISTORY] {
-        for object in repo.storage.list(prefix, cancel).await? {
-            let manifest = repo.wal_manifest(&object.path, cancel).await?;
-            out.push((object.path, manifest));
-        }
+    for file in Catalog::load(repo, cancel).await?.files() {
+        out.push(repo.wal_manifest(&file.path(), cancel).await?);
     }
     Ok(out)
 }
