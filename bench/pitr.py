@@ -17,11 +17,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import du, emit, free_port, run_interleaved  # noqa: E402
+from postgres import AS_POSTGRES, PG_BIN, psql, wait_ready  # noqa: E402
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
 DATA_VERSION = "pitr-data.v1"
-AS_POSTGRES = ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"] \
-    if os.geteuid() == 0 else []
 
 
 def sh_as_postgres(command):
@@ -29,19 +27,6 @@ def sh_as_postgres(command):
     if not AS_POSTGRES:
         return command
     return " ".join(AS_POSTGRES) + " sh -c " + json.dumps(command)
-
-
-def psql(url, sql):
-    return subprocess.run([f"{PG_BIN}/psql", "-X", "-At", "-d", url, "-c", sql], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def wait_ready(port, timeout=120):
-    for _ in range(timeout * 10):
-        if subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0:
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"PostgreSQL on port {port} did not start")
 
 
 def main():

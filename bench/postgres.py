@@ -20,10 +20,21 @@ PG_BIN = "/usr/lib/postgresql/15/bin"
 DATA_VERSION = "postgres-data.v1"
 
 
+# initdb and postgres refuse to run as root: as root they run as the postgres OS user.
+AS_POSTGRES = ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"] \
+    if os.geteuid() == 0 else []
+
+
 def as_postgres(args, **kw):
-    prefix = ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"] \
-        if os.geteuid() == 0 else []
-    return subprocess.run(prefix + args, check=True, **kw)
+    return subprocess.run(AS_POSTGRES + args, check=True, **kw)
+
+
+def wait_ready(port, timeout=120):
+    for _ in range(timeout * 10):
+        if subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"PostgreSQL on port {port} did not start")
 
 
 def main():
@@ -45,18 +56,13 @@ def main():
     port = free_port()
     log = open(os.path.join(work, "postgres.log"), "w")
     server = subprocess.Popen(
-        (["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"]
-         if os.geteuid() == 0 else []) +
-        [f"{PG_BIN}/postgres", "-D", pgdata, "-p", str(port), "-k", "/tmp",
+        AS_POSTGRES + [f"{PG_BIN}/postgres", "-D", pgdata, "-p", str(port), "-k", "/tmp",
          "-c", "listen_addresses=127.0.0.1", "-c", "max_wal_size=4GB",
          "-c", "maintenance_work_mem=256MB"],
         stdout=log, stderr=log)
     try:
         url = f"postgres://postgres@127.0.0.1:{port}"
-        for _ in range(100):
-            if subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0:
-                break
-            time.sleep(0.1)
+        wait_ready(port)
         run_bench(args, url, work)
     finally:
         server.terminate()

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import du, emit, free_port, measure  # noqa: E402
 from ledger import sim  # noqa: E402
-from postgres import PG_BIN, as_postgres, psql  # noqa: E402
+from postgres import AS_POSTGRES, PG_BIN, as_postgres, psql, wait_ready  # noqa: E402
 from redis import cli as redis_cli, populate, start_redis, wait_loaded  # noqa: E402
 
 DATA_VERSION = "sets-data.v1"
@@ -41,15 +41,12 @@ def start_postgres(work, name, log_dir):
                      "--encoding=UTF8", "--locale=C", "--no-sync"], stdout=subprocess.DEVNULL)
     port = free_port()
     log = open(os.path.join(log_dir, f"{name}.log"), "w")
-    prefix = ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"] \
-        if os.geteuid() == 0 else []
-    proc = subprocess.Popen(prefix + [f"{PG_BIN}/postgres", "-D", pgdata, "-p", str(port), "-k", "/tmp",
+    proc = subprocess.Popen(AS_POSTGRES + [f"{PG_BIN}/postgres", "-D", pgdata, "-p", str(port), "-k", "/tmp",
                                       "-c", "listen_addresses=127.0.0.1", "-c", "max_wal_size=4GB"],
                             stdout=log, stderr=log)
     # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for every client to leave.
     proc.stop_signal = signal.SIGINT
-    while subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode:
-        time.sleep(0.1)
+    wait_ready(port)
     return proc, f"postgres://postgres@127.0.0.1:{port}"
 
 

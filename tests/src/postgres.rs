@@ -215,6 +215,30 @@ pub fn hand_to_postgres(path: &Path) {
     chown_to_postgres(path);
 }
 
+/// Runs `work` with a connection to `url` on a thread of its own (with its own runtime), for
+/// writers that go on beside a test's blocking steps.
+pub fn spawn_client<T, F, Fut>(url: &str, work: F) -> std::thread::JoinHandle<T>
+where
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("the writer connects");
+            tokio::spawn(connection);
+            work(client).await
+        })
+    })
+}
+
 /// A writer committing one row into `ticks(id, at)` about every `1/rate` seconds, one
 /// transaction at a time, remembering the last id the server acknowledged.
 pub struct TickWriter {
@@ -228,38 +252,28 @@ impl TickWriter {
         use std::sync::atomic::Ordering;
         let acked = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (url, thread_acked, thread_stop) = (url.to_owned(), acked.clone(), stop.clone());
+        let (thread_acked, thread_stop) = (acked.clone(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        let thread = spawn_client(url, move |client| async move {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS ticks(id bigserial PRIMARY KEY, \
+                     at timestamptz NOT NULL DEFAULT clock_timestamp())",
+                )
+                .await
+                .expect("create ticks");
+            let _ = ready_tx.send(());
+            let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+            while !thread_stop.load(Ordering::Relaxed) {
+                match client
+                    .query_one("INSERT INTO ticks DEFAULT VALUES RETURNING id", &[])
                     .await
-                    .expect("writer connects");
-                tokio::spawn(connection);
-                client
-                    .batch_execute(
-                        "CREATE TABLE IF NOT EXISTS ticks(id bigserial PRIMARY KEY, \
-                         at timestamptz NOT NULL DEFAULT clock_timestamp())",
-                    )
-                    .await
-                    .expect("create ticks");
-                let _ = ready_tx.send(());
-                let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-                while !thread_stop.load(Ordering::Relaxed) {
-                    match client
-                        .query_one("INSERT INTO ticks DEFAULT VALUES RETURNING id", &[])
-                        .await
-                    {
-                        Ok(row) => thread_acked.store(row.get(0), Ordering::SeqCst),
-                        Err(_) => return, // the server is gone
-                    }
-                    tokio::time::sleep(period).await;
+                {
+                    Ok(row) => thread_acked.store(row.get(0), Ordering::SeqCst),
+                    Err(_) => return, // the server is gone
                 }
-            });
+                tokio::time::sleep(period).await;
+            }
         });
         ready_rx
             .recv_timeout(Duration::from_secs(20))

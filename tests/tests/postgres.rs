@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use aitbc_backup_agent::postgres::{PostgresSettings, cut};
 use aitbc_backup_tests::agent::{OneShot, init_local_repository};
-use aitbc_backup_tests::postgres::{Postgres, bin};
+use aitbc_backup_tests::postgres::{Postgres, bin, spawn_client};
 use aitbc_backup_tests::{assert_fence_held, free_port, temp_dir, wait_until};
 
 /// The agent for `pg` storing into a fresh repository under `dir`.
@@ -162,28 +162,18 @@ fn a_rich_database_restores_into_a_fresh_cluster_equal_to_the_source() {
 /// Inserts rows into `events` one transaction at a time until stopped; each row records the
 /// transaction that wrote it. Returns the longest single insert.
 fn spawn_writer(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, Duration)> {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    spawn_client(&url, move |client| async move {
+        let (mut rows, mut longest) = (0u64, Duration::ZERO);
+        while !stop.load(Ordering::Relaxed) {
+            let began = Instant::now();
+            client
+                .execute("INSERT INTO events DEFAULT VALUES", &[])
                 .await
-                .expect("writer connects");
-            tokio::spawn(connection);
-            let (mut rows, mut longest) = (0u64, Duration::ZERO);
-            while !stop.load(Ordering::Relaxed) {
-                let began = Instant::now();
-                client
-                    .execute("INSERT INTO events DEFAULT VALUES", &[])
-                    .await
-                    .expect("insert");
-                longest = longest.max(began.elapsed());
-                rows += 1;
-            }
-            (rows, longest)
-        })
+                .expect("insert");
+            longest = longest.max(began.elapsed());
+            rows += 1;
+        }
+        (rows, longest)
     })
 }
 
