@@ -12,8 +12,12 @@ pub const SET_MANIFESTS: &str = "manifests/sets/";
 pub const GC_CONDEMNED: &str = "gc/";
 pub const PINS: &str = "pins/";
 pub const ATTEMPTS: &str = "attempts/";
+/// Archived PostgreSQL WAL (see [`crate::wal`]).
+pub const WAL_SEGMENTS: &str = "wal/segments/";
+pub const WAL_PARTIAL: &str = "wal/partial/";
+pub const WAL_HISTORY: &str = "wal/history/";
 
-fn path(text: String) -> RemotePath {
+pub(crate) fn path(text: String) -> RemotePath {
     // Every caller passes hex ids or fixed names, which are always valid keys.
     RemotePath::new(text).unwrap_or_else(|err| panic!("layout produced {err}"))
 }

@@ -21,15 +21,12 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
-use crate::layout;
+use crate::layout::{self, WAL_HISTORY, WAL_PARTIAL, WAL_SEGMENTS};
 use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint};
 use crate::path::RemotePath;
 use crate::repo::{Repository, now_rfc3339};
 use crate::storage::{PutMode, StorageError};
 
-pub const SEGMENTS: &str = "wal/segments/";
-pub const PARTIAL: &str = "wal/partial/";
-pub const HISTORY: &str = "wal/history/";
 /// The `stream` of a WAL file's manifest.
 pub const STREAM: &str = "wal";
 
@@ -103,13 +100,14 @@ pub enum WalFile {
 impl WalFile {
     /// The manifest's object.
     pub fn path(&self) -> RemotePath {
-        let text = match self {
-            WalFile::Segment(name) => format!("{SEGMENTS}{name}.json"),
-            WalFile::Partial { segment, micros } => format!("{PARTIAL}{segment}-{micros:016}.json"),
-            WalFile::History(timeline) => format!("{HISTORY}{timeline:08X}.json"),
-        };
         // Hex names and digits only: always a valid key.
-        RemotePath::new(text).unwrap_or_else(|err| panic!("WAL layout produced {err}"))
+        layout::path(match self {
+            WalFile::Segment(name) => format!("{WAL_SEGMENTS}{name}.json"),
+            WalFile::Partial { segment, micros } => {
+                format!("{WAL_PARTIAL}{segment}-{micros:016}.json")
+            }
+            WalFile::History(timeline) => format!("{WAL_HISTORY}{timeline:08X}.json"),
+        })
     }
 
     /// The file name PostgreSQL gives it (a partial segment is restored under its full name).
@@ -123,15 +121,15 @@ impl WalFile {
     fn of_object(path: &RemotePath) -> Option<WalFile> {
         let stem = path.file_name().strip_suffix(".json")?;
         let key = path.as_str();
-        if key.starts_with(SEGMENTS) {
+        if key.starts_with(WAL_SEGMENTS) {
             Some(WalFile::Segment(stem.to_owned()))
-        } else if key.starts_with(PARTIAL) {
+        } else if key.starts_with(WAL_PARTIAL) {
             let (segment, micros) = stem.split_once('-')?;
             Some(WalFile::Partial {
                 segment: segment.to_owned(),
                 micros: micros.parse().ok()?,
             })
-        } else if key.starts_with(HISTORY) {
+        } else if key.starts_with(WAL_HISTORY) {
             Some(WalFile::History(u32::from_str_radix(stem, 16).ok()?))
         } else {
             None
@@ -287,7 +285,7 @@ pub struct Catalog {
 impl Catalog {
     pub async fn load(repo: &Repository, cancel: &CancellationToken) -> Result<Self, RepoError> {
         let mut catalog = Catalog::default();
-        for prefix in [SEGMENTS, PARTIAL, HISTORY] {
+        for prefix in [WAL_SEGMENTS, WAL_PARTIAL, WAL_HISTORY] {
             for object in repo.storage.list(prefix, cancel).await? {
                 match WalFile::of_object(&object.path) {
                     Some(WalFile::Segment(name)) => {
