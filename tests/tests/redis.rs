@@ -240,6 +240,11 @@ fn writes_after_the_cut_are_absent_from_the_restore() {
         (restored - 1).to_string()
     );
     assert_eq!(target.cli(&["EXISTS", &format!("w:{restored}")]), "0");
+    // The empty target loaded the sync from the socket; its own setting is back.
+    assert_eq!(
+        target.cli(&["CONFIG", "GET", "repl-diskless-load"]),
+        "repl-diskless-load\ndisabled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,6 +425,18 @@ fn a_restore_failing_midway_releases_the_server_with_its_data_intact() {
     assert!(target.cli(&["INFO", "replication"]).contains("role:master"));
     assert_eq!(target.cli(&["GET", "precious"]), "still here");
     assert_eq!(target.cli(&["DBSIZE"]), "1");
+
+    // An empty server loads the sync as it arrives: a failure midway leaves it empty again.
+    let empty = Redis::start();
+    let err = at(&agent, empty.port).fails(&["restore", &manifest]);
+    assert!(err.contains("REPLICAOF NO ONE"), "{err}");
+    let replication = empty.cli(&["INFO", "replication"]);
+    assert!(replication.contains("role:master"), "{err}\n{replication}");
+    assert_eq!(empty.cli(&["DBSIZE"]), "0");
+    assert_eq!(
+        empty.cli(&["CONFIG", "GET", "repl-diskless-load"]),
+        "repl-diskless-load\ndisabled"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! Offline: `dump.rdb` written into a stopped server's data directory, checked with
 //! `redis-check-rdb`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -109,7 +109,7 @@ pub async fn restore(
             control.wait_loaded(load_timeout)?;
             Ok((summary, socket))
         });
-        let released = control.release();
+        let released = control.release(load_timeout);
         (result, released, control)
     })
     .await?;
@@ -119,10 +119,12 @@ pub async fn restore(
             summary
         }
         (Err(err), Ok(_)) => {
+            // A server holding data loads a sync only once all of it has arrived; an empty
+            // one may load it as it arrives, and empties itself again when it breaks off.
             let kept = if transferred {
                 ""
             } else {
-                " and keeps its previous data (it loads a sync only once it has all of it)"
+                " and keeps its previous data"
             };
             return Err(err.context(format!(
                 "restore into Redis at {}; the server was released (REPLICAOF NO ONE){kept}",
@@ -159,7 +161,8 @@ pub async fn restore(
     })
 }
 
-/// Streams the backup from the repository through the agent's master side to the server.
+/// Streams the backup from the repository through the agent's master side to the server: the
+/// verified chunks go straight to the serving thread, which writes them to the replica socket.
 async fn transfer(
     repo: &Repository,
     manifest: &ComponentManifest,
@@ -167,20 +170,11 @@ async fn transfer(
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(rdb::Summary, TcpStream)> {
-    // repository -> pipe -> serving thread -> replica socket
-    let (pipe_reader, pipe_writer) = std::io::pipe().context("create a pipe")?;
-    let mut sender =
-        tokio::net::unix::pipe::Sender::from_owned_fd(pipe_writer.into()).context("pipe sender")?;
-    let serving = tokio::task::spawn_blocking(move || master.serve(pipe_reader));
-    let feeding = async {
-        let result =
-            aitbc_backup_repository::restore(repo, manifest, &mut sender, progress, cancel).await;
-        drop(sender);
-        result
-    };
-    let (fed, served) = tokio::join!(feeding, serving);
-    fed.context("read the backup")?;
-    served?
+    let served = aitbc_backup_repository::restore_with(repo, manifest, progress, cancel, |rdb| {
+        master.serve(rdb)
+    })
+    .await;
+    served.context("read the backup")?
 }
 
 /// The agent's side of the replication link.
@@ -223,7 +217,7 @@ impl Master {
     /// Accepts the replica, answers its handshake, sends the RDB while walking it. Returns the
     /// walk and the still-open socket (closing it before the server is released would make the
     /// server retry the link).
-    fn serve(self, rdb_stream: std::io::PipeReader) -> anyhow::Result<(rdb::Summary, TcpStream)> {
+    fn serve(self, rdb_stream: &mut dyn Read) -> anyhow::Result<(rdb::Summary, TcpStream)> {
         let socket = accept_within(&self.listener, self.timeout)?;
         socket.set_read_timeout(Some(self.timeout))?;
         socket.set_write_timeout(Some(self.timeout))?;
@@ -324,6 +318,8 @@ struct Control {
     connection: Connection,
     /// `Some((host, port))` when the server was a replica before.
     previous_master: Option<(String, String)>,
+    /// `repl-diskless-load` as it was, when the agent changed it for the restore.
+    previous_diskless_load: Option<String>,
 }
 
 impl Control {
@@ -337,11 +333,28 @@ impl Control {
             )),
             _ => None,
         };
-        connection.ok(&["REPLICAOF", &master.0, &master.1.to_string()])?;
-        Ok(Control {
+        let previous_diskless_load = load_from_socket_when_empty(&mut connection)?;
+        let mut control = Control {
             connection,
             previous_master,
-        })
+            previous_diskless_load,
+        };
+        if let Err(err) = control
+            .connection
+            .ok(&["REPLICAOF", &master.0, &master.1.to_string()])
+        {
+            control.restore_diskless_load()?;
+            return Err(err);
+        }
+        Ok(control)
+    }
+
+    fn restore_diskless_load(&mut self) -> anyhow::Result<()> {
+        if let Some(value) = self.previous_diskless_load.take() {
+            self.connection
+                .ok(&["CONFIG", "SET", "repl-diskless-load", &value])?;
+        }
+        Ok(())
     }
 
     /// Waits until the server has loaded the RDB (link up, no sync or load in progress).
@@ -369,9 +382,24 @@ impl Control {
         }
     }
 
-    /// `REPLICAOF NO ONE`, then the previous master again if there was one.
-    fn release(&mut self) -> anyhow::Result<Vec<String>> {
-        self.connection.ok(&["REPLICAOF", "NO", "ONE"])?;
+    /// `REPLICAOF NO ONE`, then the previous master again if there was one. A server loading
+    /// a sync from the socket answers `LOADING` until it notices the link is gone (the agent
+    /// closed it), so that is waited out.
+    fn release(&mut self, timeout: Duration) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.connection.call(&[b"REPLICAOF", b"NO", b"ONE"])? {
+                Reply::Error(err) if err.starts_with("LOADING") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Reply::Error(err) => bail!(
+                    "Redis at {} refused REPLICAOF NO ONE: {err}",
+                    self.connection.address
+                ),
+                _ => break,
+            }
+        }
+        self.restore_diskless_load()?;
         let mut warnings = Vec::new();
         if let Some((host, port)) = &self.previous_master {
             self.connection.ok(&["REPLICAOF", host, port])?;
@@ -467,6 +495,26 @@ impl Control {
         }
         self.connection.ok(&["SELECT", "0"])?;
         Ok(checked)
+    }
+}
+
+/// Lets an empty server load the sync straight from the socket (`repl-diskless-load
+/// on-empty-db`) instead of writing it to disk first and loading it after: loading then overlaps
+/// the transfer. Only an empty server does so, so a failed sync still leaves what was there (an
+/// empty server); a server holding data keeps loading from disk and keeps its data until the whole
+/// RDB has arrived. Returns the previous value when it was changed; a server that refuses
+/// `CONFIG` (ACL, renamed command) just loads as it is configured to.
+fn load_from_socket_when_empty(connection: &mut Connection) -> anyhow::Result<Option<String>> {
+    let current = match connection.call(&[b"CONFIG", b"GET", b"repl-diskless-load"])? {
+        Reply::Array(Some(items)) if items.len() == 2 => items[1].text(),
+        _ => return Ok(None),
+    };
+    if current != "disabled" {
+        return Ok(None);
+    }
+    match connection.call(&[b"CONFIG", b"SET", b"repl-diskless-load", b"on-empty-db"])? {
+        Reply::Error(_) => Ok(None),
+        _ => Ok(Some(current)),
     }
 }
 
