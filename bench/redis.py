@@ -2,7 +2,7 @@
 """Redis benchmark: about 1 GB of session-like values (1,000,000 keys of ~1 KB, half random hex,
 half repetitive JSON) in a Redis 7 started here, backed up by the agent's redis component beside
 `redis-cli --rdb` (repl-diskless-sync-delay 0) and `redis-cli --rdb | gzip` (the old way), then
-restored by the agent into a running, empty server beside a restart of a server with the
+restored by the agent into a running, empty server (flushed before each run) beside a restart of a server with the
 dump.rdb in its directory, in one run. Prints one JSON line per measurement and a summary with
 the issue's targets."""
 import argparse
@@ -109,6 +109,11 @@ def main():
         target_port = free_port()
         servers.append(start_redis(f"{work}/target", target_port))
         target_env = dict(env, AITBC_BACKUP_REDIS__ADDRESS=f"127.0.0.1:{target_port}")
+
+        def empty_target():
+            # Each restore goes into an empty running server, as the restart starts from none.
+            cli(target_port, "FLUSHALL", "SYNC")
+
         run_interleaved(results, "redis", [
             ("restart_with_dump_rdb",
              f"redis-server --port {restart_port} --bind 127.0.0.1 --dir {restart_dir} --save '' "
@@ -117,8 +122,12 @@ def main():
              f"redis-cli -p {restart_port} INFO persistence | grep -q loading:0; do sleep 0.02; done; "
              f"redis-cli -p {restart_port} SHUTDOWN NOSAVE >/dev/null 2>&1 || true", None),
             ("aitbc_restore_live", f"{agent} restore {full['manifest']} > {work}/restore.json", target_env),
-        ], mb, args.repeat, **labels)
+        ], mb, args.repeat, before=empty_target, **labels)
         keys = cli(target_port, "DBSIZE")
+        # Into a server holding data (here the last restore's): it loads the sync from disk,
+        # keeping its data until the whole RDB has arrived. Shown, not a target.
+        run("aitbc_restore_live_replacing", f"{agent} restore {full['manifest']} > {work}/restore.json",
+            target_env)
 
         backup_vs_rdb = results["redis_cli_rdb"]["wall_s"] / results["aitbc"]["wall_s"]
         backup_vs_old = results["redis_cli_rdb_gzip"]["wall_s"] / results["aitbc"]["wall_s"]

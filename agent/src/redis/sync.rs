@@ -110,7 +110,29 @@ impl<R: Read> Read for Payload<R> {
                 if self.done {
                     return Ok(0);
                 }
-                let mut chunk = vec![0u8; 256 * 1024];
+                if buf.len() > 2 * mark.len() {
+                    // Read straight into the caller's buffer, behind the bytes held back, and
+                    // hold back the new last 40 bytes (they may be the mark).
+                    let held = self.pending.len();
+                    buf[..held].copy_from_slice(&self.pending);
+                    let n = self.input.read(&mut buf[held..])?;
+                    if n == 0 {
+                        return Err(truncated());
+                    }
+                    let total = held + n;
+                    let tail = total.saturating_sub(mark.len());
+                    self.pending.clear();
+                    self.pending.extend_from_slice(&buf[tail..total]);
+                    if self.pending == *mark {
+                        self.pending.clear();
+                        self.done = true;
+                    }
+                    if tail > 0 {
+                        return Ok(tail);
+                    }
+                    continue;
+                }
+                let mut chunk = [0u8; 4096];
                 let n = self.input.read(&mut chunk)?;
                 if n == 0 {
                     return Err(truncated());
@@ -144,6 +166,18 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
 mod tests {
     use super::*;
 
+    /// A reader that hands out at most `.1` bytes per read.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.1).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
     #[test]
     fn both_framings_yield_exactly_the_payload() {
         let mut input: &[u8] = b"\n\n$5\r\nhelloEXTRA";
@@ -165,6 +199,29 @@ mod tests {
             .expect("payload");
         assert_eq!(out.len(), 100_000);
         assert!(out.iter().all(|b| *b == b'x'));
+
+        // Any split of the input and any size of read yield the payload without the mark.
+        for (piece, read_size) in [(1, 7), (13, 100), (97, 4096), (100_000, 81), (40, 1)] {
+            let mut input = Trickle(body.as_bytes(), piece);
+            let framing =
+                read_header(&mut std::io::BufReader::with_capacity(1, &mut input)).expect("header");
+            let mut payload = Payload::new(&mut input, framing);
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; read_size];
+            loop {
+                let n = payload.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(
+                out.len(),
+                100_000,
+                "pieces of {piece}, reads of {read_size}"
+            );
+            assert!(out.iter().all(|b| *b == b'x'));
+        }
 
         let mut cut_short: &[u8] = b"$10\r\nhello";
         let framing = read_header(&mut cut_short).expect("header");

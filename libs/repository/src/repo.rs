@@ -55,6 +55,28 @@ impl Default for RepoSettings {
 }
 
 /// Tag byte in front of every stored chunk's (plaintext) payload.
+/// Runs `f` with this thread's zstd compressor at `level`: a compression context holds
+/// megabytes of tables, which are set up once per thread instead of once per chunk.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(current, _)| *current != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, compressor)) => f(compressor),
+            None => Err(std::io::Error::other("no compressor")),
+        }
+    })
+}
+
 const TAG_RAW: u8 = 0;
 const TAG_ZSTD: u8 = 1;
 
@@ -164,25 +186,22 @@ impl Repository {
     }
 
     /// Compresses (unless that does not shrink it) and seals a chunk for storage. The
-    /// payload is built in one buffer: the tag byte, then zstd output written in place.
+    /// payload is built in one buffer: the tag byte, then zstd output written in place (into
+    /// spare capacity: nothing is zeroed first), by the calling thread's reused compressor.
     pub(crate) fn encode_chunk(&self, data: &[u8]) -> Vec<u8> {
-        let mut payload = vec![0u8; data.len() + 1];
-        let compressed = zstd::bulk::compress_to_buffer(
-            data,
-            &mut payload[1..],
-            self.settings.compression_level,
-        )
+        let mut payload = std::io::Cursor::new(Vec::with_capacity(data.len() + 1));
+        payload.get_mut().push(TAG_ZSTD);
+        payload.set_position(1);
+        let compressed = with_compressor(self.settings.compression_level, |compressor| {
+            compressor.compress_to_buffer(data, &mut payload)
+        })
         .ok()
         .filter(|&n| n < data.len());
-        match compressed {
-            Some(n) => {
-                payload[0] = TAG_ZSTD;
-                payload.truncate(n + 1);
-            }
-            None => {
-                payload[0] = TAG_RAW;
-                payload[1..].copy_from_slice(data);
-            }
+        let mut payload = payload.into_inner();
+        if compressed.is_none() {
+            payload.clear();
+            payload.push(TAG_RAW);
+            payload.extend_from_slice(data);
         }
         match &self.keys {
             Some(keys) => keys.seal(&payload),
