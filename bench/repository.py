@@ -115,8 +115,10 @@ def main():
         run("restore_aitbc_s3", f"{remote} cat {s3_id} | tar xf - -C {scratch}/r-aitbc_s3", env=s3env)
         # The stream alone (a tar file), without tar's file writing: the repository's own speed.
         run("restore_stream_restic", f"restic -q -r {scratch}/restic dump latest /data > {scratch}/restic.tar", env=env)
-        run("restore_stream_aitbc_local", f"{local} cat {local_id} -o {scratch}/aitbc.tar")
-        run("restore_stream_aitbc_s3", f"{remote} cat {s3_id} -o {scratch}/aitbc-s3.tar", env=s3env)
+        # Redirected like restic's dump (`cat -o FILE` adds an fsync and a rename: shown apart).
+        run("restore_stream_aitbc_local", f"{local} cat {local_id} > {scratch}/aitbc.tar")
+        run("restore_stream_aitbc_s3", f"{remote} cat {s3_id} > {scratch}/aitbc-s3.tar", env=s3env)
+        run("restore_stream_aitbc_local_fsync", f"{local} cat {local_id} -o {scratch}/aitbc-synced.tar")
     finally:
         s3.terminate()
         s3.wait()

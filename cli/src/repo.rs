@@ -47,8 +47,8 @@ pub struct RepoArgs {
     /// Parallel chunk uploads.
     #[arg(long, default_value_t = 8)]
     upload_concurrency: usize,
-    /// Parallel chunk downloads.
-    #[arg(long, default_value_t = 4)]
+    /// Parallel chunk downloads (0: 4 for a local directory, 16 for S3).
+    #[arg(long, default_value_t = 0)]
     download_concurrency: usize,
     #[command(subcommand)]
     command: RepoCommand,
@@ -231,7 +231,7 @@ impl RepoArgs {
         Ok(RepoSettings {
             compression_level: self.compression_level,
             upload_concurrency: self.upload_concurrency.max(1),
-            download_concurrency: self.download_concurrency.max(1),
+            download_concurrency: self.download_concurrency,
             limit_upload_bytes_per_sec: self.limit_upload,
         })
     }

@@ -56,7 +56,7 @@ pub struct RepositorySettings {
     pub s3_sse: String,
     /// Chunks uploaded at once.
     pub upload_concurrency: usize,
-    /// Chunks downloaded at once.
+    /// Chunks downloaded at once; 0: the backend's own (4 for a local directory, 16 for S3).
     pub download_concurrency: usize,
     /// Smooth upload throughput limit in bytes per second (0: unlimited), so a backup never
     /// saturates the pod's link.
@@ -64,7 +64,7 @@ pub struct RepositorySettings {
 }
 
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
-pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 4;
+pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 0;
 
 /// Keys of [`RepositorySettings`] that are secrets, as dotted paths under `repository`.
 pub const REPOSITORY_SECRETS: &[&str] = &["repository.passphrase"];
@@ -135,10 +135,13 @@ impl RepositorySettings {
                 format!("{} is out of range 1..=64", self.upload_concurrency),
             ));
         }
-        if !(1..=64).contains(&self.download_concurrency) {
+        if self.download_concurrency > 64 {
             return Err(ConfigError::invalid(
                 "repository.download_concurrency",
-                format!("{} is out of range 1..=64", self.download_concurrency),
+                format!(
+                    "{} is out of range 0..=64 (0: the backend's own)",
+                    self.download_concurrency
+                ),
             ));
         }
         let url = self.effective_url();

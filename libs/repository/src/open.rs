@@ -121,7 +121,7 @@ pub async fn open_configured(
         .with_settings(crate::RepoSettings {
             compression_level: settings.compression_level,
             upload_concurrency: settings.upload_concurrency.max(1),
-            download_concurrency: settings.download_concurrency.max(1),
+            download_concurrency: settings.download_concurrency,
             limit_upload_bytes_per_sec: Some(settings.limit_upload_bytes_per_sec)
                 .filter(|&limit| limit > 0),
         }))

@@ -35,7 +35,8 @@ pub struct RepoSettings {
     pub compression_level: i32,
     /// Chunks uploaded at once.
     pub upload_concurrency: usize,
-    /// Chunks downloaded at once.
+    /// Chunks downloaded at once; 0: the backend's own number (4 for a local directory, 16
+    /// for S3). Every chunk in flight holds its stored and decoded bytes (about 2.5 MiB).
     pub download_concurrency: usize,
     /// Upload throughput limit in bytes per second (stored bytes); None = unlimited.
     pub limit_upload_bytes_per_sec: Option<u64>,
@@ -46,9 +47,7 @@ impl Default for RepoSettings {
         RepoSettings {
             compression_level: 3,
             upload_concurrency: 8,
-            // Every chunk in flight holds its stored and decoded bytes; 4 keeps a restore's
-            // peak RSS near 110 MiB (8: about 145 MiB) at the same local speed.
-            download_concurrency: 4,
+            download_concurrency: 0,
             limit_upload_bytes_per_sec: None,
         }
     }
@@ -175,6 +174,14 @@ impl Repository {
 
     pub fn settings(&self) -> &RepoSettings {
         &self.settings
+    }
+
+    /// Chunks downloaded at once: the setting, else the backend's own number.
+    pub(crate) fn download_concurrency(&self) -> usize {
+        match self.settings.download_concurrency {
+            0 => self.storage.download_concurrency(),
+            n => n,
+        }
     }
 
     /// The id of a chunk's raw bytes.

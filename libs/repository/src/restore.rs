@@ -151,7 +151,7 @@ fn chunk_stream<'a>(
                 .map_err(|e| RepoError::Io(std::io::Error::other(e)))?
             }
         })
-        .buffered(repo.settings.download_concurrency.max(1))
+        .buffered(repo.download_concurrency())
 }
 
 fn check_size(manifest: &ComponentManifest, size: u64) -> Result<(), RepoError> {

@@ -210,7 +210,7 @@ async fn check_chunks(
                     (object.to_string(), manifests, result)
                 }
             })
-            .buffer_unordered(repo.settings.download_concurrency.max(1));
+            .buffer_unordered(repo.download_concurrency());
         while let Some((object, manifests, result)) = reads.next().await {
             report.chunks_read += 1;
             match result {
