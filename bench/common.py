@@ -39,10 +39,11 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 
-def run_interleaved(results, bench, cases, data_mb, repeat=1, before=None, **labels):
+def run_interleaved(results, bench, cases, data_mb, repeat=1, before=None, quiet=False, **labels):
     """Runs the compared cases [(name, command, env)] in turn, `repeat` rounds (so a slow spell
     of this noisy machine hits every case alike), calling `before()` ahead of each run; keeps each
-    case's median run with MB/s over data_mb; records them in results and prints them."""
+    case's median run with MB/s over data_mb; records them in results and prints them (unless
+    quiet: the caller prints)."""
     runs = {name: [] for name, _, _ in cases}
     for _ in range(repeat):
         for name, command, env in cases:
@@ -55,7 +56,8 @@ def run_interleaved(results, bench, cases, data_mb, repeat=1, before=None, **lab
         m["mb_s"] = round(data_mb / m["wall_s"], 1)
         m["runs_wall_s"] = [r["wall_s"] for r in runs[name]]
         results[name] = m
-        emit(bench=bench, case=name, **labels, **m)
+        if not quiet:
+            emit(bench=bench, case=name, **labels, **m)
 
 
 def run_case(results, bench, name, command, data_mb, env=None, repeat=1, **labels):
