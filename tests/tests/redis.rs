@@ -21,6 +21,17 @@ fn agent(redis: &Redis, dir: &Path) -> OneShot {
     )
 }
 
+/// What a backup needs, `CONFIG` not among it.
+const BACKUP_PERMISSIONS: &[&str] = &["+info", "+replconf", "+psync", "+ping"];
+
+/// `ACL SETUSER <name> on ><name>-pw <permissions>`.
+fn acl_user(redis: &Redis, name: &str, permissions: &[&str]) {
+    let password = format!(">{name}-pw");
+    let mut args = vec!["ACL", "SETUSER", name, "on", &password];
+    args.extend_from_slice(permissions);
+    redis.cli(&args);
+}
+
 fn at(agent: &OneShot, port: u16) -> OneShot {
     agent
         .clone()
@@ -133,6 +144,13 @@ fn every_type_restores_into_a_running_server_equal_to_the_source() {
         "{report}"
     );
     let manifest = report["manifest"].as_str().expect("id");
+    // The agent's fork saved without LZF; the server's own setting is untouched.
+    assert_eq!(
+        source.cli(&["CONFIG", "GET", "rdbcompression"]),
+        "rdbcompression\nyes"
+    );
+    let shown = agent.repo_json(&["show", manifest]);
+    assert_eq!(shown["consistency"]["uncompressed"], true, "{shown}");
 
     let target = Redis::start_with(&["--enable-debug-command", "yes"]);
     target.cli(&["SET", "stale", "old data"]);
@@ -140,6 +158,10 @@ fn every_type_restores_into_a_running_server_equal_to_the_source() {
     assert!(
         restored["samples_checked"].as_u64().expect("samples") >= 16,
         "{restored}"
+    );
+    assert_eq!(
+        target.cli(&["CONFIG", "GET", "rdbcompression"]),
+        "rdbcompression\nyes"
     );
 
     assert_eq!(
@@ -312,26 +334,8 @@ fn passwords_and_acl_users_work_and_a_missing_permission_is_named() {
         .with("AITBC_BACKUP_REDIS__PASSWORD", "pass-word")
         .ok(&["backup"]);
 
-    redis.cli(&[
-        "ACL",
-        "SETUSER",
-        "backup",
-        "on",
-        ">backup-pw",
-        "+info",
-        "+replconf",
-        "+psync",
-        "+ping",
-    ]);
-    redis.cli(&[
-        "ACL",
-        "SETUSER",
-        "weak",
-        "on",
-        ">weak-pw",
-        "+info",
-        "+replconf",
-    ]);
+    acl_user(&redis, "backup", BACKUP_PERMISSIONS);
+    acl_user(&redis, "weak", &["+info", "+replconf"]);
     let as_user = |user: &str, pw: &str| {
         agent
             .clone()
@@ -341,6 +345,39 @@ fn passwords_and_acl_users_work_and_a_missing_permission_is_named() {
     as_user("backup", "backup-pw").ok(&["backup"]);
     let err = as_user("weak", "weak-pw").fails(&["backup"]);
     assert!(err.contains("psync") && err.contains("permission"), "{err}");
+}
+
+#[test]
+fn without_config_permission_the_fork_saves_as_configured_and_restores_checked() {
+    let dir = temp_dir("redis-no-config");
+    let source = Redis::start();
+    every_type(&source, 20_000);
+    acl_user(&source, "backup", BACKUP_PERMISSIONS);
+    let plain = agent(&source, dir.path());
+    let report = plain
+        .clone()
+        .with("AITBC_BACKUP_REDIS__USERNAME", "backup")
+        .with("AITBC_BACKUP_REDIS__PASSWORD", "backup-pw")
+        .ok(&["backup"]);
+    let manifest = report["manifest"].as_str().expect("id");
+    // LZF-compressed strings, as the server saves them: samples compare with LZF.
+    let shown = plain.repo_json(&["show", manifest]);
+    assert!(
+        shown["consistency"].get("uncompressed").is_none(),
+        "{shown}"
+    );
+
+    let target = Redis::start();
+    target.cli(&["CONFIG", "SET", "rdbcompression", "no"]);
+    let restored = at(&plain, target.port).ok(&["restore", manifest]);
+    assert!(
+        restored["samples_checked"].as_u64().expect("samples") >= 16,
+        "{restored}"
+    );
+    assert_eq!(
+        target.cli(&["CONFIG", "GET", "rdbcompression"]),
+        "rdbcompression\nno"
+    );
 }
 
 /// Forwards one connection to `port`, closing both sides after `limit` bytes from the server.

@@ -32,6 +32,9 @@ pub struct Prepared {
     used_memory: u64,
     /// Since when writers are paused on `control` ([`Prepared::fence`]).
     paused: Option<Instant>,
+    /// The server saves with LZF and the agent may switch that off for its fork
+    /// (`redis.plain_rdb`).
+    plain_fork: bool,
 }
 
 /// The fork happened (Redis answers FULLRESYNC once it has forked); the RDB is waiting on
@@ -81,8 +84,10 @@ pub fn prepare(settings: &RedisSettings) -> anyhow::Result<Prepared> {
     if let Reply::Error(err) = replica.call(&[b"REPLCONF", b"rdb-only", b"1"])? {
         tracing::debug!(error = %err, "REPLCONF rdb-only not supported; the sync is closed after the RDB");
     }
+    let plain_fork = settings.plain_rdb && saves_with_lzf(&mut control)?;
     Ok(Prepared {
         settings: settings.clone(),
+        plain_fork,
         control,
         replica,
         version: server.get("redis_version").cloned().unwrap_or_default(),
@@ -120,9 +125,19 @@ impl Prepared {
             self.fence()?;
         }
         let fence = self.paused;
+        let plain = self.plain_fork && set_lzf(&mut self.control, false);
         let mut replica = self.replica;
-        let reply = replica.ok(&["PSYNC", "?", "-1"])?.text();
+        let reply = replica.ok(&["PSYNC", "?", "-1"]);
         let at = Instant::now();
+        // The reply comes once the child is forked: the server's own setting applies again to
+        // every later fork.
+        if plain && !set_lzf(&mut self.control, true) {
+            bail!(
+                "could not set rdbcompression back to yes on Redis at {}: set it by hand",
+                self.control.address
+            );
+        }
+        let reply = reply?.text();
         let mut words = reply.split_whitespace();
         let (Some("FULLRESYNC"), Some(replid), Some(offset)) =
             (words.next(), words.next(), words.next())
@@ -220,6 +235,33 @@ fn with_level(repo: &Repository, level: i32) -> Repository {
     repo.clone().with_settings(settings)
 }
 
+/// Whether the server saves RDB strings LZF-compressed (`CONFIG GET rdbcompression`; false
+/// when `CONFIG` is not allowed, so the agent leaves the setting alone).
+fn saves_with_lzf(control: &mut Connection) -> anyhow::Result<bool> {
+    Ok(
+        match control.call(&[b"CONFIG", b"GET", b"rdbcompression"])? {
+            Reply::Array(Some(items)) => items.get(1).is_some_and(|v| v.text() == "yes"),
+            _ => false,
+        },
+    )
+}
+
+/// `CONFIG SET rdbcompression yes|no`; whether the server took it.
+fn set_lzf(control: &mut Connection, on: bool) -> bool {
+    let value: &[u8] = if on { b"yes" } else { b"no" };
+    match control.call(&[b"CONFIG", b"SET", b"rdbcompression", value]) {
+        Ok(Reply::Status(_)) => true,
+        Ok(other) => {
+            tracing::warn!(reply = ?other, "CONFIG SET rdbcompression refused");
+            false
+        }
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "CONFIG SET rdbcompression failed");
+            false
+        }
+    }
+}
+
 /// `CLIENT UNPAUSE` on the fence's connection, if there is a fence; how long it held.
 fn release(fence: Option<(Connection, Instant)>) -> anyhow::Result<Option<Duration>> {
     match fence {
@@ -260,6 +302,7 @@ fn produce(
         databases: summary.databases.values().cloned().collect(),
         samples: summary.samples.clone(),
         counted: summary.incomplete.is_none(),
+        uncompressed: summary.lzf_strings == 0,
     });
     Ok(summary)
 }

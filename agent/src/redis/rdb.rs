@@ -26,6 +26,8 @@ pub struct Summary {
     pub expiring: Vec<i64>,
     /// Why the walk stopped before the end, if it did.
     pub incomplete: Option<String>,
+    /// Strings stored LZF-compressed (none when the server saved with `rdbcompression no`).
+    pub lzf_strings: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ struct Walker<'a> {
     input: &'a mut dyn Read,
     offset: u64,
     capture: Option<Vec<u8>>,
+    lzf_strings: u64,
     scratch: Vec<u8>,
 }
 
@@ -57,6 +60,7 @@ pub fn walk(input: &mut dyn Read, expiring_before: Option<i64>) -> Result<Summar
         input,
         offset: 0,
         capture: None,
+        lzf_strings: 0,
         scratch: vec![0; 64 * 1024],
     };
     let header = w.bytes(9)?;
@@ -78,6 +82,7 @@ pub fn walk(input: &mut dyn Read, expiring_before: Option<i64>) -> Result<Summar
                 if version >= 5 {
                     w.skip(8)?;
                 }
+                summary.lzf_strings = w.lzf_strings;
                 return Ok(summary);
             }
             0xFE => {
@@ -132,6 +137,7 @@ pub fn walk(input: &mut dyn Read, expiring_before: Option<i64>) -> Result<Summar
                     summary.incomplete = Some(format!(
                         "RDB value type {kind} is unknown to this agent (a module's or a newer Redis's); key counts are not checked"
                     ));
+                    summary.lzf_strings = w.lzf_strings;
                     return Ok(summary);
                 }
                 if let Some(bytes) = w.capture.take()
@@ -242,6 +248,7 @@ impl Walker<'_> {
                 .to_string()
                 .into_bytes()),
             Length::Encoded(3) => {
+                self.lzf_strings += 1;
                 let compressed = self.plain_length()?;
                 let raw = self.plain_length()?;
                 let data = self.bytes(compressed as usize)?;
@@ -259,6 +266,7 @@ impl Walker<'_> {
             Length::Encoded(1) => self.skip(2),
             Length::Encoded(2) => self.skip(4),
             Length::Encoded(3) => {
+                self.lzf_strings += 1;
                 let compressed = self.plain_length()?;
                 self.plain_length()?;
                 self.skip(compressed)

@@ -65,6 +65,7 @@ pub async fn restore(
         databases,
         samples,
         counted,
+        uncompressed,
         ..
     }) = &manifest.consistency
     else {
@@ -142,11 +143,12 @@ pub async fn restore(
         let databases = databases.clone();
         let samples = samples.clone();
         let counted = *counted;
+        let lzf = !*uncompressed;
         move || -> anyhow::Result<usize> {
             if counted {
                 control.check_counts(&databases, &summary.expiring)?;
             }
-            control.check_samples(&samples)
+            control.check_samples(&samples, lzf)
         }
     })
     .await??;
@@ -450,8 +452,32 @@ impl Control {
         Ok(())
     }
 
-    /// Compares each sampled key's `DUMP` and expiry with the backup's.
-    fn check_samples(&mut self, samples: &[RedisSample]) -> anyhow::Result<usize> {
+    /// Compares each sampled key's `DUMP` and expiry with the backup's. `DUMP` compresses
+    /// strings as `rdbcompression` says, so that is set as it was for the backup's fork while
+    /// the samples are read, then set back.
+    fn check_samples(&mut self, samples: &[RedisSample], lzf: bool) -> anyhow::Result<usize> {
+        let wanted: &[u8] = if lzf { b"yes" } else { b"no" };
+        let current = match self
+            .connection
+            .call(&[b"CONFIG", b"GET", b"rdbcompression"])?
+        {
+            Reply::Array(Some(items)) => items.get(1).map(Reply::text),
+            _ => None,
+        };
+        let switch = current.as_deref().is_some_and(|c| c.as_bytes() != wanted);
+        if switch {
+            self.connection
+                .call(&[b"CONFIG", b"SET", b"rdbcompression", wanted])?;
+        }
+        let checked = self.compare_samples(samples);
+        if let (true, Some(previous)) = (switch, &current) {
+            self.connection
+                .ok(&["CONFIG", "SET", "rdbcompression", previous])?;
+        }
+        checked
+    }
+
+    fn compare_samples(&mut self, samples: &[RedisSample]) -> anyhow::Result<usize> {
         let mut checked = 0;
         let now = now_ms();
         for sample in samples {

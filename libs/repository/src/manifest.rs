@@ -86,6 +86,10 @@ pub enum ConsistencyPoint {
         /// False when the stream held a value type the agent could not walk (counts unknown).
         #[serde(default)]
         counted: bool,
+        /// True when the RDB holds no LZF-compressed string (the server saved it with
+        /// `rdbcompression no`): samples are then compared with uncompressed `DUMP` output.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        uncompressed: bool,
     },
     Ledger {
         height: u64,
