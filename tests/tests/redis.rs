@@ -163,6 +163,15 @@ fn every_type_restores_into_a_running_server_equal_to_the_source() {
         target.cli(&["CONFIG", "GET", "rdbcompression"]),
         "rdbcompression\nyes"
     );
+    // The settings the restore changed are the server's own again.
+    assert_eq!(
+        target.cli(&["CONFIG", "GET", "replica-lazy-flush"]),
+        "replica-lazy-flush\nno"
+    );
+    assert_eq!(
+        target.cli(&["CONFIG", "GET", "repl-diskless-load"]),
+        "repl-diskless-load\ndisabled"
+    );
 
     assert_eq!(
         source.cli(&["DEBUG", "DIGEST"]),

@@ -84,7 +84,8 @@ pub fn prepare(settings: &RedisSettings) -> anyhow::Result<Prepared> {
     if let Reply::Error(err) = replica.call(&[b"REPLCONF", b"rdb-only", b"1"])? {
         tracing::debug!(error = %err, "REPLCONF rdb-only not supported; the sync is closed after the RDB");
     }
-    let plain_fork = settings.plain_rdb && saves_with_lzf(&mut control)?;
+    let plain_fork =
+        settings.plain_rdb && control.config_get("rdbcompression")?.as_deref() == Some("yes");
     Ok(Prepared {
         settings: settings.clone(),
         plain_fork,
@@ -125,13 +126,13 @@ impl Prepared {
             self.fence()?;
         }
         let fence = self.paused;
-        let plain = self.plain_fork && set_lzf(&mut self.control, false);
+        let plain = self.plain_fork && self.control.config_set("rdbcompression", "no")?;
         let mut replica = self.replica;
         let reply = replica.ok(&["PSYNC", "?", "-1"]);
         let at = Instant::now();
         // The reply comes once the child is forked: the server's own setting applies again to
         // every later fork.
-        if plain && !set_lzf(&mut self.control, true) {
+        if plain && !self.control.config_set("rdbcompression", "yes")? {
             bail!(
                 "could not set rdbcompression back to yes on Redis at {}: set it by hand",
                 self.control.address
@@ -233,33 +234,6 @@ fn with_level(repo: &Repository, level: i32) -> Repository {
     let mut settings = repo.settings().clone();
     settings.compression_level = level;
     repo.clone().with_settings(settings)
-}
-
-/// Whether the server saves RDB strings LZF-compressed (`CONFIG GET rdbcompression`; false
-/// when `CONFIG` is not allowed, so the agent leaves the setting alone).
-fn saves_with_lzf(control: &mut Connection) -> anyhow::Result<bool> {
-    Ok(
-        match control.call(&[b"CONFIG", b"GET", b"rdbcompression"])? {
-            Reply::Array(Some(items)) => items.get(1).is_some_and(|v| v.text() == "yes"),
-            _ => false,
-        },
-    )
-}
-
-/// `CONFIG SET rdbcompression yes|no`; whether the server took it.
-fn set_lzf(control: &mut Connection, on: bool) -> bool {
-    let value: &[u8] = if on { b"yes" } else { b"no" };
-    match control.call(&[b"CONFIG", b"SET", b"rdbcompression", value]) {
-        Ok(Reply::Status(_)) => true,
-        Ok(other) => {
-            tracing::warn!(reply = ?other, "CONFIG SET rdbcompression refused");
-            false
-        }
-        Err(err) => {
-            tracing::warn!(error = %format!("{err:#}"), "CONFIG SET rdbcompression failed");
-            false
-        }
-    }
 }
 
 /// `CLIENT UNPAUSE` on the fence's connection, if there is a fence; how long it held.

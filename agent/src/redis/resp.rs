@@ -109,6 +109,23 @@ impl Connection {
         }
     }
 
+    /// `CONFIG GET name`: its value, or None when the server refuses `CONFIG` (an ACL, a
+    /// renamed command) or knows no such setting.
+    pub fn config_get(&mut self, name: &str) -> anyhow::Result<Option<String>> {
+        Ok(match self.call(&[b"CONFIG", b"GET", name.as_bytes()])? {
+            Reply::Array(Some(items)) if items.len() == 2 => Some(items[1].text()),
+            _ => None,
+        })
+    }
+
+    /// `CONFIG SET name value`; whether the server took it.
+    pub fn config_set(&mut self, name: &str, value: &str) -> anyhow::Result<bool> {
+        Ok(!matches!(
+            self.call(&[b"CONFIG", b"SET", name.as_bytes(), value.as_bytes()])?,
+            Reply::Error(_)
+        ))
+    }
+
     /// `INFO section` as key → value.
     pub fn info(
         &mut self,

@@ -320,8 +320,8 @@ struct Control {
     connection: Connection,
     /// `Some((host, port))` when the server was a replica before.
     previous_master: Option<(String, String)>,
-    /// `repl-diskless-load` as it was, when the agent changed it for the restore.
-    previous_diskless_load: Option<String>,
+    /// Settings the agent changed for the restore, with their previous values.
+    changed: Vec<(&'static str, String)>,
 }
 
 impl Control {
@@ -335,26 +335,25 @@ impl Control {
             )),
             _ => None,
         };
-        let previous_diskless_load = load_from_socket_when_empty(&mut connection)?;
+        let changed = tune_for_restore(&mut connection)?;
         let mut control = Control {
             connection,
             previous_master,
-            previous_diskless_load,
+            changed,
         };
         if let Err(err) = control
             .connection
             .ok(&["REPLICAOF", &master.0, &master.1.to_string()])
         {
-            control.restore_diskless_load()?;
+            control.put_back_settings()?;
             return Err(err);
         }
         Ok(control)
     }
 
-    fn restore_diskless_load(&mut self) -> anyhow::Result<()> {
-        if let Some(value) = self.previous_diskless_load.take() {
-            self.connection
-                .ok(&["CONFIG", "SET", "repl-diskless-load", &value])?;
+    fn put_back_settings(&mut self) -> anyhow::Result<()> {
+        for (name, value) in std::mem::take(&mut self.changed) {
+            self.connection.ok(&["CONFIG", "SET", name, &value])?;
         }
         Ok(())
     }
@@ -401,7 +400,7 @@ impl Control {
                 _ => break,
             }
         }
-        self.restore_diskless_load()?;
+        self.put_back_settings()?;
         let mut warnings = Vec::new();
         if let Some((host, port)) = &self.previous_master {
             self.connection.ok(&["REPLICAOF", host, port])?;
@@ -456,18 +455,11 @@ impl Control {
     /// strings as `rdbcompression` says, so that is set as it was for the backup's fork while
     /// the samples are read, then set back.
     fn check_samples(&mut self, samples: &[RedisSample], lzf: bool) -> anyhow::Result<usize> {
-        let wanted: &[u8] = if lzf { b"yes" } else { b"no" };
-        let current = match self
-            .connection
-            .call(&[b"CONFIG", b"GET", b"rdbcompression"])?
-        {
-            Reply::Array(Some(items)) => items.get(1).map(Reply::text),
-            _ => None,
-        };
-        let switch = current.as_deref().is_some_and(|c| c.as_bytes() != wanted);
+        let wanted = if lzf { "yes" } else { "no" };
+        let current = self.connection.config_get("rdbcompression")?;
+        let switch = current.as_deref().is_some_and(|c| c != wanted);
         if switch {
-            self.connection
-                .call(&[b"CONFIG", b"SET", b"rdbcompression", wanted])?;
+            self.connection.config_set("rdbcompression", wanted)?;
         }
         let checked = self.compare_samples(samples);
         if let (true, Some(previous)) = (switch, &current) {
@@ -524,24 +516,30 @@ impl Control {
     }
 }
 
-/// Lets an empty server load the sync straight from the socket (`repl-diskless-load
-/// on-empty-db`) instead of writing it to disk first and loading it after: loading then overlaps
-/// the transfer. Only an empty server does so, so a failed sync still leaves what was there (an
-/// empty server); a server holding data keeps loading from disk and keeps its data until the whole
-/// RDB has arrived. Returns the previous value when it was changed; a server that refuses
-/// `CONFIG` (ACL, renamed command) just loads as it is configured to.
-fn load_from_socket_when_empty(connection: &mut Connection) -> anyhow::Result<Option<String>> {
-    let current = match connection.call(&[b"CONFIG", b"GET", b"repl-diskless-load"])? {
-        Reply::Array(Some(items)) if items.len() == 2 => items[1].text(),
-        _ => return Ok(None),
-    };
-    if current != "disabled" {
-        return Ok(None);
+/// Settings a restore changes while it runs, as `(name, value for the restore, changed only
+/// from)`; each is set back afterwards. A server that refuses `CONFIG` (an ACL, a renamed
+/// command) restores as it is configured to.
+const RESTORE_SETTINGS: [(&str, &str, &str); 2] = [
+    // An empty server loads the sync straight from the socket instead of writing it to disk
+    // first: loading overlaps the transfer. Only an empty one: a failed sync then leaves what
+    // was there (nothing), while a server holding data keeps loading from disk and keeps its
+    // data until the whole RDB has arrived.
+    ("repl-diskless-load", "on-empty-db", "disabled"),
+    // The dataset the sync replaces (once all of it has arrived) is freed in the background.
+    ("replica-lazy-flush", "yes", "no"),
+];
+
+/// Applies [`RESTORE_SETTINGS`]; returns what was changed, with the previous values.
+fn tune_for_restore(connection: &mut Connection) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let mut changed = Vec::new();
+    for (name, value, from) in RESTORE_SETTINGS {
+        if connection.config_get(name)?.as_deref() == Some(from)
+            && connection.config_set(name, value)?
+        {
+            changed.push((name, from.to_owned()));
+        }
     }
-    match connection.call(&[b"CONFIG", b"SET", b"repl-diskless-load", b"on-empty-db"])? {
-        Reply::Error(_) => Ok(None),
-        _ => Ok(Some(current)),
-    }
+    Ok(changed)
 }
 
 /// Writes `dump.rdb` for a stopped server, checked by `redis-check-rdb` before it takes the
