@@ -105,6 +105,12 @@ def main():
         s3_id = open(f"{scratch}/id-s3").read().strip()
         run("aitbc_s3_unchanged", f"tar cf - -C {data} . | {remote} put ledger --stream tar > /dev/null",
             env=s3env)
+        # restic to the same server: the like-for-like baseline for the S3 numbers.
+        restic_s3 = f"restic -q -r s3:http://127.0.0.1:{port}/bench/restic"
+        restic_s3env = dict(s3env, RESTIC_PASSWORD="bench")
+        subprocess.run(f"{restic_s3} init", shell=True, check=True, env=restic_s3env,
+                       stdout=subprocess.DEVNULL)
+        run("restic_s3", f"cd {work} && {restic_s3} backup data", f"{s3root}/bench/restic", restic_s3env)
 
         # Restores, interleaved over three rounds (medians count: single runs here vary up to
         # 2x with the page cache and writeback), each from empty targets after a sync.
@@ -114,7 +120,7 @@ def main():
             for name in targets:
                 shutil.rmtree(f"{scratch}/r-{name}", ignore_errors=True)
                 os.makedirs(f"{scratch}/r-{name}")
-            for name in ["restic.tar", "aitbc.tar", "aitbc-s3.tar", "aitbc-synced.tar"]:
+            for name in ["restic.tar", "restic-s3.tar", "aitbc.tar", "aitbc-s3.tar", "aitbc-synced.tar"]:
                 if os.path.exists(f"{scratch}/{name}"):
                     os.remove(f"{scratch}/{name}")
             subprocess.run(["sync"], check=True)
@@ -130,6 +136,7 @@ def main():
             ("restore_stream_restic", f"restic -q -r {scratch}/restic dump latest /data > {scratch}/restic.tar", env),
             ("restore_stream_aitbc_local", f"{local} cat {local_id} > {scratch}/aitbc.tar", None),
             ("restore_stream_aitbc_s3", f"{remote} cat {s3_id} > {scratch}/aitbc-s3.tar", s3env),
+            ("restore_stream_restic_s3", f"{restic_s3} dump latest /data > {scratch}/restic-s3.tar", restic_s3env),
             ("restore_stream_aitbc_local_fsync", f"{local} cat {local_id} -o {scratch}/aitbc-synced.tar", None),
         ], mb, repeat=3, before=empty_targets, quiet=True)
     finally:
@@ -156,11 +163,14 @@ def main():
          backup_local_vs_restic=ratio("aitbc_local", "restic"),
          backup_encrypted_vs_restic=ratio("aitbc_local_encrypted", "restic"),
          backup_s3_vs_restic=ratio("aitbc_s3", "restic"),
+         backup_s3_vs_restic_s3=ratio("aitbc_s3", "restic_s3"),
+         backup_s3_vs_tar_czf=ratio("aitbc_s3", "tar_czf"),
          restore_local_vs_restic=ratio("restore_aitbc_local", "restore_restic"),
          restore_s3_vs_restic=ratio("restore_aitbc_s3", "restore_restic"),
          restore_local_vs_tar_czf=ratio("restore_aitbc_local", "restore_tar_czf"),
          restore_stream_local_vs_restic=ratio("restore_stream_aitbc_local", "restore_stream_restic"),
          restore_stream_s3_vs_restic=ratio("restore_stream_aitbc_s3", "restore_stream_restic"),
+         restore_stream_s3_vs_restic_s3=ratio("restore_stream_aitbc_s3", "restore_stream_restic_s3"),
          unchanged_local_mb_s=results["aitbc_local_unchanged"]["mb_s"],
          unchanged_local_from_file_mb_s=results["aitbc_local_unchanged_from_file"]["mb_s"],
          backup_local_from_file_mb_s=results["aitbc_local_from_file"]["mb_s"],
