@@ -456,13 +456,16 @@ impl Control {
     /// the samples are read, then set back.
     fn check_samples(&mut self, samples: &[RedisSample], lzf: bool) -> anyhow::Result<usize> {
         let wanted = if lzf { "yes" } else { "no" };
-        let current = self.connection.config_get("rdbcompression")?;
-        let switch = current.as_deref().is_some_and(|c| c != wanted);
-        if switch {
+        // The server's own setting, when it differs (None too when `CONFIG` is refused).
+        let previous = self
+            .connection
+            .config_get("rdbcompression")?
+            .filter(|current| current != wanted);
+        if previous.is_some() {
             self.connection.config_set("rdbcompression", wanted)?;
         }
         let checked = self.compare_samples(samples);
-        if let (true, Some(previous)) = (switch, &current) {
+        if let Some(previous) = &previous {
             self.connection
                 .ok(&["CONFIG", "SET", "rdbcompression", previous])?;
         }

@@ -66,13 +66,11 @@ fn with_compressor<T>(
     }
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(current, _)| *current != level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
-        }
-        match slot.as_mut() {
-            Some((_, compressor)) => f(compressor),
-            None => Err(std::io::Error::other("no compressor")),
-        }
+        let (_, compressor) = match slot.take() {
+            Some(kept) if kept.0 == level => slot.insert(kept),
+            _ => slot.insert((level, zstd::bulk::Compressor::new(level)?)),
+        };
+        f(compressor)
     })
 }
 
