@@ -14,6 +14,7 @@ pub mod backup;
 pub mod cache;
 pub mod config;
 pub mod extract;
+pub mod pages;
 pub mod restore;
 pub mod scan;
 pub mod sqlite;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::archive::{self, Written};
 use super::cache::{self, FileCache, GroupSpan};
 use super::config::LedgerSettings;
+use super::pages::{self, PageMap};
 use super::scan::{self, Entry, Kind};
 use super::sqlite::{self, Head};
 
@@ -211,6 +212,8 @@ pub async fn backup(
 /// What the producer hands back.
 struct Produced {
     spans: Vec<GroupSpan>,
+    /// The page map of each database, for the next backup.
+    databases: HashMap<String, PageMap>,
     files: usize,
     warnings: Vec<String>,
 }
@@ -264,7 +267,10 @@ impl Captured {
         let mut warnings = found.warnings;
         let entries = found.entries;
         let copies = self.copies.clone();
-        let data_dir = settings.data_dir.clone();
+        let dirs = Dirs {
+            data: settings.data_dir.clone(),
+            scratch: settings.scratch_dir.clone(),
+        };
         let request = BackupRequest {
             name: label.name.clone(),
             set_id: label.set_id.clone(),
@@ -275,9 +281,10 @@ impl Captured {
             }),
             files: Vec::new(),
         };
+        let repo = &repo.with_compression_level(settings.compression_level);
         let (manifest, produced) =
             backup_with(repo, request, progress.clone(), cancel, move |sink| {
-                produce(sink, &entries, &data_dir, &copies, &cache)
+                produce(sink, &entries, &dirs, &copies, &cache)
             })
             .await
             .context("store the ledger stream")?;
@@ -285,8 +292,8 @@ impl Captured {
         for warning in &warnings {
             tracing::warn!(manifest = %manifest.id, "{warning}");
         }
-        let next = FileCache::from_backup(&repo_id, &manifest, &produced.spans);
-        if let Err(err) = next.save(&cache_path) {
+        let next = FileCache::from_backup(&repo_id, &manifest, &produced.spans, produced.databases);
+        if let Err(err) = next.save(&cache_path, &settings.data_dir) {
             tracing::warn!(cache = %cache_path.display(), error = %err, "could not save the file cache; the next backup reads every file");
         }
         drop(self.workdir);
@@ -308,16 +315,24 @@ impl Captured {
     }
 }
 
-/// Writes the tar stream group by group, reusing cached chunks where a group is unchanged.
+/// The data directory, and the scratch directory the page maps go to.
+struct Dirs {
+    data: PathBuf,
+    scratch: PathBuf,
+}
+
+/// Writes the tar stream group by group, reusing cached chunks where a group is unchanged and
+/// unchanged pages where a database is.
 fn produce(
     sink: &mut ChunkSink,
     entries: &[Entry],
-    data_dir: &Path,
+    dirs: &Dirs,
     copies: &HashMap<String, PathBuf>,
     cache: &FileCache,
 ) -> std::io::Result<Produced> {
     let mut produced = Produced {
         spans: Vec::new(),
+        databases: HashMap::new(),
         files: 0,
         warnings: Vec::new(),
     };
@@ -347,23 +362,35 @@ fn produce(
         }
         let mut unchanged = key.is_some();
         for entry in members {
-            let source = match entry.kind {
-                Kind::Sqlite => copies.get(&entry.path).cloned().ok_or_else(|| {
+            let offset = sink.offset();
+            if entry.kind == Kind::Sqlite {
+                let copy = copies.get(&entry.path).ok_or_else(|| {
                     std::io::Error::other(format!(
                         "{} became a database after the cut; it is not part of this backup's cut",
                         entry.path
                     ))
-                })?,
-                _ => data_dir.join(&entry.path),
-            };
-            let offset = sink.offset();
+                })?;
+                let map_file = cache::new_page_map_path(&dirs.scratch, &dirs.data);
+                let previous = cache.pages(&entry.path);
+                if let Some(map) = pages::write_database(sink, entry, copy, previous, &map_file)? {
+                    produced.databases.insert(entry.path.clone(), map);
+                }
+                sink.index_file(FileEntry {
+                    path: entry.path.clone(),
+                    offset,
+                    size: std::fs::metadata(copy)?.len(),
+                });
+                produced.files += 1;
+                continue;
+            }
+            let source = dirs.data.join(&entry.path);
             match archive::write_entry(sink, entry, &source)? {
                 Written::Entry {
                     size,
                     unchanged: same,
                 } => {
                     unchanged &= same;
-                    if matches!(entry.kind, Kind::File | Kind::Sqlite) {
+                    if entry.kind == Kind::File {
                         sink.index_file(FileEntry {
                             path: entry.path.clone(),
                             offset,
@@ -415,7 +442,7 @@ fn reusable<'c, 'e>(
         }
         offset += archive::header(entry, size).ok()?.len() as u64 + archive::padded(size);
     }
-    let cached: u64 = chunks.iter().map(|c| u64::from(c.raw_len)).sum();
+    let cached: u64 = chunks.iter().map(|c| u64::from(c.stream_len())).sum();
     (cached == offset).then_some((chunks, index))
 }
 

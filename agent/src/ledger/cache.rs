@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use aitbc_backup_repository::manifest::{ChunkRef, ComponentManifest};
 use serde::{Deserialize, Serialize};
 
-const CACHE_VERSION: u32 = 1;
+use super::pages::PageMap;
+
+/// 2: databases are kept page by page ([`PageMap`]).
+const CACHE_VERSION: u32 = 2;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct FileCache {
@@ -18,6 +21,9 @@ pub struct FileCache {
     pub manifest: String,
     /// Group key → the group's chunks, in order.
     groups: HashMap<String, Vec<ChunkRef>>,
+    /// Database path → where its pages are.
+    #[serde(default)]
+    databases: HashMap<String, PageMap>,
 }
 
 /// Where one group landed in the stream.
@@ -31,8 +37,24 @@ pub struct GroupSpan {
 
 /// The cache file of one data directory.
 pub fn path_for(scratch: &Path, data_dir: &Path) -> PathBuf {
-    let id = blake3::hash(data_dir.as_os_str().as_encoded_bytes()).to_hex();
-    scratch.join(format!("ledger-cache-{}.json", &id[..16]))
+    scratch.join(format!("ledger-cache-{}.json", dir_id(data_dir)))
+}
+
+/// A new page map file for a database of `data_dir` (the cache says which are current).
+pub fn new_page_map_path(scratch: &Path, data_dir: &Path) -> PathBuf {
+    scratch.join(format!(
+        "{}{:016x}.bin",
+        page_map_prefix(data_dir),
+        rand::random::<u64>()
+    ))
+}
+
+fn page_map_prefix(data_dir: &Path) -> String {
+    format!("ledger-pages-{}-", dir_id(data_dir))
+}
+
+fn dir_id(data_dir: &Path) -> String {
+    blake3::hash(data_dir.as_os_str().as_encoded_bytes()).to_hex()[..16].to_owned()
 }
 
 impl FileCache {
@@ -69,6 +91,11 @@ impl FileCache {
         self.groups.get(key).map(Vec::as_slice)
     }
 
+    /// The page map of the database at `path`.
+    pub fn pages(&self, path: &str) -> Option<&PageMap> {
+        self.databases.get(path)
+    }
+
     pub fn len(&self) -> usize {
         self.groups.len()
     }
@@ -82,12 +109,26 @@ impl FileCache {
         repository: &str,
         manifest: &ComponentManifest,
         spans: &[GroupSpan],
+        mut databases: HashMap<String, PageMap>,
     ) -> Self {
         let mut starts = Vec::with_capacity(manifest.chunks.len() + 1);
         let mut offset = 0u64;
         for chunk in &manifest.chunks {
             starts.push(offset);
-            offset += u64::from(chunk.raw_len);
+            offset += u64::from(chunk.stream_len());
+        }
+        // The packs' stored sizes are known now, from the committed references.
+        let stored: HashMap<&str, u32> = manifest
+            .chunks
+            .iter()
+            .map(|c| (c.id.as_str(), c.stored_len))
+            .collect();
+        for map in databases.values_mut() {
+            for chunk in &mut map.chunks {
+                if let Some(&len) = stored.get(chunk.id.as_str()) {
+                    chunk.stored_len = len;
+                }
+            }
         }
         starts.push(offset);
         let mut groups = HashMap::new();
@@ -109,16 +150,30 @@ impl FileCache {
             repository: repository.to_owned(),
             manifest: manifest.id.clone(),
             groups,
+            databases,
         }
     }
 
-    /// Writes the cache atomically.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+    /// Writes the cache atomically, then removes the data directory's page maps it does not
+    /// name (the previous backup's, or those of a backup that failed).
+    pub fn save(&self, path: &Path, data_dir: &Path) -> std::io::Result<()> {
         let tmp = path.with_extension(format!("tmp-{:08x}", rand::random::<u32>()));
         let body = serde_json::to_vec(self).map_err(std::io::Error::other)?;
         std::fs::write(&tmp, body)?;
         std::fs::rename(&tmp, path).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-        })
+        })?;
+        let Some(scratch) = path.parent() else {
+            return Ok(());
+        };
+        let prefix = page_map_prefix(data_dir);
+        for found in std::fs::read_dir(scratch)?.flatten() {
+            let name = found.file_name();
+            let current = self.databases.values().any(|m| m.file == found.path());
+            if name.to_string_lossy().starts_with(&prefix) && !current {
+                let _ = std::fs::remove_file(found.path());
+            }
+        }
+        Ok(())
     }
 }

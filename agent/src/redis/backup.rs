@@ -193,7 +193,7 @@ impl Cut {
             fence,
             ..
         } = self;
-        let repo = &with_level(repo, compression_level);
+        let repo = &repo.with_compression_level(compression_level);
         let recorded = point.clone();
         let (manifest, summary) = backup_with(repo, request, progress, cancel, move |sink| {
             // A fence nobody released ends here, on the blocking thread, before the transfer.
@@ -224,16 +224,6 @@ impl Cut {
             warnings,
         })
     }
-}
-
-/// The repository with the RDB's zstd level (0 keeps the repository's).
-fn with_level(repo: &Repository, level: i32) -> Repository {
-    if level == 0 {
-        return repo.clone();
-    }
-    let mut settings = repo.settings().clone();
-    settings.compression_level = level;
-    repo.clone().with_settings(settings)
 }
 
 /// `CLIENT UNPAUSE` on the fence's connection, if there is a fence; how long it held.

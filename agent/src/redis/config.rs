@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aitbc_backup_config::settings::check_component_level;
 use aitbc_backup_config::{ConfigError, Secret, secret_or_file};
 use serde::{Deserialize, Serialize};
 
@@ -78,15 +79,7 @@ impl Default for RedisSettings {
 
 impl RedisSettings {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(0..=19).contains(&self.compression_level) {
-            return Err(ConfigError::invalid(
-                "redis.compression_level",
-                format!(
-                    "{} is not 1..=19 (or 0 for the repository's level)",
-                    self.compression_level
-                ),
-            ));
-        }
+        check_component_level("redis.compression_level", self.compression_level)?;
         if self.address.contains('@') || self.address.contains("://") {
             return Err(ConfigError::invalid(
                 "redis.address",

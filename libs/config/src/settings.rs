@@ -69,6 +69,21 @@ pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 0;
 /// Keys of [`RepositorySettings`] that are secrets, as dotted paths under `repository`.
 pub const REPOSITORY_SECRETS: &[&str] = &["repository.passphrase"];
 
+/// zstd levels a repository writes at.
+const LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
+
+/// A component's own zstd level: one of the repository's levels, or 0 for the repository's.
+pub fn check_component_level(key: &str, level: i32) -> Result<(), ConfigError> {
+    if level == 0 || LEVELS.contains(&level) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("{level} is not 1..=19 (or 0 for the repository's level)"),
+        ))
+    }
+}
+
 impl Default for RepositorySettings {
     fn default() -> Self {
         RepositorySettings {
@@ -98,7 +113,7 @@ impl RepositorySettings {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=19).contains(&self.compression_level) {
+        if !LEVELS.contains(&self.compression_level) {
             return Err(ConfigError::invalid(
                 "repository.compression_level",
                 format!("{} is out of range 1..=19", self.compression_level),

@@ -75,6 +75,8 @@ pub struct Progress {
 struct Prepared {
     chunk: ChunkRef,
     upload: Option<Bytes>,
+    /// False for a pack: stored for the slices that reference it, not itself in the stream.
+    in_stream: bool,
 }
 
 /// Stored chunk sizes by id: the repository's chunks at the start, plus this backup's.
@@ -120,16 +122,19 @@ where
     Ok(manifest)
 }
 
-/// One piece of the stream handed to the pipeline: new bytes, or a chunk already stored.
+/// One piece of the stream handed to the pipeline: new bytes, a chunk already stored (or a
+/// slice of one), or a pack: a chunk stored only for slices of it.
 enum Piece {
     Data(Vec<u8>),
     Stored(ChunkRef),
+    Pack { id: String, data: Vec<u8> },
 }
 
 /// The pipeline's input, written to by a producer on a blocking thread: plain bytes (cut into
 /// content-defined chunks) and, at chunk boundaries, chunks of an earlier backup that are known
 /// to hold the next bytes — so unchanged data need not even be read.
 pub struct ChunkSink {
+    repo: Repository,
     cutter: Cutter,
     tx: tokio::sync::mpsc::Sender<Piece>,
     stored: Known,
@@ -167,23 +172,59 @@ impl ChunkSink {
     /// still stored; returns false, appending nothing, otherwise. Ends the current chunk first.
     pub fn reuse(&mut self, chunks: &[ChunkRef]) -> std::io::Result<bool> {
         self.boundary()?;
-        let all_stored = {
-            let stored = self.stored.lock().map_err(|_| pipeline_stopped())?;
-            chunks
-                .iter()
-                .all(|c| stored.get(&c.id) == Some(&c.stored_len))
-        };
-        if !all_stored {
+        if !chunks.iter().all(|c| self.is_stored(c)) {
             return Ok(false);
         }
         for chunk in chunks {
-            self.offset += u64::from(chunk.raw_len);
-            self.progress
-                .bytes_reused
-                .fetch_add(u64::from(chunk.raw_len), Ordering::Relaxed);
-            send(&self.tx, Piece::Stored(chunk.clone()))?;
+            self.append(chunk.clone())?;
         }
         Ok(true)
+    }
+
+    /// Whether `chunk` (of an earlier backup) is stored, with the recorded size.
+    pub fn is_stored(&self, chunk: &ChunkRef) -> bool {
+        self.stored
+            .lock()
+            .is_ok_and(|stored| stored.get(&chunk.id) == Some(&chunk.stored_len))
+    }
+
+    /// The id `data` is stored under.
+    pub fn chunk_id(&self, data: &[u8]) -> blake3::Hash {
+        self.repo.chunk_id(data)
+    }
+
+    /// Stores `data` as a pack: a chunk that is not itself part of the stream, for slices of it
+    /// to be [`append`](Self::append)ed with `stored_len` [`ChunkSink::PACK`] (filled in at the
+    /// commit). Returns its id.
+    pub fn store_pack(&mut self, data: Vec<u8>) -> std::io::Result<String> {
+        let id = self.repo.chunk_id(&data).to_hex().to_string();
+        self.progress
+            .bytes_read
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        send(
+            &self.tx,
+            Piece::Pack {
+                id: id.clone(),
+                data,
+            },
+        )?;
+        Ok(id)
+    }
+
+    /// The `stored_len` of a slice of a pack of this backup until the commit fills it in.
+    pub const PACK: u32 = 0;
+
+    /// Appends stored bytes without their data: a chunk or slice of an earlier backup (check
+    /// [`is_stored`](Self::is_stored) first) or a slice of a pack of this one. Ends the current
+    /// chunk first.
+    pub fn append(&mut self, chunk: ChunkRef) -> std::io::Result<()> {
+        self.boundary()?;
+        let len = u64::from(chunk.stream_len());
+        self.offset += len;
+        if chunk.stored_len != ChunkSink::PACK {
+            self.progress.bytes_reused.fetch_add(len, Ordering::Relaxed);
+        }
+        send(&self.tx, Piece::Stored(chunk))
     }
 }
 
@@ -236,6 +277,7 @@ where
     // Stage 1: the producer on a blocking thread; the sink cuts its bytes into chunks.
     let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(2);
     let mut sink = ChunkSink {
+        repo: repo.clone(),
         cutter: repo.config.chunker.cutter(),
         tx,
         stored: known.clone(),
@@ -261,17 +303,20 @@ where
             let repo = repo.clone();
             let known = known.clone();
             async move {
-                match item {
-                    Piece::Stored(chunk) => Ok(Prepared {
-                        chunk,
-                        upload: None,
-                    }),
-                    Piece::Data(data) => {
-                        tokio::task::spawn_blocking(move || prepare(&repo, &known, data))
-                            .await
-                            .map_err(|e| RepoError::Io(std::io::Error::other(e)))
+                let (data, id) = match item {
+                    Piece::Stored(chunk) => {
+                        return Ok(Prepared {
+                            chunk,
+                            upload: None,
+                            in_stream: true,
+                        });
                     }
-                }
+                    Piece::Data(data) => (data, None),
+                    Piece::Pack { id, data } => (data, Some(id)),
+                };
+                tokio::task::spawn_blocking(move || prepare(&repo, &known, data, id))
+                    .await
+                    .map_err(|e| RepoError::Io(std::io::Error::other(e)))
             }
         })
         .buffered(workers);
@@ -286,7 +331,11 @@ where
             let limiter = limiter.as_ref();
             let progress = progress.clone();
             async move {
-                let Prepared { chunk, upload } = result?;
+                let Prepared {
+                    chunk,
+                    upload,
+                    in_stream,
+                } = result?;
                 let mut stored = 0;
                 if let Some(body) = upload {
                     if let Some(limiter) = limiter {
@@ -303,12 +352,12 @@ where
                     }
                     progress.bytes_stored.fetch_add(stored, Ordering::Relaxed);
                 }
-                Ok::<_, RepoError>((chunk, stored))
+                Ok::<_, RepoError>((chunk, stored, in_stream))
             }
         })
         .buffered(repo.settings.upload_concurrency.max(1));
 
-    let results: Result<Vec<(ChunkRef, u64)>, RepoError> = tokio::select! {
+    let results: Result<Vec<(ChunkRef, u64, bool)>, RepoError> = tokio::select! {
         results = uploaded.try_collect() => results,
         _ = cancel.cancelled() => Err(RepoError::Cancelled),
     };
@@ -322,13 +371,29 @@ where
 
     let mut stats = BackupStats::default();
     let mut chunks = Vec::with_capacity(results.len());
-    for (chunk, stored) in results {
-        stats.chunks += 1;
+    let mut packs = HashMap::new();
+    for (chunk, stored, in_stream) in results {
         if stored > 0 {
             stats.new_chunks += 1;
             stats.new_stored_bytes += stored;
         }
-        chunks.push(chunk);
+        if in_stream {
+            stats.chunks += 1;
+            chunks.push(chunk);
+        } else {
+            packs.insert(chunk.id, chunk.stored_len);
+        }
+    }
+    for chunk in chunks
+        .iter_mut()
+        .filter(|c| c.stored_len == ChunkSink::PACK)
+    {
+        chunk.stored_len = *packs.get(&chunk.id).ok_or_else(|| {
+            RepoError::Io(std::io::Error::other(format!(
+                "a slice references chunk {}, which this backup did not store",
+                chunk.id
+            )))
+        })?;
     }
 
     ensure_chunks_present(repo, &chunks, cancel).await?;
@@ -348,18 +413,17 @@ where
     Ok((manifest, output))
 }
 
-fn prepare(repo: &Repository, known: &Known, data: Vec<u8>) -> Prepared {
-    let id = repo.chunk_id(&data).to_hex().to_string();
+/// Hashes (unless the id is known: a pack's), checks and encodes one chunk.
+fn prepare(repo: &Repository, known: &Known, data: Vec<u8>, id: Option<String>) -> Prepared {
+    let in_stream = id.is_none();
+    let id = id.unwrap_or_else(|| repo.chunk_id(&data).to_hex().to_string());
     let raw_len = data.len() as u32;
     let already = known.lock().ok().and_then(|k| k.get(&id).copied());
     if let Some(stored_len) = already {
         return Prepared {
-            chunk: ChunkRef {
-                id,
-                raw_len,
-                stored_len,
-            },
+            chunk: ChunkRef::whole(id, raw_len, stored_len),
             upload: None,
+            in_stream,
         };
     }
     let encoded = repo.encode_chunk(&data);
@@ -368,12 +432,9 @@ fn prepare(repo: &Repository, known: &Known, data: Vec<u8>) -> Prepared {
         k.insert(id.clone(), stored_len);
     }
     Prepared {
-        chunk: ChunkRef {
-            id,
-            raw_len,
-            stored_len,
-        },
+        chunk: ChunkRef::whole(id, raw_len, stored_len),
         upload: Some(Bytes::from(encoded)),
+        in_stream,
     }
 }
 

@@ -8,7 +8,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-pub const MANIFEST_VERSION: u32 = 1;
+/// The newest format version this reader understands. Version 2 adds chunk slices
+/// ([`ChunkRef::slice`]); a manifest is written as version 1 unless it uses them, so readers of
+/// version 1 keep reading everything else.
+pub const MANIFEST_VERSION: u32 = 2;
+/// The version of manifests without slices, and of set manifests.
+pub const BASE_VERSION: u32 = 1;
 pub const COMPONENT_FORMAT: &str = "aitbc-backup/component-manifest";
 pub const SET_FORMAT: &str = "aitbc-backup/set-manifest";
 
@@ -21,6 +26,49 @@ pub struct ChunkRef {
     pub raw_len: u32,
     /// Length of the stored object (after compression and encryption).
     pub stored_len: u32,
+    /// Only part of the chunk belongs to the stream here (format version 2): page-granular
+    /// databases reference single pages of chunks stored by earlier backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice: Option<Slice>,
+}
+
+/// `len` bytes of a chunk's raw bytes, from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slice {
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl ChunkRef {
+    /// The whole chunk.
+    pub fn whole(id: String, raw_len: u32, stored_len: u32) -> Self {
+        ChunkRef {
+            id,
+            raw_len,
+            stored_len,
+            slice: None,
+        }
+    }
+
+    /// How many bytes of the stream this reference stands for.
+    pub fn stream_len(&self) -> u32 {
+        self.slice.map_or(self.raw_len, |s| s.len)
+    }
+
+    /// The range of the chunk's raw bytes that belongs to the stream.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        match self.slice {
+            Some(s) => s.offset as usize..s.offset as usize + s.len as usize,
+            None => 0..self.raw_len as usize,
+        }
+    }
+
+    /// False when a slice reaches past the chunk's end (a damaged or hand-made manifest).
+    pub fn slice_in_bounds(&self) -> bool {
+        self.slice
+            .is_none_or(|s| u64::from(s.offset) + u64::from(s.len) <= u64::from(self.raw_len))
+    }
 }
 
 /// A file inside a tar stream: where its header starts and its data length.
@@ -166,6 +214,17 @@ pub struct ComponentManifest {
     pub stats: BackupStats,
 }
 
+impl ComponentManifest {
+    /// The format version this manifest needs: 2 when it references chunk slices.
+    pub fn format_version(&self) -> u32 {
+        if self.chunks.iter().any(|c| c.slice.is_some()) {
+            MANIFEST_VERSION
+        } else {
+            BASE_VERSION
+        }
+    }
+}
+
 /// One component of a snapshot set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetComponent {
@@ -220,8 +279,8 @@ pub enum ManifestError {
     Body(String),
 }
 
-/// Serializes a manifest body into its envelope.
-pub fn encode<T: Serialize>(format: &'static str, body: &T) -> Vec<u8> {
+/// Serializes a manifest body into its envelope, marked as format `version`.
+pub fn encode<T: Serialize>(format: &'static str, version: u32, body: &T) -> Vec<u8> {
     // Serializing our own plain structs cannot fail.
     let body = serde_json::to_string(body).unwrap_or_default();
     let raw = RawValue::from_string(body).unwrap_or_else(|_| {
@@ -229,7 +288,7 @@ pub fn encode<T: Serialize>(format: &'static str, body: &T) -> Vec<u8> {
     });
     let envelope = Envelope {
         format: format.to_owned(),
-        version: MANIFEST_VERSION,
+        version,
         blake3: blake3::hash(raw.get().as_bytes()).to_hex().to_string(),
         body: &raw,
     };
@@ -291,7 +350,8 @@ mod tests {
     fn round_trip_and_tamper() {
         let manifest: ComponentManifest =
             decode(COMPONENT_FORMAT, GOLDEN_V1.as_bytes()).expect("golden");
-        let bytes = encode(COMPONENT_FORMAT, &manifest);
+        let bytes = encode(COMPONENT_FORMAT, manifest.format_version(), &manifest);
+        assert!(String::from_utf8_lossy(&bytes).contains("\"version\": 1"));
         let back: ComponentManifest = decode(COMPONENT_FORMAT, &bytes).expect("decode");
         assert_eq!(back, manifest);
         let tampered = String::from_utf8(bytes)
@@ -310,5 +370,29 @@ mod tests {
             decode::<SetManifest>(SET_FORMAT, GOLDEN_V1.as_bytes()),
             Err(ManifestError::WrongFormat { .. })
         ));
+    }
+
+    #[test]
+    fn slices_make_a_version_2_manifest() {
+        let mut manifest: ComponentManifest =
+            decode(COMPONENT_FORMAT, GOLDEN_V1.as_bytes()).expect("golden");
+        let mut sliced = manifest.chunks[1].clone();
+        sliced.slice = Some(Slice {
+            offset: 4096,
+            len: 8192,
+        });
+        assert_eq!((sliced.stream_len(), sliced.range()), (8192, 4096..12288));
+        assert!(sliced.slice_in_bounds());
+        manifest.chunks.push(sliced.clone());
+        manifest.raw_size += 8192;
+        let bytes = encode(COMPONENT_FORMAT, manifest.format_version(), &manifest);
+        assert!(String::from_utf8_lossy(&bytes).contains("\"version\": 2"));
+        let back: ComponentManifest = decode(COMPONENT_FORMAT, &bytes).expect("decode");
+        assert_eq!(back.chunks[2], sliced);
+        sliced.slice = Some(Slice {
+            offset: 2_097_152 - 4096,
+            len: 8192,
+        });
+        assert!(!sliced.slice_in_bounds());
     }
 }

@@ -162,6 +162,16 @@ impl Repository {
         self
     }
 
+    /// This repository writing chunks at zstd `level` (a component's own level); 0 keeps the
+    /// configured one.
+    pub fn with_compression_level(&self, level: i32) -> Self {
+        let mut repo = self.clone();
+        if level != 0 {
+            repo.settings.compression_level = level;
+        }
+        repo
+    }
+
     pub fn config(&self) -> &RepoConfig {
         &self.config
     }
@@ -304,7 +314,7 @@ impl Repository {
         self.commit(
             &path,
             &manifest.id,
-            manifest::encode(COMPONENT_FORMAT, manifest),
+            manifest::encode(COMPONENT_FORMAT, manifest.format_version(), manifest),
             cancel,
         )
         .await
@@ -319,7 +329,7 @@ impl Repository {
         self.commit(
             &path,
             &manifest.id,
-            manifest::encode(SET_FORMAT, manifest),
+            manifest::encode(SET_FORMAT, manifest::BASE_VERSION, manifest),
             cancel,
         )
         .await
@@ -404,7 +414,7 @@ impl Repository {
         self.commit(
             path,
             &manifest.id,
-            manifest::encode(COMPONENT_FORMAT, manifest),
+            manifest::encode(COMPONENT_FORMAT, manifest.format_version(), manifest),
             cancel,
         )
         .await

@@ -3,6 +3,7 @@
 //! checked against its id and the manifest against its checksum, so the stream is exactly the
 //! one backed up.)
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backup::Progress;
 use crate::error::RepoError;
 use crate::layout;
-use crate::manifest::ComponentManifest;
+use crate::manifest::{ChunkRef, ComponentManifest};
 use crate::repo::Repository;
 use crate::storage::StorageError;
 
@@ -123,35 +124,158 @@ impl std::io::Read for ChannelReader {
     }
 }
 
-/// The verified chunks of `manifest` in stream order, downloaded and decoded in parallel.
+/// Decoded chunks kept for a later reference to them in the same stream (page-granular
+/// databases reference one chunk many times, slice by slice), at most this many raw bytes.
+const REUSE_CACHE_BYTES: usize = 16 << 20;
+
+/// The verified bytes of `manifest`'s references in stream order, downloaded and decoded in
+/// parallel; a chunk referenced again soon is kept instead of downloaded again (see [`plan`]).
 fn chunk_stream<'a>(
     repo: &'a Repository,
     manifest: &'a ComponentManifest,
     cancel: &'a CancellationToken,
 ) -> impl futures::Stream<Item = Result<Bytes, RepoError>> + 'a {
-    futures::stream::iter(manifest.chunks.iter().cloned())
-        .map(move |chunk| {
+    let mut cache: HashMap<String, Bytes> = HashMap::new();
+    futures::stream::iter(plan(&manifest.chunks, REUSE_CACHE_BYTES))
+        .map(move |step| {
             let repo = repo.clone();
             async move {
-                if cancel.is_cancelled() {
-                    return Err(RepoError::Cancelled);
-                }
-                let object = layout::chunk(&chunk.id);
-                let stored = match repo.storage.get(&object, cancel).await {
-                    Ok(bytes) => bytes,
-                    Err(StorageError::NotFound(_)) => {
-                        return Err(RepoError::Missing(object.to_string()));
-                    }
-                    Err(err) => return Err(err.into()),
+                let fetched = match step.fetch {
+                    true => Some(fetch(&repo, &step.chunk, cancel).await?),
+                    false => None,
                 };
-                tokio::task::spawn_blocking(move || {
-                    repo.decode_chunk(&chunk.id, chunk.raw_len, stored)
-                })
-                .await
-                .map_err(|e| RepoError::Io(std::io::Error::other(e)))?
+                Ok::<_, RepoError>((step, fetched))
             }
         })
         .buffered(repo.download_concurrency())
+        .map(move |result| {
+            let (step, fetched) = result?;
+            let chunk = &step.chunk;
+            let data = match fetched {
+                Some(data) => data,
+                None => cache.get(&chunk.id).cloned().ok_or_else(|| {
+                    RepoError::Io(std::io::Error::other(format!(
+                        "restore plan: chunk {} is not in the cache",
+                        chunk.id
+                    )))
+                })?,
+            };
+            if step.keep {
+                cache.insert(chunk.id.clone(), data.clone());
+            } else {
+                cache.remove(&chunk.id);
+            }
+            for id in &step.evict {
+                cache.remove(id);
+            }
+            if data.len() != chunk.raw_len as usize || !chunk.slice_in_bounds() {
+                return Err(RepoError::Corrupt {
+                    object: layout::component_manifest(&manifest.id).to_string(),
+                    reason: format!(
+                        "its reference to chunk {} ({:?} of {} bytes) does not fit the chunk's {} bytes",
+                        chunk.id,
+                        chunk.slice,
+                        chunk.raw_len,
+                        data.len()
+                    ),
+                });
+            }
+            Ok(data.slice(chunk.range()))
+        })
+}
+
+/// Downloads and verifies one chunk.
+async fn fetch(
+    repo: &Repository,
+    chunk: &ChunkRef,
+    cancel: &CancellationToken,
+) -> Result<Bytes, RepoError> {
+    if cancel.is_cancelled() {
+        return Err(RepoError::Cancelled);
+    }
+    let object = layout::chunk(&chunk.id);
+    let stored = match repo.storage.get(&object, cancel).await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound(_)) => return Err(RepoError::Missing(object.to_string())),
+        Err(err) => return Err(err.into()),
+    };
+    let (repo, id, raw_len) = (repo.clone(), chunk.id.clone(), chunk.raw_len);
+    tokio::task::spawn_blocking(move || repo.decode_chunk(&id, raw_len, stored))
+        .await
+        .map_err(|e| RepoError::Io(std::io::Error::other(e)))?
+}
+
+/// What restoring one reference takes.
+#[derive(Debug, PartialEq, Eq)]
+struct Step {
+    chunk: ChunkRef,
+    /// Download the chunk (else it is in the cache).
+    fetch: bool,
+    /// Keep it in the cache for its next reference.
+    keep: bool,
+    /// Cached chunks to drop after this step.
+    evict: Vec<String>,
+}
+
+/// Plans the downloads of `chunks` with a cache of at most `budget` raw bytes: a chunk that is
+/// referenced again stays cached until then, unless the cache is full, in which case the chunk
+/// whose next reference is furthest away goes (and is downloaded again when its turn comes).
+/// Planned ahead, so the parallel downloads know what they need; a stream without repeated
+/// chunks downloads each once and caches nothing, as before.
+fn plan(chunks: &[ChunkRef], budget: usize) -> Vec<Step> {
+    const NEVER: usize = usize::MAX;
+    let mut next = vec![NEVER; chunks.len()];
+    let mut later: HashMap<&str, usize> = HashMap::new();
+    for (i, chunk) in chunks.iter().enumerate().rev() {
+        if let Some(j) = later.insert(&chunk.id, i) {
+            next[i] = j;
+        }
+    }
+    // id → (next reference, raw length), and the same ordered by next reference.
+    let mut cached: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut by_next: BTreeSet<(usize, &str)> = BTreeSet::new();
+    let mut bytes = 0usize;
+    let mut steps = Vec::with_capacity(chunks.len());
+    for (i, chunk) in chunks.iter().enumerate() {
+        let id = chunk.id.as_str();
+        let fetch = match cached.remove(id) {
+            Some((at, len)) => {
+                by_next.remove(&(at, id));
+                bytes -= len;
+                false
+            }
+            None => true,
+        };
+        let mut keep = false;
+        let mut evict = Vec::new();
+        if next[i] != NEVER {
+            let len = chunk.raw_len as usize;
+            cached.insert(id, (next[i], len));
+            by_next.insert((next[i], id));
+            bytes += len;
+            keep = true;
+            while bytes > budget {
+                let Some((_, victim)) = by_next.pop_last() else {
+                    break;
+                };
+                if let Some((_, len)) = cached.remove(victim) {
+                    bytes -= len;
+                }
+                if victim == id {
+                    keep = false;
+                } else {
+                    evict.push(victim.to_owned());
+                }
+            }
+        }
+        steps.push(Step {
+            chunk: chunk.clone(),
+            fetch,
+            keep,
+            evict,
+        });
+    }
+    steps
 }
 
 fn check_size(manifest: &ComponentManifest, size: u64) -> Result<(), RepoError> {
@@ -221,7 +345,7 @@ pub fn part(manifest: &ComponentManifest, path: &str) -> Result<ComponentManifes
     let mut offset = 0u64;
     let mut chunks = Vec::new();
     for chunk in &manifest.chunks {
-        let next = offset + u64::from(chunk.raw_len);
+        let next = offset + u64::from(chunk.stream_len());
         if offset >= start && next <= end {
             chunks.push(chunk.clone());
         } else if offset < end && next > start {
@@ -236,4 +360,52 @@ pub fn part(manifest: &ComponentManifest, path: &str) -> Result<ComponentManifes
     part.raw_size = entry.size;
     part.files.clear();
     Ok(part)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(ids: &str) -> Vec<ChunkRef> {
+        ids.chars()
+            .map(|c| ChunkRef::whole(c.to_string(), 100, 50))
+            .collect()
+    }
+
+    fn fetched(steps: &[Step]) -> String {
+        steps
+            .iter()
+            .map(|s| if s.fetch { s.chunk.id.as_str() } else { "." })
+            .collect()
+    }
+
+    #[test]
+    fn distinct_chunks_are_fetched_once_and_never_cached() {
+        let steps = plan(&refs("abcd"), 1000);
+        assert_eq!(fetched(&steps), "abcd");
+        assert!(steps.iter().all(|s| !s.keep && s.evict.is_empty()));
+    }
+
+    #[test]
+    fn a_chunk_referenced_again_is_kept_until_its_last_reference() {
+        let steps = plan(&refs("abab"), 1000);
+        assert_eq!(fetched(&steps), "ab..");
+        let kept: Vec<bool> = steps.iter().map(|s| s.keep).collect();
+        assert_eq!(kept, [true, true, false, false]);
+    }
+
+    #[test]
+    fn a_full_cache_drops_the_chunk_needed_furthest_ahead() {
+        // Room for two: at `c`, the cache holds a and b, needed before c is again.
+        let steps = plan(&refs("abcabc"), 200);
+        assert_eq!(fetched(&steps), "abc..c");
+        assert!(!steps[2].keep);
+        // Here a is needed last: it goes when c comes in, and is fetched again.
+        let steps = plan(&refs("abcbca"), 200);
+        assert_eq!(fetched(&steps), "abc..a");
+        assert_eq!(steps[2].evict, ["a".to_owned()]);
+        // A chunk larger than the cache is never kept.
+        let steps = plan(&refs("aa"), 50);
+        assert_eq!(fetched(&steps), "aa");
+    }
 }

@@ -144,6 +144,13 @@ async fn read_components(
         match repo.component(id, cancel).await {
             Ok(manifest) => {
                 report.manifests += 1;
+                if let Some(problem) = stream_problem(&manifest) {
+                    report.problems.push(Problem {
+                        object: layout::component_manifest(id).to_string(),
+                        problem,
+                        manifests: vec![id.clone()],
+                    });
+                }
                 chunks.add(id, &manifest);
                 bases.extend(wal::BaseBackup::of(manifest));
             }
@@ -156,6 +163,28 @@ async fn read_components(
         }
     }
     Ok(bases)
+}
+
+/// What is wrong with a manifest's own arithmetic: a slice past its chunk's end, or references
+/// that do not add up to the stream's recorded size.
+fn stream_problem(manifest: &ComponentManifest) -> Option<String> {
+    if let Some(chunk) = manifest.chunks.iter().find(|c| !c.slice_in_bounds()) {
+        return Some(format!(
+            "its slice {:?} of chunk {} reaches past the chunk's {} bytes",
+            chunk.slice, chunk.id, chunk.raw_len
+        ));
+    }
+    let total: u64 = manifest
+        .chunks
+        .iter()
+        .map(|c| u64::from(c.stream_len()))
+        .sum();
+    (total != manifest.raw_size).then(|| {
+        format!(
+            "its chunks add up to {total} bytes, it records {}",
+            manifest.raw_size
+        )
+    })
 }
 
 /// Checks every referenced chunk is stored with its recorded size and, with `read_data`,

@@ -254,14 +254,7 @@ fn encode(
                 (body.len() as u32, Some(body))
             }
         };
-        pieces.push((
-            ChunkRef {
-                id,
-                raw_len: chunk.len() as u32,
-                stored_len,
-            },
-            body,
-        ));
+        pieces.push((ChunkRef::whole(id, chunk.len() as u32, stored_len), body));
         Ok::<(), std::io::Error>(())
     };
     // Writing into memory cannot fail.
