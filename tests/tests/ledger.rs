@@ -159,6 +159,72 @@ fn unchanged_files_are_not_read_again() {
     assert_eq!(chain.height, daily["height"].as_u64().expect("height"));
 }
 
+/// Folds the WAL into chain.db (the simulator has exited): the file is then the snapshot.
+fn checkpointed_chain_db(data_dir: &Path) -> Vec<u8> {
+    let path = data_dir.join("chain/chain.db");
+    let conn = rusqlite::Connection::open(&path).expect("open chain.db");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .expect("checkpoint");
+    drop(conn);
+    std::fs::read(&path).expect("read chain.db")
+}
+
+#[test]
+fn a_database_backup_costs_the_pages_that_changed() {
+    let dir = aitbc_backup_tests::temp_dir("ledger-pages");
+    let agent = setup(dir.path());
+    // Small receipts: the database is most of the data.
+    NodeSim::write_blocks(dir.path(), "wal", 3000, 200);
+    let before = checkpointed_chain_db(&agent.data_dir);
+    let full = agent.ok(&["backup"]);
+
+    NodeSim::write_blocks(dir.path(), "wal", 30, 200);
+    let after = checkpointed_chain_db(&agent.data_dir);
+    let page = 4096;
+    let changed = after
+        .chunks(page)
+        .enumerate()
+        .filter(|(i, p)| before.get(i * page..(i + 1) * page) != Some(*p))
+        .count();
+    let daily = agent.ok(&["backup"]);
+    let stored = daily["new_stored_bytes"].as_u64().expect("stored");
+    let read = daily["bytes_read"].as_u64().expect("read");
+    // What was read is the changed pages plus the 30 new receipt files (and their directory's
+    // group); what was stored is less, compressed. The whole database was not.
+    assert!(
+        read >= (changed * page) as u64 && read < (changed * page) as u64 + (1 << 20),
+        "{changed} pages of {} changed; read {read}",
+        after.len() / page
+    );
+    assert!(
+        stored < read && stored < after.len() as u64 / 4,
+        "stored {stored} for {changed} changed pages of a {}-byte database",
+        after.len()
+    );
+    let full_stored = full["new_stored_bytes"].as_u64().expect("stored");
+    assert!(stored < full_stored / 4, "{stored} vs {full_stored}");
+
+    // Unchanged again: nothing new at all.
+    let same = agent.ok(&["backup"]);
+    assert_eq!(same["new_stored_bytes"].as_u64(), Some(0), "{same}");
+
+    // A restore of the page-referencing backup is the database byte for byte.
+    let target = dir.path().join("restored");
+    agent.ok(&[
+        "restore",
+        same["manifest"].as_str().expect("id"),
+        "--target",
+        target.to_str().expect("utf-8"),
+    ]);
+    let restored = std::fs::read(target.join("chain/chain.db")).expect("restored chain.db");
+    assert!(
+        restored == after,
+        "the restored chain.db differs from the source"
+    );
+}
+
 /// A tar entry header with a raw (unchecked) name, type and optional link name.
 fn raw_entry(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
     let mut header = tar::Header::new_gnu();

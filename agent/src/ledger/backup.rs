@@ -43,15 +43,21 @@ pub struct Cut {
     fences: Vec<sqlite::WriteFence>,
 }
 
-/// The snapshots copied out: what the tar stream is made of.
+/// The databases as captured: what the tar stream is made of.
 struct Captured {
     settings: LedgerSettings,
     head: Head,
     /// From the cut to the end of the copies: how long writers could have been held up
     /// (rollback-journal mode).
     capture: Duration,
-    copies: HashMap<String, PathBuf>,
+    databases: HashMap<String, Database>,
     workdir: ScratchDir,
+}
+
+/// A captured database: its snapshot, still open (WAL mode), or a copy of it.
+enum Database {
+    Snapshot(sqlite::OpenSnapshot),
+    Copy(PathBuf),
 }
 
 /// What a ledger backup did.
@@ -161,23 +167,32 @@ impl Cut {
         fences.into_iter().map(sqlite::WriteFence::release).max()
     }
 
-    /// Copies each snapshot to the scratch directory and checks the copied chain. Blocking.
+    /// Copies each snapshot that cannot be read while the node writes (rollback-journal mode)
+    /// to the scratch directory, and checks the captured chain. Blocking.
     fn capture(mut self) -> anyhow::Result<Captured> {
         self.release();
         let settings = self.settings;
         let workdir = ScratchDir::create(&settings.scratch_dir)?;
-        let mut copies = HashMap::new();
+        let mut databases = HashMap::new();
         for (i, snapshot) in self.snapshots.into_iter().enumerate() {
             let rel = snapshot.rel.clone();
-            let copy = snapshot
-                .copy_to(&workdir.0.join(format!("{i}.db")))
-                .map_err(anyhow::Error::msg)?;
-            copies.insert(rel, copy);
+            let database = if snapshot.readable_in_place() {
+                Database::Snapshot(snapshot)
+            } else {
+                let copy = snapshot
+                    .copy_to(&workdir.0.join(format!("{i}.db")))
+                    .map_err(anyhow::Error::msg)?;
+                Database::Copy(copy)
+            };
+            databases.insert(rel, database);
         }
         let capture = self.at.elapsed();
         let chain_db = chain_db_rel(&settings);
-        let copied_head = sqlite::check_chain(&copies[&chain_db], &settings.height_query)
-            .map_err(|e| anyhow::anyhow!("the captured {chain_db} is not a sound chain: {e}"))?;
+        let copied_head = match &databases[&chain_db] {
+            Database::Snapshot(snapshot) => snapshot.check_chain(&settings.height_query),
+            Database::Copy(copy) => sqlite::check_chain(copy, &settings.height_query),
+        }
+        .map_err(|e| anyhow::anyhow!("the captured {chain_db} is not a sound chain: {e}"))?;
         if copied_head != self.head {
             bail!(
                 "the captured {chain_db} ends at {copied_head:?}, its snapshot said {:?}",
@@ -188,7 +203,7 @@ impl Cut {
             settings,
             head: self.head,
             capture,
-            copies,
+            databases,
             workdir,
         })
     }
@@ -237,7 +252,7 @@ impl Cut {
 
 impl Captured {
     async fn upload(
-        self,
+        mut self,
         repo: &Repository,
         label: &Label,
         full_scan: bool,
@@ -266,7 +281,8 @@ impl Captured {
             .with_context(|| format!("scan {}", settings.data_dir.display()))?;
         let mut warnings = found.warnings;
         let entries = found.entries;
-        let copies = self.copies.clone();
+        let databases = std::mem::take(&mut self.databases);
+        let database_count = databases.len();
         let dirs = Dirs {
             data: settings.data_dir.clone(),
             scratch: settings.scratch_dir.clone(),
@@ -284,7 +300,7 @@ impl Captured {
         let repo = &repo.with_compression_level(settings.compression_level);
         let (manifest, produced) =
             backup_with(repo, request, progress.clone(), cancel, move |sink| {
-                produce(sink, &entries, &dirs, &copies, &cache)
+                produce(sink, &entries, &dirs, &databases, &cache)
             })
             .await
             .context("store the ledger stream")?;
@@ -303,7 +319,7 @@ impl Captured {
             height: self.head.height,
             hash: self.head.hash.clone(),
             files: produced.files,
-            databases: self.copies.len(),
+            databases: database_count,
             bytes_read: progress.bytes_read.load(Relaxed),
             bytes_reused: progress.bytes_reused.load(Relaxed),
             stream_bytes: manifest.raw_size,
@@ -327,7 +343,7 @@ fn produce(
     sink: &mut ChunkSink,
     entries: &[Entry],
     dirs: &Dirs,
-    copies: &HashMap<String, PathBuf>,
+    databases: &HashMap<String, Database>,
     cache: &FileCache,
 ) -> std::io::Result<Produced> {
     let mut produced = Produced {
@@ -364,7 +380,7 @@ fn produce(
         for entry in members {
             let offset = sink.offset();
             if entry.kind == Kind::Sqlite {
-                let copy = copies.get(&entry.path).ok_or_else(|| {
+                let database = databases.get(&entry.path).ok_or_else(|| {
                     std::io::Error::other(format!(
                         "{} became a database after the cut; it is not part of this backup's cut",
                         entry.path
@@ -372,13 +388,18 @@ fn produce(
                 })?;
                 let map_file = cache::new_page_map_path(&dirs.scratch, &dirs.data);
                 let previous = cache.pages(&entry.path);
-                if let Some(map) = pages::write_database(sink, entry, copy, previous, &map_file)? {
+                let source = match database {
+                    Database::Snapshot(snapshot) => pages::Source::Snapshot(snapshot),
+                    Database::Copy(copy) => pages::Source::Copy(copy),
+                };
+                let (size, map) = pages::write_database(sink, entry, source, previous, &map_file)?;
+                if let Some(map) = map {
                     produced.databases.insert(entry.path.clone(), map);
                 }
                 sink.index_file(FileEntry {
                     path: entry.path.clone(),
                     offset,
-                    size: std::fs::metadata(copy)?.len(),
+                    size,
                 });
                 produced.files += 1;
                 continue;

@@ -28,8 +28,8 @@ pub struct LedgerSettings {
     /// Returns one row (height, hash) of the newest block; runs inside the captured snapshot of
     /// `chain_db`, so the recorded head is exactly the captured one.
     pub height_query: String,
-    /// Consistent copies of the SQLite databases and the file cache live here (a pod's
-    /// `emptyDir`); it needs room for the largest database.
+    /// The file cache, the page maps and, during a backup, copies of rollback-journal-mode
+    /// databases live here (a pod's `emptyDir`); it needs room for the largest such database.
     pub scratch_dir: PathBuf,
     /// How long the capture waits for a writer's lock (rollback-journal mode).
     pub sqlite_busy_timeout_secs: u64,

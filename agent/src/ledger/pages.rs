@@ -7,7 +7,8 @@
 //! file in the scratch directory). An unchanged page becomes a slice of the chunk that already
 //! holds it; changed pages are collected into packs of [`PACK_BYTES`] (ordinary chunks, stored
 //! once) and referenced slice by slice. Runs of neighbouring pages merge into one reference.
-//! The stream — and so the restore — is byte for byte the captured database.
+//! The stream — and so the restore — is byte for byte the captured database: its pages as the
+//! snapshot holds them.
 //!
 //! The page map holds one record per page: a 128-bit keyed hash of the page (the chunk id
 //! function, truncated), the index of its chunk in the map's chunk table, and its offset in
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::archive;
 use super::scan::Entry;
+use super::sqlite::OpenSnapshot;
 
 /// Changed pages are stored in chunks of this size.
 pub const PACK_BYTES: usize = 1 << 20;
@@ -108,7 +110,7 @@ impl Previous {
 
 /// Where a run of pages comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+enum From {
     /// A chunk of the previous backup's map.
     Previous(usize),
     /// The pack being filled.
@@ -118,7 +120,7 @@ enum Source {
 /// Neighbouring pages from neighbouring bytes of one source.
 #[derive(Debug, Clone, Copy)]
 struct Run {
-    source: Source,
+    source: From,
     offset: u32,
     len: u32,
 }
@@ -138,28 +140,43 @@ struct Writer<'a> {
     runs: Vec<Run>,
 }
 
-/// Writes the database captured at `copy` as entry `entry` (tar header, then its pages) and
-/// its page map to `map_file`. `previous` is the last backup's map of the same database.
-/// Returns the new map, or None when the file is not a whole number of pages (then it was
-/// written as plain bytes and has no map).
+/// Where a captured database's pages are read from.
+pub enum Source<'a> {
+    /// A copy of the snapshot (rollback-journal mode).
+    Copy(&'a Path),
+    /// The snapshot itself (WAL mode).
+    Snapshot(&'a OpenSnapshot),
+}
+
+/// Writes the captured database as entry `entry` (tar header, then its pages) and its page map
+/// to `map_file`. `previous` is the last backup's map of the same database. Returns the
+/// database's size and its new map; no map when a copy is not a whole number of pages (then it
+/// was written as plain bytes).
 pub fn write_database(
     sink: &mut ChunkSink,
     entry: &Entry,
-    copy: &Path,
+    source: Source<'_>,
     previous: Option<&PageMap>,
     map_file: &Path,
-) -> std::io::Result<Option<PageMap>> {
-    let mut file = File::open(copy).map_err(|e| super::scan::annotate(e, copy))?;
-    let size = file.metadata()?.len();
-    let page_size = match page_size(&mut file)? {
-        Some(page_size) if size.is_multiple_of(u64::from(page_size)) => page_size,
-        _ => {
-            archive::write_entry(sink, entry, copy)?;
-            return Ok(None);
+) -> std::io::Result<(u64, Option<PageMap>)> {
+    let (page_size, pages) = match source {
+        Source::Snapshot(snapshot) => snapshot.page_layout().map_err(std::io::Error::other)?,
+        Source::Copy(copy) => {
+            let mut file = File::open(copy).map_err(|e| super::scan::annotate(e, copy))?;
+            let size = file.metadata()?.len();
+            match page_size(&mut file)? {
+                Some(page_size) if size.is_multiple_of(u64::from(page_size)) => {
+                    (page_size, size / u64::from(page_size))
+                }
+                _ => {
+                    archive::write_entry(sink, entry, copy)?;
+                    return Ok((size, None));
+                }
+            }
         }
     };
+    let size = pages * u64::from(page_size);
     sink.write_all(&archive::header(entry, size)?)?;
-    let pages = size / u64::from(page_size);
     let previous = previous.and_then(|map| Previous::open(map, page_size));
     let renumbered = vec![None; previous.as_ref().map_or(0, |p| p.map.chunks.len())];
     let mut writer = Writer {
@@ -172,9 +189,39 @@ pub fn write_database(
         pack_index: None,
         runs: Vec::new(),
     };
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    for index in 0..pages {
-        writer.page(&mut reader, index, page_size as usize)?;
+    let mut index = 0u64;
+    let mut each = |page: &[u8]| {
+        if index == pages || page.len() != page_size as usize {
+            return Err(std::io::Error::other(format!(
+                "{}: the snapshot has more pages than its {pages}, or one of another size",
+                entry.path
+            )));
+        }
+        writer.page(page, index)?;
+        index += 1;
+        Ok(())
+    };
+    match source {
+        Source::Snapshot(snapshot) => snapshot.for_each_page(&mut each)?,
+        Source::Copy(copy) => {
+            let mut file = File::open(copy).map_err(|e| super::scan::annotate(e, copy))?;
+            let mut buf = vec![0u8; PACK_BYTES];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                file.read_exact(&mut buf[..n])?;
+                buf[..n]
+                    .chunks(page_size as usize)
+                    .try_for_each(&mut each)?;
+                left -= n as u64;
+            }
+        }
+    }
+    if index != pages {
+        return Err(std::io::Error::other(format!(
+            "{}: {index} pages read of {pages}",
+            entry.path
+        )));
     }
     writer.flush_pack()?;
     let Writer {
@@ -187,12 +234,13 @@ pub fn write_database(
     records.get_ref().sync_all()?;
     // Pages are multiples of 512 bytes: the entry needs no padding.
     sink.boundary()?;
-    Ok(Some(PageMap {
+    let map = PageMap {
         page_size,
         pages,
         file: map_file.to_owned(),
         chunks,
-    }))
+    };
+    Ok((size, Some(map)))
 }
 
 /// The page size a SQLite header records (1 stands for 65536); None when it is not one.
@@ -211,28 +259,20 @@ fn page_size(file: &mut File) -> std::io::Result<Option<u32>> {
 }
 
 impl Writer<'_> {
-    fn page(
-        &mut self,
-        reader: &mut impl Read,
-        index: u64,
-        page_size: usize,
-    ) -> std::io::Result<()> {
-        let at = self.pack.len();
-        self.pack.resize(at + page_size, 0);
-        reader.read_exact(&mut self.pack[at..])?;
+    fn page(&mut self, page: &[u8], index: u64) -> std::io::Result<()> {
         let mut hash = [0u8; 16];
-        hash.copy_from_slice(&self.sink.chunk_id(&self.pack[at..]).as_bytes()[..16]);
+        hash.copy_from_slice(&self.sink.chunk_id(page).as_bytes()[..16]);
         let found = self
             .previous
             .as_mut()
             .and_then(|p| p.find(self.sink, index, &hash));
         let (source, chunk, offset) = match found {
-            Some((chunk, offset)) => {
-                self.pack.truncate(at);
-                let renumbered = self.renumber(chunk);
-                (Source::Previous(chunk), renumbered, offset)
+            Some((chunk, offset)) => (From::Previous(chunk), self.renumber(chunk), offset),
+            None => {
+                let at = self.pack.len() as u32;
+                self.pack.extend_from_slice(page);
+                (From::Pack, self.pack_index(), at)
             }
-            None => (Source::Pack, self.pack_index(), at as u32),
         };
         Record {
             hash,
@@ -243,7 +283,7 @@ impl Writer<'_> {
         self.push_run(Run {
             source,
             offset,
-            len: page_size as u32,
+            len: page.len() as u32,
         })?;
         if self.pack.len() >= PACK_BYTES {
             self.flush_pack()?;
@@ -281,7 +321,7 @@ impl Writer<'_> {
             return Ok(());
         }
         // Runs before the pack's first are final: append them now.
-        if !self.runs.iter().any(|r| r.source == Source::Pack) {
+        if !self.runs.iter().any(|r| r.source == From::Pack) {
             let ready = std::mem::take(&mut self.runs);
             for run in ready {
                 self.append(run, None)?;
@@ -312,8 +352,8 @@ impl Writer<'_> {
 
     fn append(&mut self, run: Run, pack: Option<&ChunkRef>) -> std::io::Result<()> {
         let chunk = match run.source {
-            Source::Pack => pack.cloned(),
-            Source::Previous(chunk) => self.previous.as_ref().map(|p| p.map.chunks[chunk].clone()),
+            From::Pack => pack.cloned(),
+            From::Previous(chunk) => self.previous.as_ref().map(|p| p.map.chunks[chunk].clone()),
         }
         .ok_or_else(|| std::io::Error::other("a page run without its chunk"))?;
         let whole = run.offset == 0 && run.len == chunk.raw_len;

@@ -11,7 +11,7 @@ pub const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 pub enum Kind {
     Dir,
     File,
-    /// A SQLite database: captured through the online backup API, never read as a file.
+    /// A SQLite database: captured inside a read transaction (see `sqlite.rs`), never read as a file.
     Sqlite,
     Symlink(String),
 }
@@ -111,7 +111,10 @@ fn walk(
         let target = std::fs::read_link(path).map_err(|e| annotate(e, path))?;
         Kind::Symlink(target.to_string_lossy().into_owned())
     } else if file_type.is_file() {
-        if is_sqlite(path)? {
+        // A database is a whole number of pages (512 bytes or more each): other sizes need
+        // not be opened to know they are not one.
+        let may_be_database = meta.len() >= 512 && meta.len().is_multiple_of(512);
+        if may_be_database && is_sqlite(path)? {
             Kind::Sqlite
         } else {
             Kind::File

@@ -1,12 +1,14 @@
-//! SQLite at the cut: every database is copied through the online backup API inside a read
-//! transaction opened at the cut, and the chain's head is read in that same transaction.
+//! SQLite at the cut: every database gets a read transaction opened at the cut, and the chain's
+//! head is read in that same transaction. Its pages are then read inside that transaction.
 //!
 //! Why this is consistent in both journal modes: the first read of a transaction fixes its
 //! snapshot (WAL mode: an end mark in the WAL; rollback-journal mode: a SHARED lock, which keeps
-//! writers from committing until it is released). `sqlite3_backup_step` reuses the source
-//! connection's open transaction, so the copy is exactly that snapshot, page for page. In
-//! rollback-journal mode writers wait (their busy timeout) while the copy runs; in WAL mode they
-//! never wait.
+//! writers from committing until it is released). In WAL mode, where writers never wait for
+//! readers, the pages are read straight from the snapshot while the stream is written (the
+//! `sqlite_dbpage` table reads pages through the connection's transaction, as `sqlite3_rsync`
+//! does). In rollback-journal mode the snapshot is first copied through the online backup API
+//! (`sqlite3_backup_step` reuses the open transaction, so the copy is exactly that snapshot) and
+//! the transaction ends: writers wait only for the copy, not for the upload.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -73,10 +75,67 @@ impl Opened {
     }
 }
 
+/// The pages of a database, read inside a snapshot: `sqlite_dbpage`, page 1 first.
+const PAGES_QUERY: &str = "SELECT pgno, data FROM sqlite_dbpage";
+
 impl OpenSnapshot {
     /// Runs the height query inside the snapshot.
     pub fn head(&self, query: &str) -> Result<Head, String> {
         read_head(&self.conn, query).map_err(|e| format!("{}: height query: {e}", self.rel))
+    }
+
+    /// True when the pages can be read from the snapshot while the node writes: WAL mode, and
+    /// a SQLite with `sqlite_dbpage`.
+    pub fn readable_in_place(&self) -> bool {
+        let wal = self
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+            .is_ok_and(|mode| mode.eq_ignore_ascii_case("wal"));
+        wal && self.conn.prepare(PAGES_QUERY).is_ok()
+    }
+
+    /// The chain check of [`check_chain`], inside the snapshot.
+    pub fn check_chain(&self, height_query: &str) -> Result<Head, String> {
+        chain_head(&self.conn, height_query)
+    }
+
+    /// Page size and number of pages of the snapshot.
+    pub fn page_layout(&self) -> Result<(u32, u64), String> {
+        let pragma = |name: &str| {
+            self.conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+                .map_err(|e| format!("{}: {name}: {e}", self.rel))
+        };
+        let size = u32::try_from(pragma("page_size")?).map_err(|e| e.to_string())?;
+        let count = u64::try_from(pragma("page_count")?).map_err(|e| e.to_string())?;
+        Ok((size, count))
+    }
+
+    /// Hands every page of the snapshot to `each`, in order.
+    pub fn for_each_page(
+        &self,
+        mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let fail = |e: rusqlite::Error| std::io::Error::other(format!("{}: pages: {e}", self.rel));
+        let mut stmt = self.conn.prepare(PAGES_QUERY).map_err(fail)?;
+        let mut rows = stmt.query([]).map_err(fail)?;
+        let mut expected = 1i64;
+        while let Some(row) = rows.next().map_err(fail)? {
+            let pgno: i64 = row.get(0).map_err(fail)?;
+            if pgno != expected {
+                return Err(std::io::Error::other(format!(
+                    "{}: page {pgno} came where page {expected} was due",
+                    self.rel
+                )));
+            }
+            let data =
+                row.get_ref(1).map_err(fail)?.as_blob().map_err(|e| {
+                    std::io::Error::other(format!("{}: page {pgno}: {e}", self.rel))
+                })?;
+            each(data)?;
+            expected += 1;
+        }
+        Ok(())
     }
 
     /// Copies the snapshot into a new database file at `dest` and ends the transaction.
@@ -184,7 +243,11 @@ pub fn integrity_check(path: &Path) -> Result<(), String> {
 pub fn check_chain(path: &Path, height_query: &str) -> Result<Head, String> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
         .map_err(|e| e.to_string())?;
-    let head = read_head(&conn, height_query)?;
+    chain_head(&conn, height_query)
+}
+
+fn chain_head(conn: &Connection, height_query: &str) -> Result<Head, String> {
+    let head = read_head(conn, height_query)?;
     let mut stmt = conn
         .prepare("SELECT height, hash, parent_hash FROM block ORDER BY height")
         .map_err(|e| e.to_string())?;

@@ -126,8 +126,12 @@ where
 /// slice of one), or a pack: a chunk stored only for slices of it.
 enum Piece {
     Data(Vec<u8>),
-    Stored(ChunkRef),
-    Pack { id: String, data: Vec<u8> },
+    /// In batches: a database's pages can be thousands of references.
+    Stored(Vec<ChunkRef>),
+    Pack {
+        id: String,
+        data: Vec<u8>,
+    },
 }
 
 /// The pipeline's input, written to by a producer on a blocking thread: plain bytes (cut into
@@ -137,6 +141,8 @@ pub struct ChunkSink {
     repo: Repository,
     cutter: Cutter,
     tx: tokio::sync::mpsc::Sender<Piece>,
+    /// Appended references not yet sent; while there are any, the cutter holds no bytes.
+    refs: Vec<ChunkRef>,
     stored: Known,
     offset: u64,
     files: Vec<FileEntry>,
@@ -168,6 +174,14 @@ impl ChunkSink {
             .finish(&mut |chunk| send(tx, Piece::Data(chunk.to_vec())))
     }
 
+    /// Sends the appended references (before any new bytes, and at the end).
+    fn send_refs(&mut self) -> std::io::Result<()> {
+        if self.refs.is_empty() {
+            return Ok(());
+        }
+        send(&self.tx, Piece::Stored(std::mem::take(&mut self.refs)))
+    }
+
     /// Appends `chunks` (from an earlier backup) without their data, if every one of them is
     /// still stored; returns false, appending nothing, otherwise. Ends the current chunk first.
     pub fn reuse(&mut self, chunks: &[ChunkRef]) -> std::io::Result<bool> {
@@ -197,6 +211,7 @@ impl ChunkSink {
     /// to be [`append`](Self::append)ed with `stored_len` [`ChunkSink::PACK`] (filled in at the
     /// commit). Returns its id.
     pub fn store_pack(&mut self, data: Vec<u8>) -> std::io::Result<String> {
+        self.send_refs()?;
         let id = self.repo.chunk_id(&data).to_hex().to_string();
         self.progress
             .bytes_read
@@ -224,12 +239,17 @@ impl ChunkSink {
         if chunk.stored_len != ChunkSink::PACK {
             self.progress.bytes_reused.fetch_add(len, Ordering::Relaxed);
         }
-        send(&self.tx, Piece::Stored(chunk))
+        self.refs.push(chunk);
+        if self.refs.len() >= REF_BATCH {
+            self.send_refs()?;
+        }
+        Ok(())
     }
 }
 
 impl std::io::Write for ChunkSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.send_refs()?;
         let tx = &self.tx;
         self.cutter
             .push(buf, &mut |chunk| send(tx, Piece::Data(chunk.to_vec())))?;
@@ -244,6 +264,9 @@ impl std::io::Write for ChunkSink {
         Ok(())
     }
 }
+
+/// References sent to the pipeline at once.
+const REF_BATCH: usize = 4096;
 
 fn send(tx: &tokio::sync::mpsc::Sender<Piece>, piece: Piece) -> std::io::Result<()> {
     tx.blocking_send(piece).map_err(|_| pipeline_stopped())
@@ -280,6 +303,7 @@ where
         repo: repo.clone(),
         cutter: repo.config.chunker.cutter(),
         tx,
+        refs: Vec::new(),
         stored: known.clone(),
         offset: 0,
         files: Vec::new(),
@@ -289,6 +313,7 @@ where
     let producer = tokio::task::spawn_blocking(move || {
         let output = produce(&mut sink)?;
         sink.boundary()?;
+        sink.send_refs()?;
         let indexed = std::mem::take(&mut sink.files);
         Ok::<_, std::io::Error>((output, sink.offset, indexed, sink.consistency.take()))
     });
@@ -304,22 +329,27 @@ where
             let known = known.clone();
             async move {
                 let (data, id) = match item {
-                    Piece::Stored(chunk) => {
-                        return Ok(Prepared {
-                            chunk,
-                            upload: None,
-                            in_stream: true,
-                        });
+                    Piece::Stored(chunks) => {
+                        return Ok(chunks
+                            .into_iter()
+                            .map(|chunk| Prepared {
+                                chunk,
+                                upload: None,
+                                in_stream: true,
+                            })
+                            .collect());
                     }
                     Piece::Data(data) => (data, None),
                     Piece::Pack { id, data } => (data, Some(id)),
                 };
-                tokio::task::spawn_blocking(move || prepare(&repo, &known, data, id))
+                tokio::task::spawn_blocking(move || vec![prepare(&repo, &known, data, id)])
                     .await
                     .map_err(|e| RepoError::Io(std::io::Error::other(e)))
             }
         })
-        .buffered(workers);
+        .buffered(workers)
+        .map_ok(|prepared: Vec<Prepared>| futures::stream::iter(prepared).map(Ok))
+        .try_flatten();
 
     // Stage 3: parallel uploads, in order.
     let limiter = repo
