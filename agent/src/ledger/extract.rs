@@ -24,6 +24,35 @@ struct DirAttrs {
     owner: Option<(u32, u32)>,
 }
 
+/// Files are written in pieces of up to this size (`std::io::copy` writes 8 KiB at a time: a
+/// write call per 8 KiB was a visible part of a restore's system time).
+const WRITE_BYTES: usize = 1 << 20;
+
+/// Copies `from` into `to`, filling `buf` before each write. Returns the bytes copied.
+fn copy_in_large_writes(
+    from: &mut impl Read,
+    to: &mut impl std::io::Write,
+    buf: &mut [u8],
+) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match from.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buf[..filled])?;
+        total += filled as u64;
+    }
+}
+
 /// Unpacks `reader` into `root` (an existing, empty directory), calling `on_file` with each
 /// regular file once it is complete.
 pub fn unpack(
@@ -36,6 +65,7 @@ pub fn unpack(
         .map_err(|e| format!("{}: {e}", root.display()))?;
     let mut archive = tar::Archive::new(reader);
     let mut unpacked = Unpacked::default();
+    let mut buf = vec![0u8; WRITE_BYTES];
     let mut dirs = Vec::new();
     let entries = archive
         .entries()
@@ -77,7 +107,8 @@ pub fn unpack(
                     .create_new(true)
                     .open(&path)
                     .map_err(io)?;
-                unpacked.bytes += std::io::copy(&mut entry, &mut file).map_err(io)?;
+                unpacked.bytes +=
+                    copy_in_large_writes(&mut entry, &mut file, &mut buf).map_err(io)?;
                 unpacked.files += 1;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(io)?;
@@ -201,6 +232,47 @@ fn stays_inside(link: &Path, target: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out at most 1,000 bytes per read, like a stream of small pieces.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(1000);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Counts write calls.
+    #[derive(Default)]
+    struct Writes(Vec<u8>, usize);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            self.1 += 1;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn large_writes_copy_every_byte_in_few_writes() {
+        let data: Vec<u8> = (0..25_000u32).map(|i| (i % 251) as u8).collect();
+        for size in [0, 1, 999, 10_000, 25_000] {
+            let mut out = Writes::default();
+            let mut buf = vec![0u8; 10_000];
+            let copied = copy_in_large_writes(&mut Trickle(&data[..size]), &mut out, &mut buf)
+                .expect("copy");
+            assert_eq!((copied, &out.0[..]), (size as u64, &data[..size]));
+            assert_eq!(out.1, size.div_ceil(10_000), "writes for {size} bytes");
+        }
+    }
 
     #[test]
     fn symlink_targets() {
