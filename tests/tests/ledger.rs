@@ -206,9 +206,17 @@ fn a_database_backup_costs_the_pages_that_changed() {
     let full_stored = full["new_stored_bytes"].as_u64().expect("stored");
     assert!(stored < full_stored / 4, "{stored} vs {full_stored}");
 
-    // Unchanged again: nothing new at all.
+    // Unchanged again: no page is stored again. (Only the `chain` directory's header may be:
+    // its mtime moves when SQLite creates and removes the -wal file as the agent reads.)
     let same = agent.ok(&["backup"]);
-    assert_eq!(same["new_stored_bytes"].as_u64(), Some(0), "{same}");
+    let (read, stored) = (
+        same["bytes_read"].as_u64(),
+        same["new_stored_bytes"].as_u64(),
+    );
+    assert!(
+        read < Some(4096) && stored < Some(1024),
+        "read {read:?}, stored {stored:?}"
+    );
 
     // A restore of the page-referencing backup is the database byte for byte.
     let target = dir.path().join("restored");
