@@ -101,6 +101,11 @@ def main():
         agent_env)
     same = subprocess.run(["diff", "-rq", "-x", "metadata.json", "-x", "chain.db", node, f"{scratch}/r-aitbc"],
                           capture_output=True).returncode == 0
+    # Part of the agent's restore that the other tools do not do: PRAGMA integrity_check of the
+    # restored chain.db (it runs beside the unpacking), timed alone here.
+    check = "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchall()"
+    results["integrity_check_alone"] = measure(
+        f"{sys.executable} -c \"{check}\" {scratch}/r-aitbc/chain/chain.db")
 
     for name, m in results.items():
         emit(scenario="ledger", measure=name, data_bytes=size, **m)
