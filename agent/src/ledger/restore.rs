@@ -287,7 +287,9 @@ fn swap_in(target: &Path, staging: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_dir(&previous);
         return Err(err);
     }
-    std::fs::File::open(target)?.sync_all()?;
+    // Everything restored reaches the disk before the previous data goes: a crash before this
+    // point leaves the previous directory, which a new restore refuses to pass over (above).
+    nix::unistd::syncfs(std::fs::File::open(target)?).map_err(std::io::Error::from)?;
     std::fs::remove_dir(staging)?;
     std::fs::remove_dir_all(&previous)
 }
