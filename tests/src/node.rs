@@ -115,6 +115,19 @@ impl LedgerAgent {
     pub fn fails(&self, args: &[&str]) -> String {
         self.oneshot().fails(args)
     }
+
+    /// Restores the backup a `backup` report names into `target`; the restore's report.
+    pub fn restore_into(&self, backup: &serde_json::Value, target: &Path) -> serde_json::Value {
+        let manifest = backup["manifest"]
+            .as_str()
+            .expect("the report names its manifest");
+        self.ok(&[
+            "restore",
+            manifest,
+            "--target",
+            target.to_str().expect("utf-8"),
+        ])
+    }
 }
 
 /// BLAKE3 of every file under `dir` (relative path → digest), skipping `skip` names.

@@ -140,12 +140,7 @@ fn unchanged_files_are_not_read_again() {
 
     // The incremental backup restores to exactly the data directory's files.
     let target = dir.path().join("restored");
-    agent.ok(&[
-        "restore",
-        daily["manifest"].as_str().expect("id"),
-        "--target",
-        target.to_str().expect("utf-8"),
-    ]);
+    agent.restore_into(&daily, &target);
     let skip = ["metadata.json", "chain.db"];
     assert_eq!(
         tree_digest(&target, &skip),
@@ -220,12 +215,7 @@ fn a_database_backup_costs_the_pages_that_changed() {
 
     // A restore of the page-referencing backup is the database byte for byte.
     let target = dir.path().join("restored");
-    agent.ok(&[
-        "restore",
-        same["manifest"].as_str().expect("id"),
-        "--target",
-        target.to_str().expect("utf-8"),
-    ]);
+    agent.restore_into(&same, &target);
     let restored = std::fs::read(target.join("chain/chain.db")).expect("restored chain.db");
     assert!(
         restored == after,

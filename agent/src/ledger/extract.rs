@@ -54,11 +54,11 @@ fn copy_in_large_writes(
 }
 
 /// Unpacks `reader` into `root` (an existing, empty directory), calling `on_file` with each
-/// regular file once it is complete.
+/// regular file and its size once it is complete.
 pub fn unpack(
     reader: impl Read,
     root: &Path,
-    on_file: &mut dyn FnMut(&Path),
+    on_file: &mut dyn FnMut(&Path, u64),
 ) -> Result<Unpacked, String> {
     let as_root = std::fs::metadata(root)
         .map(|m| m.uid() == 0)
@@ -107,8 +107,8 @@ pub fn unpack(
                     .create_new(true)
                     .open(&path)
                     .map_err(io)?;
-                unpacked.bytes +=
-                    copy_in_large_writes(&mut entry, &mut file, &mut buf).map_err(io)?;
+                let size = copy_in_large_writes(&mut entry, &mut file, &mut buf).map_err(io)?;
+                unpacked.bytes += size;
                 unpacked.files += 1;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(io)?;
@@ -117,7 +117,7 @@ pub fn unpack(
                     std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io)?;
                 }
                 drop(file);
-                on_file(&path);
+                on_file(&path, size);
             }
             tar::EntryType::Symlink => {
                 let target = entry

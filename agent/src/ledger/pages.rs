@@ -110,7 +110,7 @@ impl Previous {
 
 /// Where a run of pages comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum From {
+enum Origin {
     /// A chunk of the previous backup's map.
     Previous(usize),
     /// The pack being filled.
@@ -120,7 +120,7 @@ enum From {
 /// Neighbouring pages from neighbouring bytes of one source.
 #[derive(Debug, Clone, Copy)]
 struct Run {
-    source: From,
+    source: Origin,
     offset: u32,
     len: u32,
 }
@@ -267,11 +267,11 @@ impl Writer<'_> {
             .as_mut()
             .and_then(|p| p.find(self.sink, index, &hash));
         let (source, chunk, offset) = match found {
-            Some((chunk, offset)) => (From::Previous(chunk), self.renumber(chunk), offset),
+            Some((chunk, offset)) => (Origin::Previous(chunk), self.renumber(chunk), offset),
             None => {
                 let at = self.pack.len() as u32;
                 self.pack.extend_from_slice(page);
-                (From::Pack, self.pack_index(), at)
+                (Origin::Pack, self.pack_index(), at)
             }
         };
         Record {
@@ -321,7 +321,7 @@ impl Writer<'_> {
             return Ok(());
         }
         // Runs before the pack's first are final: append them now.
-        if !self.runs.iter().any(|r| r.source == From::Pack) {
+        if !self.runs.iter().any(|r| r.source == Origin::Pack) {
             let ready = std::mem::take(&mut self.runs);
             for run in ready {
                 self.append(run, None)?;
@@ -352,8 +352,8 @@ impl Writer<'_> {
 
     fn append(&mut self, run: Run, pack: Option<&ChunkRef>) -> std::io::Result<()> {
         let chunk = match run.source {
-            From::Pack => pack.cloned(),
-            From::Previous(chunk) => self.previous.as_ref().map(|p| p.map.chunks[chunk].clone()),
+            Origin::Pack => pack.cloned(),
+            Origin::Previous(chunk) => self.previous.as_ref().map(|p| p.map.chunks[chunk].clone()),
         }
         .ok_or_else(|| std::io::Error::other("a page run without its chunk"))?;
         let whole = run.offset == 0 && run.len == chunk.raw_len;

@@ -191,8 +191,8 @@ async fn unpack_and_check(
     let query = options.height_query.clone();
     let unpack = move |reader: &mut dyn std::io::Read| {
         let mut checks: Vec<(PathBuf, Check)> = Vec::new();
-        let mut on_file = |path: &Path| {
-            if is_sqlite(path).unwrap_or(false) {
+        let mut on_file = |path: &Path, size: u64| {
+            if is_sqlite(path, size).unwrap_or(false) {
                 let is_chain = path == chain;
                 let (owned, query) = (path.to_owned(), query.clone());
                 let check = std::thread::spawn(move || {

@@ -111,10 +111,7 @@ fn walk(
         let target = std::fs::read_link(path).map_err(|e| annotate(e, path))?;
         Kind::Symlink(target.to_string_lossy().into_owned())
     } else if file_type.is_file() {
-        // A database is a whole number of pages (512 bytes or more each): other sizes need
-        // not be opened to know they are not one.
-        let may_be_database = meta.len() >= 512 && meta.len().is_multiple_of(512);
-        if may_be_database && is_sqlite(path)? {
+        if is_sqlite(path, meta.len())? {
             Kind::Sqlite
         } else {
             Kind::File
@@ -155,9 +152,14 @@ fn walk(
     Ok(())
 }
 
-/// True when the file starts with the SQLite header.
-pub fn is_sqlite(path: &Path) -> std::io::Result<bool> {
+/// True when the file, `len` bytes long, starts with the SQLite header. A database is a whole
+/// number of pages of 512 bytes or more, so a file of another size is not even opened (a data
+/// directory holds thousands of small files, looked at by every backup and restore).
+pub fn is_sqlite(path: &Path, len: u64) -> std::io::Result<bool> {
     use std::io::Read;
+    if len < 512 || !len.is_multiple_of(512) {
+        return Ok(false);
+    }
     let mut file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -174,4 +176,30 @@ pub fn is_sqlite(path: &Path) -> std::io::Result<bool> {
 /// Adds the path to an I/O error's message.
 pub fn annotate(err: std::io::Error, path: &Path) -> std::io::Error {
     std::io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_is_told_by_its_header_and_a_whole_number_of_pages() {
+        let dir = std::env::temp_dir().join(format!("aitbc-scan-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let check = |name: &str, len: usize, header: bool| {
+            let mut bytes = vec![0u8; len];
+            if header {
+                bytes[..16].copy_from_slice(SQLITE_MAGIC);
+            }
+            let path = dir.join(name);
+            std::fs::write(&path, &bytes).expect("write");
+            is_sqlite(&path, len as u64).expect("is_sqlite")
+        };
+        assert!(check("db", 4096, true));
+        assert!(!check("plain", 4096, false));
+        // The header alone does not make a database of a file no page size divides.
+        assert!(!check("odd", 4100, true));
+        assert!(!check("short", 100, true));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

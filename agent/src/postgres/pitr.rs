@@ -357,7 +357,7 @@ async fn unpack(
     let root = root.to_owned();
     let unpacked =
         aitbc_backup_repository::restore_with(repo, manifest, progress, cancel, move |reader| {
-            extract::unpack(reader, &root, &mut |_| {})
+            extract::unpack(reader, &root, &mut |_, _| {})
         })
         .await
         .with_context(|| format!("read base backup {}", manifest.id))?;

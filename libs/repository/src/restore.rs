@@ -140,9 +140,10 @@ fn chunk_stream<'a>(
         .map(move |step| {
             let repo = repo.clone();
             async move {
-                let fetched = match step.fetch {
-                    true => Some(fetch(&repo, &step.chunk, cancel).await?),
-                    false => None,
+                let fetched = if step.fetch {
+                    Some(fetch(&repo, &step.chunk, cancel).await?)
+                } else {
+                    None
                 };
                 Ok::<_, RepoError>((step, fetched))
             }
