@@ -291,6 +291,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let started = std::time::Instant::now();
+            aitbc_backup_repository::widen_pipe(&std::io::stdin());
             let manifest = aitbc_backup_repository::backup(
                 &repo,
                 std::io::stdin(),

@@ -174,6 +174,7 @@ fn produce(
             .stdout
             .take()
             .ok_or_else(|| std::io::Error::other("pg_dump stdout"))?;
+        aitbc_backup_repository::widen_pipe(&stdout);
         let written = write_part(sink, &dump_path(&db.name), &mut stdout);
         // Closed first, so a pg_dump we stopped reading from exits instead of blocking.
         drop(stdout);

@@ -62,6 +62,7 @@ pub async fn base_backup(
         .spawn()
         .context("start pg_basebackup")?;
     let stdout = child.stdout.take().context("pg_basebackup stdout")?;
+    aitbc_backup_repository::widen_pipe(&stdout);
     let stderr = child.stderr.take().context("pg_basebackup stderr")?;
     let errors = std::thread::spawn(move || {
         let mut text = String::new();

@@ -26,7 +26,9 @@ pub mod storage;
 pub mod verify;
 pub mod wal;
 
-pub use backup::{BackupRequest, ChunkSink, Progress, backup, backup_async, backup_with};
+pub use backup::{
+    BackupRequest, ChunkSink, Progress, backup, backup_async, backup_with, widen_pipe,
+};
 pub use chunker::ChunkerParams;
 pub use error::RepoError;
 pub use keys::KeySecret;
