@@ -534,12 +534,12 @@ mod tests {
 
     #[test]
     fn a_pipe_is_widened_to_a_megabyte_and_anything_else_is_left_alone() {
-        let (read, _write) = nix::unistd::pipe().unwrap();
-        assert_eq!(fcntl(&read, FcntlArg::F_GETPIPE_SZ).unwrap(), 64 << 10);
+        let (read, _write) = nix::unistd::pipe().expect("pipe");
+        assert_eq!(fcntl(&read, FcntlArg::F_GETPIPE_SZ), Ok(64 << 10));
         super::widen_pipe(&read);
-        assert_eq!(fcntl(&read, FcntlArg::F_GETPIPE_SZ).unwrap(), 1 << 20);
+        assert_eq!(fcntl(&read, FcntlArg::F_GETPIPE_SZ), Ok(1 << 20));
 
-        let file = tempfile::tempfile().unwrap();
+        let file = tempfile::tempfile().expect("temporary file");
         super::widen_pipe(&file);
         assert!(fcntl(&file, FcntlArg::F_GETPIPE_SZ).is_err());
     }
