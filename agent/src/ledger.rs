@@ -18,5 +18,6 @@ pub mod pages;
 pub mod restore;
 pub mod scan;
 pub mod sqlite;
+pub mod writers;
 
 pub use config::LedgerSettings;

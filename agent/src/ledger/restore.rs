@@ -201,7 +201,9 @@ async fn unpack_and_check(
                 checks.push((path.to_owned(), check));
             }
         };
+        let flusher = Flusher::start(&root);
         let unpacked = extract::unpack(reader, &root, &mut on_file);
+        drop(flusher);
         // Wait for every check, whatever happened, so no thread outlives the staging directory.
         let results: Vec<_> = checks
             .into_iter()
@@ -244,6 +246,54 @@ async fn unpack_and_check(
         );
     }
     Ok((unpacked, results.len()))
+}
+
+/// Writes the restored data back to disk while it is being unpacked: a `syncfs` of the target's
+/// filesystem every [`Flusher::EVERY`] until dropped (and a last one running is waited for). The
+/// `syncfs` before the swap then finds little left to write: for 1 GB it had waited 0.6 s for
+/// everything at the end. (`sync_file_range` per file would be narrower, but is not in safe
+/// bindings; during a restore the node is stopped, so there is little else to flush.)
+struct Flusher {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+    /// Without a handle on the directory nothing is flushed early (the final `syncfs` still is).
+    fn start(dir: &Path) -> Flusher {
+        let Ok(dir) = std::fs::File::open(dir) else {
+            return Flusher {
+                stop: None,
+                thread: None,
+            };
+        };
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            loop {
+                let _ = nix::unistd::syncfs(&dir);
+                if stopped.recv_timeout(Flusher::EVERY)
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return;
+                }
+            }
+        });
+        Flusher {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// `PRAGMA integrity_check`, and for the chain database the hash chain and its head.
