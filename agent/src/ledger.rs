@@ -18,6 +18,5 @@ pub mod pages;
 pub mod restore;
 pub mod scan;
 pub mod sqlite;
-pub mod writers;
 
 pub use config::LedgerSettings;

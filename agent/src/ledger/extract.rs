@@ -6,9 +6,9 @@
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use super::archive::safe_relative;
-use super::writers::{self, Attrs, Job, Writers};
 
 /// What was unpacked.
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,11 +27,6 @@ struct DirAttrs {
 /// Files are written in pieces of up to this size (`std::io::copy` writes 8 KiB at a time: a
 /// write call per 8 KiB was a visible part of a restore's system time).
 const WRITE_BYTES: usize = 1 << 20;
-
-/// Files up to [`WRITE_BYTES`] are written by this many threads beside the unpacker, through
-/// this many buffers (at most 8 MiB).
-const WRITER_THREADS: usize = 2;
-const WRITER_BUFFERS: usize = 8;
 
 /// Copies `from` into `to`, filling `buf` before each write. Returns the bytes copied.
 fn copy_in_large_writes(
@@ -59,8 +54,7 @@ fn copy_in_large_writes(
 }
 
 /// Unpacks `reader` into `root` (an existing, empty directory), calling `on_file` with each
-/// regular file and its size once it is complete (small files are written by [`Writers`], so
-/// not necessarily in stream order).
+/// regular file and its size once it is complete.
 pub fn unpack(
     reader: impl Read,
     root: &Path,
@@ -72,7 +66,6 @@ pub fn unpack(
     let mut archive = tar::Archive::new(reader);
     let mut unpacked = Unpacked::default();
     let mut buf = vec![0u8; WRITE_BYTES];
-    let mut writers = Writers::start(WRITER_THREADS, WRITER_BUFFERS);
     let mut dirs = Vec::new();
     let entries = archive
         .entries()
@@ -109,44 +102,22 @@ pub fn unpack(
                 });
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let attrs = Attrs { mode, mtime, owner };
-                let size = entry.size();
-                let small = size <= WRITE_BYTES as u64;
-                // Read before the create: a small file's buffer may first have to come back.
-                let data = if small {
-                    let mut data = writers.buffer(&mut |path, size| on_file(&path, size))?;
-                    // Grown (zeroed) only when too short: buffers are reused as they are.
-                    let len = size as usize;
-                    if data.len() < len {
-                        data.resize(len, 0);
-                    }
-                    entry.read_exact(&mut data[..len]).map_err(io)?;
-                    Some((data, len))
-                } else {
-                    None
-                };
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&path)
                     .map_err(io)?;
+                let size = copy_in_large_writes(&mut entry, &mut file, &mut buf).map_err(io)?;
+                unpacked.bytes += size;
                 unpacked.files += 1;
-                if let Some((data, len)) = data {
-                    unpacked.bytes += size;
-                    writers.submit(Job {
-                        file,
-                        path,
-                        data,
-                        len,
-                        attrs,
-                    })?;
-                } else {
-                    let size = copy_in_large_writes(&mut entry, &mut file, &mut buf).map_err(io)?;
-                    unpacked.bytes += size;
-                    attrs.apply(&file).map_err(io)?;
-                    drop(file);
-                    on_file(&path, size);
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(io)?;
+                file.set_modified(unix_time(mtime)).map_err(io)?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io)?;
                 }
+                drop(file);
+                on_file(&path, size);
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -195,7 +166,6 @@ pub fn unpack(
             }
         }
     }
-    writers.finish(&mut |path, size| on_file(&path, size))?;
     // Directory modes last, deepest first, so a read-only directory did not block its content.
     for dir in dirs.iter().rev() {
         let io = |e: std::io::Error| format!("{}: {e}", dir.path.display());
@@ -205,10 +175,14 @@ pub fn unpack(
             std::os::unix::fs::lchown(&dir.path, Some(uid), Some(gid)).map_err(io)?;
         }
         std::fs::File::open(&dir.path)
-            .and_then(|f| f.set_modified(writers::unix_time(dir.mtime)))
+            .and_then(|f| f.set_modified(unix_time(dir.mtime)))
             .map_err(io)?;
     }
     Ok(unpacked)
+}
+
+fn unix_time(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 /// Every existing ancestor of `rel` under `root` must be a real directory, never a symlink.
