@@ -14,6 +14,9 @@ use clap::{Parser, Subcommand};
 
 // glibc's malloc keeps megabytes per thread arena once its mmap threshold has adapted upwards to
 // our chunk buffers (measured: 109 MiB peak RSS backing up 2 GiB, against 30 MiB with mimalloc).
+// mimalloc is built without transparent huge pages (`no_thp` in Cargo.toml): with them, a page
+// touched in its arenas made 2 MiB resident, and `repo cat` of a 1 GB ledger stream peaked at
+// 250 MiB (89-97 MiB without, and 25 % faster).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
