@@ -251,7 +251,7 @@ async fn unpack_and_check(
 /// Writes the restored data back to disk while it is being unpacked: a `syncfs` of the target's
 /// filesystem every [`Flusher::EVERY`] until dropped (and a last one running is waited for). The
 /// `syncfs` before the swap then finds little left to write: for 1 GB it had waited 0.6 s for
-/// everything at the end. (`sync_file_range` per file would be narrower, but is not in safe
+/// everything at the end, now 0-40 ms. (`sync_file_range` per file would be narrower, but is not in safe
 /// bindings; during a restore the node is stopped, so there is little else to flush.)
 struct Flusher {
     stop: Option<std::sync::mpsc::Sender<()>>,

@@ -535,7 +535,8 @@ mod tests {
     #[test]
     fn a_pipe_is_widened_to_a_megabyte_and_anything_else_is_left_alone() {
         let (read, _write) = nix::unistd::pipe().expect("pipe");
-        assert_eq!(fcntl(&read, FcntlArg::F_GETPIPE_SZ), Ok(64 << 10));
+        // 64 KiB by default (less once a user's pipes hold `pipe-user-pages-soft`).
+        assert!(fcntl(&read, FcntlArg::F_GETPIPE_SZ).is_ok_and(|size| size < 1 << 20));
         super::widen_pipe(&read);
         assert_eq!(fcntl(&read, FcntlArg::F_GETPIPE_SZ), Ok(1 << 20));
 
