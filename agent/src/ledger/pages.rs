@@ -148,6 +148,12 @@ pub enum Source<'a> {
     Snapshot(&'a OpenSnapshot),
 }
 
+/// What a [`Source`]'s pages are read from.
+enum Pages<'a> {
+    Snapshot(&'a OpenSnapshot),
+    File(File),
+}
+
 /// Writes the captured database as entry `entry` (tar header, then its pages) and its page map
 /// to `map_file`. `previous` is the last backup's map of the same database. Returns the
 /// database's size and its new map; no map when a copy is not a whole number of pages (then it
@@ -159,14 +165,18 @@ pub fn write_database(
     previous: Option<&PageMap>,
     map_file: &Path,
 ) -> std::io::Result<(u64, Option<PageMap>)> {
-    let (page_size, pages) = match source {
-        Source::Snapshot(snapshot) => snapshot.page_layout().map_err(std::io::Error::other)?,
+    // A copy is opened once: its header gives the layout, then its pages are read.
+    let (page_size, pages, reader) = match source {
+        Source::Snapshot(snapshot) => {
+            let (page_size, pages) = snapshot.page_layout().map_err(std::io::Error::other)?;
+            (page_size, pages, Pages::Snapshot(snapshot))
+        }
         Source::Copy(copy) => {
             let mut file = File::open(copy).map_err(|e| super::scan::annotate(e, copy))?;
             let size = file.metadata()?.len();
             match page_size(&mut file)? {
                 Some(page_size) if size.is_multiple_of(u64::from(page_size)) => {
-                    (page_size, size / u64::from(page_size))
+                    (page_size, size / u64::from(page_size), Pages::File(file))
                 }
                 _ => {
                     archive::write_entry(sink, entry, copy)?;
@@ -201,10 +211,9 @@ pub fn write_database(
         index += 1;
         Ok(())
     };
-    match source {
-        Source::Snapshot(snapshot) => snapshot.for_each_page(&mut each)?,
-        Source::Copy(copy) => {
-            let mut file = File::open(copy).map_err(|e| super::scan::annotate(e, copy))?;
+    match reader {
+        Pages::Snapshot(snapshot) => snapshot.for_each_page(&mut each)?,
+        Pages::File(mut file) => {
             let mut buf = vec![0u8; PACK_BYTES];
             let mut left = size;
             while left > 0 {

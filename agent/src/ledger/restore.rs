@@ -251,23 +251,17 @@ async fn unpack_and_check(
 /// Writes the restored data back to disk while it is being unpacked: a `syncfs` of the target's
 /// filesystem every [`Flusher::EVERY`] until dropped (and a last one running is waited for). The
 /// `syncfs` before the swap then finds little left to write: for 1 GB it had waited 0.6 s for
-/// everything at the end, now 0-40 ms. (`sync_file_range` per file would be narrower, but is not in safe
-/// bindings; during a restore the node is stopped, so there is little else to flush.)
-struct Flusher {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// everything at the end, now 0-40 ms. (`sync_file_range` per file would be narrower, but is
+/// not in safe bindings; during a restore the node is stopped, so there is little else to flush.)
+/// Without a handle on the directory nothing is flushed early (the final `syncfs` still is).
+struct Flusher(Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>);
 
 impl Flusher {
     const EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
-    /// Without a handle on the directory nothing is flushed early (the final `syncfs` still is).
     fn start(dir: &Path) -> Flusher {
         let Ok(dir) = std::fs::File::open(dir) else {
-            return Flusher {
-                stop: None,
-                thread: None,
-            };
+            return Flusher(None);
         };
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -280,17 +274,15 @@ impl Flusher {
                 }
             }
         });
-        Flusher {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        Flusher(Some((stop, thread)))
     }
 }
 
+/// Closing the channel stops the thread.
 impl Drop for Flusher {
     fn drop(&mut self) {
-        self.stop = None;
-        if let Some(thread) = self.thread.take() {
+        if let Some((stop, thread)) = self.0.take() {
+            drop(stop);
             let _ = thread.join();
         }
     }
