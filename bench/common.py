@@ -29,6 +29,20 @@ def du(path):
     return total
 
 
+def settle(*cached):
+    """Before a restore run: everything written back, and (as root) the page cache dropped and
+    the `cached` files and directories (the backups the runs read) read back into it. Each run
+    then starts from the same memory: its input cached, plenty of free memory that has been
+    touched before. Otherwise a run that had to reclaim the page cache earlier runs filled, or
+    to take fresh memory from this VM's host, took up to twice as long, whichever tool it was."""
+    subprocess.run(["sync"], check=True)
+    if os.geteuid() == 0:
+        with open("/proc/sys/vm/drop_caches", "w") as drop:
+            drop.write("1\n")
+        subprocess.run(["find", *cached, "-type", "f", "-exec", "cat", "{}", "+"], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,13 +53,16 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 
-def run_interleaved(results, bench, cases, data_mb, repeat=1, before=None, quiet=False, **labels):
+def run_interleaved(results, bench, cases, data_mb, repeat=1, before=None, quiet=False,
+                    before_round=None, **labels):
     """Runs the compared cases [(name, command, env)] in turn, `repeat` rounds (so a slow spell
-    of this noisy machine hits every case alike), calling `before()` ahead of each run; keeps each
-    case's median run with MB/s over data_mb; records them in results and prints them (unless
-    quiet: the caller prints)."""
+    of this noisy machine hits every case alike), calling `before_round()` ahead of each round and
+    `before()` ahead of each run; keeps each case's median run with MB/s over data_mb; records
+    them in results and prints them (unless quiet: the caller prints)."""
     runs = {name: [] for name, _, _ in cases}
     for _ in range(repeat):
+        if before_round:
+            before_round()
         for name, command, env in cases:
             if before:
                 before()

@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import du, emit, free_port, measure, run_interleaved  # noqa: E402
+from common import du, emit, free_port, measure, run_interleaved, settle  # noqa: E402
 
 
 def cpu_seconds(pid):
@@ -126,21 +126,27 @@ def main():
                         restic_s3env)
 
         # Restores, interleaved over three rounds (medians count: single runs here vary up to
-        # 2x with the page cache and writeback), each from empty targets after a sync.
+        # 2x with the page cache and writeback), each into an empty target after a sync.
         targets = ["tar_czf", "restic", "restic_s3", "aitbc_local", "aitbc_s3"]
+        streams = ["restic.tar", "aitbc.tar", "aitbc-s3.tar", "aitbc-synced.tar"]
+
+        def remove_streams():
+            for name in streams:
+                if os.path.exists(f"{scratch}/{name}"):
+                    os.remove(f"{scratch}/{name}")
+            settle(f"{scratch}/out.tar.gz", f"{scratch}/restic", f"{scratch}/repo", f"{s3root}/bench")
 
         def empty_targets():
             for name in targets:
                 shutil.rmtree(f"{scratch}/r-{name}", ignore_errors=True)
                 os.makedirs(f"{scratch}/r-{name}")
-            for name in ["restic.tar", "aitbc.tar", "aitbc-s3.tar", "aitbc-synced.tar"]:
-                if os.path.exists(f"{scratch}/{name}"):
-                    os.remove(f"{scratch}/{name}")
-            subprocess.run(["sync"], check=True)
+            remove_streams()
             # On a filesystem without a journal (this machine's), ext4 does not reuse an inode
             # for 60 s after its deletion once written back (ialloc.c, recently_deleted), and
             # looking past 10,000s of them made file creation up to 2x slower in the round
-            # after a deletion: wait that out so every round creates files alike.
+            # after a deletion: wait that out so every round creates files alike. Once a round:
+            # within it each directory restore has a target of its own and only the few stream
+            # files are deleted between runs.
             time.sleep(61)
 
         run_interleaved(results, "repository", [
@@ -158,7 +164,7 @@ def main():
             ("restore_stream_aitbc_s3", f"{remote} cat {s3_id} > {scratch}/aitbc-s3.tar", s3env),
 
             ("restore_stream_aitbc_local_fsync", f"{local} cat {local_id} -o {scratch}/aitbc-synced.tar", None),
-        ], mb, repeat=3, before=empty_targets, quiet=True)
+        ], mb, repeat=3, before=remove_streams, before_round=empty_targets, quiet=True)
     finally:
         s3.terminate()
         s3.wait()
