@@ -130,7 +130,8 @@ def main():
         targets = ["tar_czf", "restic", "restic_s3", "aitbc_local", "aitbc_s3"]
         streams = ["restic.tar", "aitbc.tar", "aitbc-s3.tar", "aitbc-synced.tar"]
 
-        def remove_streams():
+        def before_run():
+            """The last run's stream file removed, memory settled."""
             for name in streams:
                 if os.path.exists(f"{scratch}/{name}"):
                     os.remove(f"{scratch}/{name}")
@@ -140,7 +141,7 @@ def main():
             for name in targets:
                 shutil.rmtree(f"{scratch}/r-{name}", ignore_errors=True)
                 os.makedirs(f"{scratch}/r-{name}")
-            remove_streams()
+            before_run()
             # On a filesystem without a journal (this machine's), ext4 does not reuse an inode
             # for 60 s after its deletion once written back (ialloc.c, recently_deleted), and
             # looking past 10,000s of them made file creation up to 2x slower in the round
@@ -164,7 +165,7 @@ def main():
             ("restore_stream_aitbc_s3", f"{remote} cat {s3_id} > {scratch}/aitbc-s3.tar", s3env),
 
             ("restore_stream_aitbc_local_fsync", f"{local} cat {local_id} -o {scratch}/aitbc-synced.tar", None),
-        ], mb, repeat=3, before=remove_streams, before_round=empty_targets, quiet=True)
+        ], mb, repeat=3, before=before_run, before_round=empty_targets, quiet=True)
     finally:
         s3.terminate()
         s3.wait()
