@@ -130,18 +130,21 @@ def main():
         targets = ["tar_czf", "restic", "restic_s3", "aitbc_local", "aitbc_s3"]
         streams = ["restic.tar", "aitbc.tar", "aitbc-s3.tar", "aitbc-synced.tar"]
 
-        def before_run():
-            """The last run's stream file removed, memory settled."""
+        def remove_streams():
             for name in streams:
                 if os.path.exists(f"{scratch}/{name}"):
                     os.remove(f"{scratch}/{name}")
+
+        def before_run():
+            remove_streams()
             settle(f"{scratch}/out.tar.gz", f"{scratch}/restic", f"{scratch}/repo", f"{s3root}/bench")
 
         def empty_targets():
             for name in targets:
                 shutil.rmtree(f"{scratch}/r-{name}", ignore_errors=True)
                 os.makedirs(f"{scratch}/r-{name}")
-            before_run()
+            remove_streams()
+            subprocess.run(["sync"], check=True)
             # On a filesystem without a journal (this machine's), ext4 does not reuse an inode
             # for 60 s after its deletion once written back (ialloc.c, recently_deleted), and
             # looking past 10,000s of them made file creation up to 2x slower in the round
