@@ -5,6 +5,8 @@
 //! - [`config`]: the `[ledger]` section.
 //! - [`scan`]: what is in the data directory.
 //! - [`sqlite`]: consistent capture, integrity and hash-chain checks.
+//! - [`held`]: the databases this process holds open, which nothing else may open (read it
+//!   before touching the data directory while a backup runs).
 //! - [`archive`]: the tar stream's layout (groups that make unchanged files free).
 //! - [`cache`]: the file cache between backups.
 //! - [`backup`], [`restore`], [`extract`]: the two directions.
@@ -14,6 +16,7 @@ pub mod backup;
 pub mod cache;
 pub mod config;
 pub mod extract;
+pub mod held;
 pub mod pages;
 pub mod restore;
 pub mod scan;

@@ -431,6 +431,18 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                     report.deleted_chunks,
                     report.deleted_bytes
                 );
+                if report.writers_in_flight > 0 {
+                    println!(
+                        "{} backup(s) or WAL upload(s) in flight: nothing deleted; run gc again when they are done",
+                        report.writers_in_flight
+                    );
+                }
+                if report.stale_locks_removed > 0 {
+                    println!(
+                        "removed {} lock(s) of writers that died",
+                        report.stale_locks_removed
+                    );
+                }
             }
         }
         RepoCommand::Forget { id } => {

@@ -86,6 +86,7 @@ impl Sets {
                     deleted_chunks = report.deleted_chunks,
                     deleted_bytes = report.deleted_bytes,
                     in_grace = report.in_grace,
+                    writers_in_flight = report.writers_in_flight,
                     "GC after retention"
                 );
             }

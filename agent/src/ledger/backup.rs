@@ -366,6 +366,7 @@ fn produce(
                     path: entry.path.clone(),
                     offset: start + offset,
                     size,
+                    digest: None,
                 });
                 produced.files += 1;
             }
@@ -392,14 +393,15 @@ fn produce(
                     Database::Snapshot(snapshot) => pages::Source::Snapshot(snapshot),
                     Database::Copy(copy) => pages::Source::Copy(copy),
                 };
-                let (size, map) = pages::write_database(sink, entry, source, previous, &map_file)?;
-                if let Some(map) = map {
+                let written = pages::write_database(sink, entry, source, previous, &map_file)?;
+                if let Some(map) = written.map {
                     produced.databases.insert(entry.path.clone(), map);
                 }
                 sink.index_file(FileEntry {
                     path: entry.path.clone(),
                     offset,
-                    size,
+                    size: written.size,
+                    digest: written.digest,
                 });
                 produced.files += 1;
                 continue;
@@ -416,6 +418,7 @@ fn produce(
                             path: entry.path.clone(),
                             offset,
                             size,
+                            digest: None,
                         });
                         produced.files += 1;
                     }
@@ -483,3 +486,6 @@ impl Drop for ScratchDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests;

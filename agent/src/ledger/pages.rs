@@ -19,7 +19,8 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use aitbc_backup_repository::ChunkSink;
-use aitbc_backup_repository::manifest::{ChunkRef, Slice};
+use aitbc_backup_repository::digest;
+use aitbc_backup_repository::manifest::{ChunkRef, FileDigest, Slice};
 use serde::{Deserialize, Serialize};
 
 use super::archive;
@@ -154,17 +155,24 @@ enum Pages<'a> {
     File(File),
 }
 
+/// What [`write_database`] wrote.
+pub struct WrittenDatabase {
+    pub size: u64,
+    /// None when a copy is not a whole number of pages (then it was written as plain bytes).
+    pub map: Option<PageMap>,
+    /// Of the pages as read from the snapshot (None for plain bytes).
+    pub digest: Option<FileDigest>,
+}
+
 /// Writes the captured database as entry `entry` (tar header, then its pages) and its page map
-/// to `map_file`. `previous` is the last backup's map of the same database. Returns the
-/// database's size and its new map; no map when a copy is not a whole number of pages (then it
-/// was written as plain bytes).
+/// to `map_file`. `previous` is the last backup's map of the same database.
 pub fn write_database(
     sink: &mut ChunkSink,
     entry: &Entry,
     source: Source<'_>,
     previous: Option<&PageMap>,
     map_file: &Path,
-) -> std::io::Result<(u64, Option<PageMap>)> {
+) -> std::io::Result<WrittenDatabase> {
     // A copy is opened once: its header gives the layout, then its pages are read.
     let (page_size, pages, reader) = match source {
         Source::Snapshot(snapshot) => {
@@ -180,13 +188,18 @@ pub fn write_database(
                 }
                 _ => {
                     archive::write_entry(sink, entry, copy)?;
-                    return Ok((size, None));
+                    return Ok(WrittenDatabase {
+                        size,
+                        map: None,
+                        digest: None,
+                    });
                 }
             }
         }
     };
     let size = pages * u64::from(page_size);
     sink.write_all(&archive::header(entry, size)?)?;
+    let mut digest = digest::Hasher::new(sink.offset());
     let previous = previous.and_then(|map| Previous::open(map, page_size));
     let renumbered = vec![None; previous.as_ref().map_or(0, |p| p.map.chunks.len())];
     let mut writer = Writer {
@@ -207,6 +220,7 @@ pub fn write_database(
                 entry.path
             )));
         }
+        digest.update(page);
         writer.page(page, index)?;
         index += 1;
         Ok(())
@@ -249,7 +263,11 @@ pub fn write_database(
         file: map_file.to_owned(),
         chunks,
     };
-    Ok((size, Some(map)))
+    Ok(WrittenDatabase {
+        size,
+        map: Some(map),
+        digest: Some(digest.finish()),
+    })
 }
 
 /// The page size a SQLite header records (1 stands for 65536); None when it is not one.

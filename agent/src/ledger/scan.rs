@@ -4,6 +4,8 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::held::{self, Held};
+
 /// The first 16 bytes of every SQLite 3 database file.
 pub const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -111,10 +113,12 @@ fn walk(
         let target = std::fs::read_link(path).map_err(|e| annotate(e, path))?;
         Kind::Symlink(target.to_string_lossy().into_owned())
     } else if file_type.is_file() {
-        if is_sqlite(path, meta.len())? {
-            Kind::Sqlite
-        } else {
-            Kind::File
+        // A held database's files are never opened here (see `held.rs`).
+        match held::classify(path, meta) {
+            Some(Held::Database) => Kind::Sqlite,
+            Some(Held::Companion) => return Ok(()),
+            None if is_sqlite(path, meta.len())? => Kind::Sqlite,
+            None => Kind::File,
         }
     } else {
         let what = if file_type.is_fifo() {

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::held::{self, Hold, LockWitness};
+
 /// The newest block of a chain database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -27,18 +29,26 @@ pub struct Head {
 pub struct OpenSnapshot {
     pub rel: String,
     conn: Connection,
+    /// The locks seen when the snapshot was taken, checked after its pages are read.
+    witness: LockWitness,
+    /// Declared after `conn`, so it is released only once the connection is closed.
+    _hold: Hold,
 }
 
 /// A database connection opened ahead of the cut (so the cut itself is one short transaction
-/// start per database).
+/// start per database). The database is registered as held (see `held.rs`) for as long as
+/// the connection is open.
 pub struct Opened {
     pub rel: String,
+    path: PathBuf,
     conn: Connection,
+    _hold: Hold,
 }
 
 /// Opens `path` for a later [`Opened::begin`].
 pub fn open(path: &Path, rel: &str, busy_timeout: Duration) -> Result<Opened, String> {
     let fail = |what: &str, e: rusqlite::Error| format!("{rel}: {what}: {e}");
+    let hold = held::hold(path).map_err(|e| format!("{rel}: {e}"))?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -48,7 +58,9 @@ pub fn open(path: &Path, rel: &str, busy_timeout: Duration) -> Result<Opened, St
         .map_err(|e| fail("busy timeout", e))?;
     Ok(Opened {
         rel: rel.to_owned(),
+        path: path.to_owned(),
         conn,
+        _hold: hold,
     })
 }
 
@@ -68,9 +80,12 @@ impl Opened {
                 r.get::<_, i64>(0)
             })
             .map_err(|e| fail("start the read transaction", e))?;
+        let witness = LockWitness::take(&self.path, &rel);
         Ok(OpenSnapshot {
             rel: rel.clone(),
             conn: self.conn,
+            witness,
+            _hold: self._hold,
         })
     }
 }
@@ -135,7 +150,12 @@ impl OpenSnapshot {
             each(data)?;
             expected += 1;
         }
-        Ok(())
+        self.locks_kept().map_err(std::io::Error::other)
+    }
+
+    /// Err when the snapshot lost its locks since it was taken (see `held.rs`).
+    pub fn locks_kept(&self) -> Result<(), String> {
+        self.witness.check()
     }
 
     /// Copies the snapshot into a new database file at `dest` and ends the transaction.
@@ -156,6 +176,7 @@ impl OpenSnapshot {
             }
         }
         target.close().map_err(|(_, e)| fail("close the copy", e))?;
+        self.locks_kept()?;
         self.conn
             .execute_batch("COMMIT")
             .map_err(|e| fail("end the read transaction", e))?;

@@ -214,6 +214,7 @@ fn write_part(sink: &mut ChunkSink, path: &str, reader: &mut dyn Read) -> std::i
         path: path.to_owned(),
         offset,
         size: sink.offset() - offset,
+        digest: None,
     });
     Ok(())
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chunker::Cutter;
 use crate::error::RepoError;
 use crate::layout;
+use crate::locks::WriterLock;
 use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint, FileEntry};
 use crate::repo::{Repository, now_rfc3339};
 use crate::storage::{PutMode, StorageError};
@@ -298,6 +299,28 @@ where
     F: FnOnce(&mut ChunkSink) -> std::io::Result<T> + Send + 'static,
     T: Send + 'static,
 {
+    // The lock comes before the listing of the chunks this backup will rely on (`locks.rs`).
+    let lock = WriterLock::acquire(&repo.storage, &request.name, cancel).await?;
+    let result = Box::pin(store_and_commit(
+        repo, request, progress, cancel, produce, &lock,
+    ))
+    .await;
+    lock.release(cancel).await;
+    result
+}
+
+async fn store_and_commit<T, F>(
+    repo: &Repository,
+    request: BackupRequest,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+    produce: F,
+    lock: &WriterLock,
+) -> Result<(ComponentManifest, T), RepoError>
+where
+    F: FnOnce(&mut ChunkSink) -> std::io::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
     let existing = repo.storage.list(layout::CHUNKS, cancel).await?;
     let known: Known = Arc::new(Mutex::new(
         existing
@@ -436,6 +459,7 @@ where
     }
 
     ensure_chunks_present(repo, &chunks, cancel).await?;
+    lock.confirm(cancel).await?;
     let manifest = ComponentManifest {
         id: layout::new_manifest_id(),
         name: request.name,
@@ -477,8 +501,8 @@ fn prepare(repo: &Repository, known: &Known, data: Vec<u8>, id: Option<String>) 
     }
 }
 
-/// The last check before the commit: a chunk this backup reused may have been collected while
-/// it ran (only possible when GC runs with a grace period shorter than the backup).
+/// The last check before the commit, beside the lock: every chunk the manifest names is stored
+/// (one listing; catches chunks removed by hand or by a GC that ignored the lock).
 async fn ensure_chunks_present(
     repo: &Repository,
     chunks: &[ChunkRef],

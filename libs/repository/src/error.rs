@@ -38,10 +38,16 @@ pub enum RepoError {
     #[error("stream I/O: {0}")]
     Io(std::io::Error),
     #[error(
-        "chunk {0} was removed while this backup ran (garbage collection with a grace period \
-         shorter than the backup); nothing was committed, run the backup again"
+        "chunk {0} is missing although this backup relied on it (removed by hand, or by a \
+         garbage collection that ignored the backup's lock); nothing was committed, run the \
+         backup again"
     )]
     ChunkVanished(String),
+    #[error(
+        "this writer's lock {0} may have been taken for stale, so garbage collection may have \
+         removed chunks it relies on; nothing was committed, run it again"
+    )]
+    LockLost(String),
     #[error("cancelled")]
     Cancelled,
 }

@@ -1,13 +1,18 @@
 //! Garbage collection: mark every chunk a manifest references, sweep the rest — but only chunks
-//! that have been unreferenced for the whole grace period.
+//! that have been unreferenced for the whole grace period, and only while no writer is in
+//! flight.
 //!
-//! Why two phases: a backup in flight reuses chunks it found stored (possibly leftovers of an
-//! interrupted backup) and uploads new ones, and none of them is referenced until its manifest
-//! is committed. So a run only *condemns* unreferenced chunks (writes their ids to
-//! `gc/<time>-<rand>.json`); a later run deletes those still unreferenced once the condemnation
-//! and the chunk itself are older than the grace period (default 24 h). Any backup shorter than
-//! the grace period is therefore safe; a longer one fails its final check instead of committing
-//! a dangling manifest. With a zero grace period one run condemns and deletes.
+//! Safety does not rest on timing: the whole run holds a sweep lock, and deletes nothing while
+//! any backup or WAL upload holds a fresh writer lock; a writer that starts during the sweep
+//! waits for it to end before it lists the chunks it will rely on (see [`crate::locks`] and
+//! `docs/repository-format.md`). So the mark, taken under the sweep lock, sees every manifest
+//! that can still reference a chunk, at any grace period, zero included.
+//!
+//! The grace period is for the data itself: a run *condemns* unreferenced chunks (their ids
+//! go to `gc/<time>-<rand>.json`) and a later run deletes those still unreferenced once the
+//! condemnation and the chunk are older than the grace (default 24 h), so the leftovers of an
+//! interrupted backup stay for its rerun to reuse. With a zero grace one run condemns and
+//! deletes.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -18,10 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
 use crate::layout;
+use crate::locks::SweepLock;
 use crate::repo::Repository;
 use crate::storage::PutMode;
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// A long sweep checks its lock is still fresh before every this many deletions.
+const CONFIRM_EVERY: usize = 1000;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
@@ -33,6 +41,10 @@ pub struct GcReport {
     pub in_grace: usize,
     pub deleted_chunks: usize,
     pub deleted_bytes: u64,
+    /// Backups or WAL uploads in flight when the run started: nothing was deleted.
+    pub writers_in_flight: usize,
+    /// Locks of dead writers removed.
+    pub stale_locks_removed: usize,
     pub dry_run: bool,
 }
 
@@ -55,6 +67,22 @@ pub async fn gc(
     dry_run: bool,
     cancel: &CancellationToken,
 ) -> Result<GcReport, RepoError> {
+    // The lock comes before the mark: every writer that can still commit is either done (its
+    // manifest is listed below), seen here (nothing is deleted), or waits for this run to end.
+    let lock = SweepLock::acquire(&repo.storage, cancel).await?;
+    let result = Box::pin(collect(repo, grace, dry_run, &lock, cancel)).await;
+    lock.release(cancel).await;
+    result
+}
+
+async fn collect(
+    repo: &Repository,
+    grace: Duration,
+    dry_run: bool,
+    lock: &SweepLock,
+    cancel: &CancellationToken,
+) -> Result<GcReport, RepoError> {
+    let may_delete = !dry_run && lock.writers.is_empty();
     let now = SystemTime::now();
     let cutoff = epoch_secs(now).saturating_sub(grace.as_secs());
     // Chunks first, manifests second: a chunk stored after this listing is never a candidate.
@@ -63,8 +91,15 @@ pub async fn gc(
     let mut report = GcReport {
         dry_run,
         chunks: chunks.len(),
+        writers_in_flight: lock.writers.len(),
         ..Default::default()
     };
+    if !dry_run {
+        for stale in &lock.stale_writers {
+            repo.storage.delete(&stale.path, cancel).await?;
+            report.stale_locks_removed += 1;
+        }
+    }
     for id in repo.component_ids(cancel).await? {
         // A manifest that cannot be read stops GC: deleting on partial knowledge loses data.
         let manifest = repo.component(&id, cancel).await?;
@@ -106,9 +141,20 @@ pub async fn gc(
             newly_condemned.push(id.to_owned());
         }
         if since <= cutoff && epoch_secs(object.modified) <= cutoff {
-            if !dry_run {
-                repo.storage.delete(&object.path, cancel).await?;
+            if !may_delete {
+                // A dry run counts what it would delete; with writers in flight, nothing is.
+                if dry_run {
+                    report.deleted_chunks += 1;
+                    report.deleted_bytes += object.size;
+                } else {
+                    report.in_grace += 1;
+                }
+                continue;
             }
+            if report.deleted_chunks.is_multiple_of(CONFIRM_EVERY) {
+                lock.confirm(cancel).await?;
+            }
+            repo.storage.delete(&object.path, cancel).await?;
             report.deleted_chunks += 1;
             report.deleted_bytes += object.size;
         } else {
@@ -118,7 +164,9 @@ pub async fn gc(
     if dry_run {
         return Ok(report);
     }
-    if !newly_condemned.is_empty() && !grace.is_zero() {
+    // With a zero grace and deletion allowed, everything condemnable was just deleted.
+    let all_deleted = grace.is_zero() && may_delete;
+    if !newly_condemned.is_empty() && !all_deleted {
         let body = serde_json::to_vec(&Condemned {
             at: now_secs,
             chunks: newly_condemned,
@@ -136,7 +184,7 @@ pub async fn gc(
     // Lists past the grace period have done their job: every chunk in them was just deleted or
     // is referenced again (and will be condemned afresh if it loses its last reference).
     for (path, at) in lists {
-        if at <= cutoff {
+        if at <= cutoff && may_delete {
             repo.storage.delete(&path, cancel).await?;
         }
     }

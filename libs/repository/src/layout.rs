@@ -10,6 +10,9 @@ pub const CHUNKS: &str = "chunks/";
 pub const COMPONENT_MANIFESTS: &str = "manifests/components/";
 pub const SET_MANIFESTS: &str = "manifests/sets/";
 pub const GC_CONDEMNED: &str = "gc/";
+/// Writers in flight and sweeps in progress (see [`crate::locks`]).
+pub const WRITER_LOCKS: &str = "locks/writers/";
+pub const SWEEP_LOCKS: &str = "locks/sweeps/";
 pub const PINS: &str = "pins/";
 pub const ATTEMPTS: &str = "attempts/";
 /// Archived PostgreSQL WAL (see [`crate::wal`]).

@@ -5,17 +5,20 @@
 //! - [`repo`]: opening and creating repositories; chunk encoding; manifest commits.
 //! - [`backup`] / [`restore`]: the bounded stream pipelines.
 //! - [`sets`]: pins, attempt records and deletion of snapshot sets.
-//! - [`verify`], [`gc`]: integrity checks and garbage collection.
+//! - [`verify`], [`gc`], [`locks`]: integrity checks, garbage collection and the locks that
+//!   keep it from deleting what a backup in flight relies on.
 //! - [`keys`], [`crypto`]: key management and encryption.
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
 
 pub mod backup;
 pub mod chunker;
 pub mod crypto;
+pub mod digest;
 mod error;
 pub mod gc;
 pub mod keys;
 pub mod layout;
+pub mod locks;
 pub mod manifest;
 pub mod open;
 pub mod path;

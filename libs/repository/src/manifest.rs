@@ -77,6 +77,19 @@ pub struct FileEntry {
     pub path: String,
     pub offset: u64,
     pub size: u64,
+    /// The file's content as read from the source at backup time (see [`crate::digest`]);
+    /// absent for files whose bytes the backup reused without reading them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<FileDigest>,
+}
+
+/// A digest of a file's data: `size` bytes from `data_offset` in the stream (after the tar
+/// header).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub data_offset: u64,
+    /// BLAKE3, hex.
+    pub blake3: String,
 }
 
 /// Where a component was captured, per component kind.

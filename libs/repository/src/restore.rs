@@ -14,6 +14,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::Progress;
+use crate::digest::Checker;
 use crate::error::RepoError;
 use crate::layout;
 use crate::manifest::{ChunkRef, ComponentManifest};
@@ -33,17 +34,36 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut chunks = chunk_stream(repo, manifest, cancel);
+    let mut digests = Checker::new(manifest);
     let mut size = 0u64;
     while let Some(data) = chunks.next().await {
         let data = data?;
         size += data.len() as u64;
+        check_digests(manifest, &mut digests, Some(&data))?;
         writer.write_all(&data).await?;
         progress
             .bytes_read
             .fetch_add(data.len() as u64, Ordering::Relaxed);
     }
     writer.flush().await?;
+    check_digests(manifest, &mut digests, None)?;
     check_size(manifest, size)
+}
+
+/// Feeds the next bytes of the stream (None at its end) to the digest check.
+fn check_digests(
+    manifest: &ComponentManifest,
+    digests: &mut Checker,
+    data: Option<&[u8]>,
+) -> Result<(), RepoError> {
+    let checked = match data {
+        Some(data) => digests.update(data),
+        None => digests.finish(),
+    };
+    checked.map_err(|reason| RepoError::Corrupt {
+        object: layout::component_manifest(&manifest.id).to_string(),
+        reason,
+    })
 }
 
 /// The stream of `manifest`, read by `consume` on a blocking thread (an unpacker): the verified
@@ -71,9 +91,13 @@ where
     });
     let fed = async {
         let mut chunks = chunk_stream(repo, manifest, cancel);
+        let mut digests = Checker::new(manifest);
         let mut size = 0u64;
         while let Some(data) = chunks.next().await {
-            let data = match data {
+            let data = match data.and_then(|d| {
+                check_digests(manifest, &mut digests, Some(&d))?;
+                Ok(d)
+            }) {
                 Ok(data) => data,
                 Err(err) => {
                     let _ = tx.send(Err(err.to_string())).await;
@@ -88,7 +112,8 @@ where
                 return Ok(()); // the consumer stopped; its output says why
             }
         }
-        let checked = check_size(manifest, size);
+        let checked =
+            check_digests(manifest, &mut digests, None).and_then(|()| check_size(manifest, size));
         if let Err(err) = &checked {
             let _ = tx.send(Err(err.to_string())).await;
         }

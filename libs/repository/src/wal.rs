@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
 use crate::layout::{self, WAL_HISTORY, WAL_PARTIAL, WAL_SEGMENTS};
+use crate::locks::WriterLock;
 use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint};
 use crate::path::RemotePath;
 use crate::repo::{Repository, now_rfc3339};
@@ -165,6 +166,20 @@ impl WalWriter {
         data: Vec<u8>,
         cancel: &CancellationToken,
     ) -> Result<ComponentManifest, RepoError> {
+        // Held from before the chunk checks to after the commit (`locks.rs`).
+        let lock = WriterLock::acquire(&self.repo.storage, &file.file_name(), cancel).await?;
+        let result = self.store_locked(file, data, &lock, cancel).await;
+        lock.release(cancel).await;
+        result
+    }
+
+    async fn store_locked(
+        &mut self,
+        file: &WalFile,
+        data: Vec<u8>,
+        lock: &WriterLock,
+        cancel: &CancellationToken,
+    ) -> Result<ComponentManifest, RepoError> {
         let raw_size = data.len() as u64;
         let repo = self.repo.clone();
         let known = self.known.clone();
@@ -191,8 +206,8 @@ impl WalWriter {
                     }
                     self.known.insert(chunk.id.clone(), chunk.stored_len);
                 }
-                // Stored by an earlier upload; GC may have taken it since if nothing
-                // referenced it for the grace period, so check before referencing it.
+                // Stored by an earlier upload; GC may have taken it since (between two
+                // uploads), so check it under this upload's lock before referencing it.
                 None => match self.repo.storage.head(&object, cancel).await {
                     Ok(_) => {}
                     Err(StorageError::NotFound(_)) => {
@@ -216,6 +231,7 @@ impl WalWriter {
             consistency: None,
             stats,
         };
+        lock.confirm(cancel).await?;
         self.repo
             .commit_wal(&file.path(), &manifest, cancel)
             .await?;
