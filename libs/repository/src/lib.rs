@@ -6,12 +6,14 @@
 //! - [`backup`] / [`restore`]: the bounded stream pipelines.
 //! - [`sets`]: pins, attempt records and deletion of snapshot sets.
 //! - [`verify`], [`gc`]: integrity checks and garbage collection.
+//! - [`damaged`]: manifests that cannot be read, named and skipped by listings.
 //! - [`keys`], [`crypto`]: key management and encryption.
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
 
 pub mod backup;
 pub mod chunker;
 pub mod crypto;
+pub mod damaged;
 mod error;
 pub mod gc;
 pub mod keys;
@@ -30,6 +32,7 @@ pub use backup::{
     BackupRequest, ChunkSink, Progress, backup, backup_async, backup_with, widen_pipe,
 };
 pub use chunker::ChunkerParams;
+pub use damaged::{Damaged, DamagedKind, Scanned};
 pub use error::RepoError;
 pub use keys::KeySecret;
 pub use open::{RepoUrl, S3Options, open_storage};
