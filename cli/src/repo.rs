@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use aitbc_backup_repository::storage::StorageLimits;
 use aitbc_backup_repository::{
-    BackupRequest, ChunkerParams, KeySecret, Progress, RepoSettings, RepoUrl, Repository,
-    S3Options, Storage, gc, keys, open, verify, wal,
+    BackupRequest, ChunkerParams, Damaged, DamagedKind, KeySecret, Progress, RepoSettings, RepoUrl,
+    Repository, S3Options, Storage, damaged, gc, keys, open, verify, wal,
 };
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -74,7 +74,8 @@ enum RepoCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// List component manifests.
+    /// List component manifests; a damaged one is listed as DAMAGED (and named on stderr),
+    /// the others as usual, exit code 0.
     Ls,
     /// Show one manifest.
     Show { id: String },
@@ -340,11 +341,25 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
         }
         RepoCommand::Ls => {
             let repo = args.open(&cancel).await?;
-            let manifests = repo.components(&cancel).await?;
+            let scanned = repo.scan_components(&cancel).await?;
+            let manifests = &scanned.good;
             if json {
-                let list: Vec<_> = manifests.iter().map(summary).collect();
+                let list: Vec<_> = manifests
+                    .iter()
+                    .map(|m| {
+                        let mut entry = summary(m);
+                        entry["damaged"] = false.into();
+                        entry
+                    })
+                    .chain(scanned.damaged.iter().map(damaged_summary))
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                let damaged_rows = scanned.damaged.iter().map(|d| {
+                    let mut row = vec![d.id.clone(), "DAMAGED".to_owned()];
+                    row.resize(7, "-".to_owned());
+                    row
+                });
                 let rows: Vec<Vec<String>> = manifests
                     .iter()
                     .map(|m| {
@@ -358,6 +373,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                             m.stats.new_stored_bytes.to_string(),
                         ]
                     })
+                    .chain(damaged_rows)
                     .collect();
                 print_table(
                     &[
@@ -370,6 +386,12 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                         "NEW STORED",
                     ],
                     &rows,
+                );
+            }
+            // The good backups are listed (exit 0); each damaged one is named on stderr too.
+            for damaged in &scanned.damaged {
+                eprintln!(
+                    "warning: {damaged}; its backup cannot be restored. `aitbc-backup repo verify` checks the rest"
                 );
             }
         }
@@ -416,7 +438,12 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
         }
         RepoCommand::Gc { dry_run, grace } => {
             let repo = args.open(&cancel).await?;
-            let report = gc::gc(&repo, *grace, *dry_run, &cancel).await?;
+            let report = gc::gc(&repo, *grace, *dry_run, &cancel)
+                .await
+                .map_err(|err| match damaged::gc_stopped_at(&err) {
+                    Some(message) => anyhow::anyhow!(message),
+                    None => err.into(),
+                })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -447,7 +474,14 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
         }
         RepoCommand::Forget { id } => {
             let repo = args.open(&cancel).await?;
-            repo.component(id, &cancel).await?;
+            // A damaged manifest can be forgotten too: that is how an operator removes it
+            // deliberately so that GC can run again.
+            if let Err(err) = repo.component(id, &cancel).await {
+                match Damaged::from_error(DamagedKind::ComponentManifest, id, &err) {
+                    Some(damaged) => eprintln!("{damaged}; forgetting it"),
+                    None => return Err(err.into()),
+                }
+            }
             repo.delete_component(id, &cancel).await?;
             println!("forgot {id}; its data is removed by the next gc after the grace period");
         }
@@ -642,6 +676,16 @@ async fn run_keys(
         }
     }
     Ok(())
+}
+
+/// A damaged component manifest in `ls --json`: its id, key and why it cannot be read.
+fn damaged_summary(d: &Damaged) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id,
+        "damaged": true,
+        "object": d.object,
+        "reason": d.reason,
+    })
 }
 
 fn summary(m: &aitbc_backup_repository::manifest::ComponentManifest) -> serde_json::Value {

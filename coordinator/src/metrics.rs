@@ -1,5 +1,5 @@
 //! Every metric the coordinator exports, in one place. Labels are bounded (component, stage,
-//! policy, outcome, reason).
+//! policy, outcome, reason, kind).
 //!
 //! The backup outcome metrics (`backup_*`, `restore_*`, `snapshot_set_*`, `repository_*`) carry
 //! no prefix: `backup_success{component}` is the name the existing alert `backup_success == 0`
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use aitbc_backup_proto::model::Component;
+use aitbc_backup_repository::DamagedKind;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,6 +49,20 @@ fn duration_histogram() -> Histogram {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
+}
+
+/// The kind of a damaged object: `set_manifest` or `component_manifest`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+impl KindLabel {
+    pub fn of(kind: DamagedKind) -> Self {
+        KindLabel {
+            kind: kind.as_str(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -94,6 +109,9 @@ pub struct Metrics {
     pub repository_size: Gauge,
     pub repository_logical: Gauge,
     pub dedup_ratio: FloatGauge,
+    /// Manifests that cannot be read, by kind: set manifests from the catalog's load,
+    /// component manifests from the latest repository scan.
+    pub repository_damaged: Family<KindLabel, Gauge>,
 }
 
 impl Metrics {
@@ -118,7 +136,14 @@ impl Metrics {
             repository_size: Gauge::default(),
             repository_logical: Gauge::default(),
             dedup_ratio: FloatGauge::default(),
+            repository_damaged: Family::default(),
         };
+        // Both kinds from the start, so the alert and the dashboard see 0 rather than nothing.
+        for kind in DamagedKind::ALL {
+            let _ = metrics
+                .repository_damaged
+                .get_or_create(&KindLabel::of(kind));
+        }
         register_outcomes(registry, &metrics);
         let sub = registry.sub_registry_with_prefix("aitbc_backup_coordinator");
         sub.register(
@@ -240,5 +265,10 @@ fn register_outcomes(registry: &mut Registry, m: &Metrics) {
         "repository_dedup_ratio",
         "repository_logical_bytes / repository_size_bytes",
         m.dedup_ratio.clone(),
+    );
+    registry.register(
+        "repository_damaged_objects",
+        "Manifests in the repository that cannot be read (skipped; `aitbc-backup repo verify` names them), by kind",
+        m.repository_damaged.clone(),
     );
 }

@@ -46,12 +46,24 @@ fn repo_status(err: impl std::fmt::Display) -> Status {
 }
 
 impl OperatorService {
+    /// A set the catalog does not list: damaged (its manifest cannot be read) or unknown.
+    fn unknown_set(&self, set_id: &str) -> Status {
+        match self.sets.catalog.damaged_set(set_id) {
+            Some(damaged) => Status::data_loss(format!(
+                "snapshot set `{set_id}`: {damaged}; it cannot be shown or restored, and retention \
+                 leaves it alone. Restore the object from a copy of the repository or remove it \
+                 deliberately"
+            )),
+            None => Status::not_found(format!("no snapshot set `{set_id}`")),
+        }
+    }
+
     fn committed(&self, set_id: &str) -> Result<crate::catalog::SetRecord, Status> {
         let record = self
             .sets
             .catalog
             .get(set_id)
-            .ok_or_else(|| Status::not_found(format!("no snapshot set `{set_id}`")))?;
+            .ok_or_else(|| self.unknown_set(set_id))?;
         if record.state != SetState::Committed {
             return Err(Status::failed_precondition(format!(
                 "snapshot set `{set_id}` is not committed"
@@ -142,7 +154,7 @@ impl Operator for OperatorService {
             .catalog
             .get(&set_id)
             .map(|r| Response::new(r.to_proto()))
-            .ok_or_else(|| Status::not_found(format!("no snapshot set `{set_id}`")))
+            .ok_or_else(|| self.unknown_set(&set_id))
     }
 
     async fn pin_snapshot(
@@ -175,7 +187,7 @@ impl Operator for OperatorService {
             .sets
             .catalog
             .get(&set_id)
-            .ok_or_else(|| Status::not_found(format!("no snapshot set `{set_id}`")))?;
+            .ok_or_else(|| self.unknown_set(&set_id))?;
         if record.pinned {
             return Err(Status::failed_precondition(format!(
                 "snapshot set `{set_id}` is pinned; unpin it first"

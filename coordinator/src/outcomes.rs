@@ -1,13 +1,14 @@
 //! What the backup outcome metrics say (defined in [`crate::metrics`]): recorded when a set
-//! commits or aborts, seeded from the catalog after a restart, and the repository's size and
-//! deduplication recomputed after commits and retention.
+//! commits or aborts, seeded from the catalog after a restart, and the repository's size,
+//! deduplication and damaged manifests recomputed after commits and retention.
 
 use std::time::Duration;
 
 use aitbc_backup_proto::model::Component;
+use aitbc_backup_repository::DamagedKind;
 
 use crate::catalog::{SetRecord, SetState};
-use crate::metrics::{ComponentLabel, ComponentStageLabel};
+use crate::metrics::{ComponentLabel, ComponentStageLabel, KindLabel};
 use crate::snapshot::Sets;
 
 impl Sets {
@@ -30,6 +31,17 @@ impl Sets {
             }
             m.cut_skew.set(record.cut_skew_ms / 1e3);
             m.write_pause.set(record.write_pause_ms / 1e3);
+        }
+        self.set_damaged_metrics();
+    }
+
+    /// The damaged-object gauges from what the catalog knows.
+    pub(crate) fn set_damaged_metrics(&self) {
+        for kind in DamagedKind::ALL {
+            self.metrics
+                .repository_damaged
+                .get_or_create(&KindLabel::of(kind))
+                .set(self.catalog.damaged_count(kind) as i64);
         }
     }
 
@@ -79,6 +91,20 @@ impl Sets {
         };
         match stats.await {
             Ok(stats) => {
+                for damaged in self
+                    .catalog
+                    .note_damaged_components(stats.damaged_component_manifests.clone())
+                {
+                    tracing::warn!(
+                        manifest = %damaged.id,
+                        object = %damaged.object,
+                        reason = %damaged.reason,
+                        "damaged component manifest skipped: its backup cannot be restored and GC \
+                         stops until it is restored from a copy or removed deliberately \
+                         (`aitbc-backup repo forget`)"
+                    );
+                }
+                self.set_damaged_metrics();
                 let m = &self.metrics;
                 m.repository_size.set(stats.stored_bytes as i64);
                 m.repository_logical.set(stats.logical_bytes as i64);

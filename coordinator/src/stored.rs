@@ -1,6 +1,9 @@
 //! What the coordinator does with stored sets: rebuild the catalog from the repository,
-//! verify a set's data, delete a set, apply a policy's retention (then GC).
+//! verify a set's data, delete a set, apply a policy's retention (then GC). Damaged set
+//! manifests are not in the catalog (see [`crate::catalog`]), so retention never touches them;
+//! GC stops at a damaged component manifest and says which.
 
+use aitbc_backup_repository::damaged::gc_stopped_at;
 use aitbc_backup_repository::verify::{VerifyReport, verify_set};
 
 use crate::catalog::{SetRecord, SetState};
@@ -81,7 +84,11 @@ impl Sets {
                 let report = Box::pin(aitbc_backup_repository::gc::gc(
                     repo, gc.grace, false, &cancel,
                 ))
-                .await?;
+                .await
+                .map_err(|err| match gc_stopped_at(&err) {
+                    Some(message) => anyhow::anyhow!(message),
+                    None => err.into(),
+                })?;
                 tracing::info!(
                     deleted_chunks = report.deleted_chunks,
                     deleted_bytes = report.deleted_bytes,

@@ -149,3 +149,17 @@ pub async fn chunk_count(repo: &Repository) -> usize {
         .expect("list chunks")
         .len()
 }
+
+/// Damages a stored (unencrypted) manifest file as a flipped bit on disk would: one byte of its
+/// body's `created` changes, so the envelope's checksum no longer matches.
+pub fn damage_manifest(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).expect("read manifest");
+    let needle = br#""created":""#;
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("a created field in the manifest body")
+        + needle.len();
+    bytes[at] ^= 1;
+    std::fs::write(path, bytes).expect("write manifest");
+}

@@ -183,6 +183,7 @@ fn metrics_pass_promtool_and_cover_every_dashboard_query() {
         "restore_duration_seconds",
         "repository_size_bytes",
         "repository_dedup_ratio",
+        "repository_damaged_objects",
         "aitbc_backup_coordinator_agents_online",
         "aitbc_backup_coordinator_scheduler_skips_total",
     ] {

@@ -1,4 +1,5 @@
-//! `aitbc-backup repo ...` as operators use it, against a local directory and s3s-fs.
+//! `aitbc-backup repo ...` as operators use it, against a local directory and s3s-fs, and with
+//! a damaged component manifest.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -234,4 +235,102 @@ fn encrypted_repository_from_the_cli() {
     )
     .expect("json");
     assert_eq!(keys.as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn a_damaged_component_manifest_is_named_and_the_others_still_listed() {
+    let dir = aitbc_backup_tests::temp_dir("cli-damaged");
+    let root = dir.path().join("repo");
+    let cli = Cli {
+        args: vec!["--repository".into(), format!("file://{}", root.display())],
+        env: vec![],
+    };
+    cli.ok(&["init"], None);
+    let streams: Vec<Vec<u8>> = (0..3).map(|i| generate(256 << 10, 200 + i)).collect();
+    let ids: Vec<String> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            cli.ok(&["put", &format!("stream-{i}")], Some(data))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    let damaged = &ids[1];
+    let object = format!("manifests/components/{damaged}.json");
+    aitbc_backup_tests::repository::damage_manifest(&root.join(&object));
+
+    // `ls`: exit 0, the good backups listed as before, the damaged one as a DAMAGED row and
+    // named on stderr.
+    let out = cli.run(&["ls"], None);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for (i, id) in [(0, &ids[0]), (2, &ids[2])] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} not listed:\n{table}"));
+        assert!(row.contains(&format!("stream-{i}")), "{row}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(damaged.as_str()))
+        .unwrap_or_else(|| panic!("{damaged} not listed:\n{table}"));
+    assert!(row.contains("DAMAGED"), "{row}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&object) && stderr.contains("damaged"),
+        "{stderr}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "ls"], None)).expect("json");
+    let list = list.as_array().expect("array");
+    assert_eq!(list.len(), 3);
+    let good: Vec<&str> = list
+        .iter()
+        .filter(|e| e["damaged"] == false)
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(good, [ids[0].as_str(), ids[2].as_str()]);
+    let bad = list
+        .iter()
+        .find(|e| e["damaged"] == true)
+        .expect("a damaged entry");
+    assert_eq!(bad["id"], damaged.as_str());
+    assert_eq!(bad["object"], object.as_str());
+    assert!(
+        bad["reason"].as_str().unwrap_or("").contains("checksum"),
+        "{bad}"
+    );
+
+    // `verify` fails naming it; the good backups still restore.
+    let out = cli.run(&["verify"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("{object}: damaged:"))),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("verify failed: 1 problem(s)"));
+    assert_eq!(cli.run(&["cat", &ids[0]], None).stdout, streams[0]);
+
+    // GC deletes nothing on partial knowledge and says which manifest and what to do.
+    let out = cli.run(&["gc", "--grace", "0s"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&object), "{stderr}");
+    assert!(stderr.contains("Nothing was deleted"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("aitbc-backup repo forget {damaged}")),
+        "{stderr}"
+    );
+
+    // Removed deliberately, GC runs again and the repository verifies.
+    cli.ok(&["forget", damaged], None);
+    let gc: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "gc", "--grace", "0s"], None)).expect("json");
+    assert!(gc["deleted_chunks"].as_u64() > Some(0), "{gc}");
+    cli.ok(&["verify", "--read-data"], None);
+    assert_eq!(cli.run(&["cat", &ids[2]], None).stdout, streams[2]);
 }

@@ -1,5 +1,8 @@
 //! Snapshot sets end to end: coordinator, three agents, real PostgreSQL, Redis and the node
 //! simulator (50 blocks/s, mirroring every block into PostgreSQL then Redis), one repository.
+//! A damaged set manifest is skipped, not fatal, after a coordinator restart.
+
+use std::time::Duration;
 
 use aitbc_backup_tests::postgres::Postgres;
 use aitbc_backup_tests::redis::Redis;
@@ -206,4 +209,92 @@ fn a_set_of_some_components_and_its_lifecycle() {
     let restore_unknown = stack.cli(&["restore", "20990101T000000000Z-00000000"]);
     assert!(!restore_unknown.status.success());
     assert!(String::from_utf8_lossy(&restore_unknown.stderr).contains("no snapshot set"));
+}
+
+#[test]
+fn a_damaged_set_manifest_is_skipped_after_a_restart_and_backups_go_on() {
+    install();
+    let mut stack = Stack::start(RATE, &[]);
+    let first = stack.snapshot("coordinated")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let second = stack.snapshot("coordinated")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let object = format!("manifests/sets/{first}.json");
+    aitbc_backup_tests::repository::damage_manifest(&stack.repository_dir().join(&object));
+    stack.coordinator.restart();
+
+    // The other set is listed and shown; the damaged one is not listed, and asking for it names
+    // the object.
+    let listed: Vec<String> = stack
+        .snapshots()
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listed, std::slice::from_ref(&second));
+    assert_eq!(stack.snapshot_listed(&second)["state"], "committed");
+    let shown = stack.cli(&["snapshot", "show", &first]);
+    assert!(!shown.status.success());
+    let stderr = String::from_utf8_lossy(&shown.stderr);
+    assert!(
+        stderr.contains(&object) && stderr.contains("damaged"),
+        "{stderr}"
+    );
+
+    // The metric counts it.
+    let metric = |line: &str| {
+        aitbc_backup_tests::fleet::http_get(stack.coordinator.http_port, "/metrics")
+            .is_some_and(|(_, text)| text.lines().any(|l| l == line))
+    };
+    assert!(
+        aitbc_backup_tests::wait_until(Duration::from_secs(10), || metric(
+            r#"repository_damaged_objects{kind="set_manifest"} 1"#
+        )),
+        "{}",
+        stack.coordinator.log()
+    );
+    assert!(metric(
+        r#"repository_damaged_objects{kind="component_manifest"} 0"#
+    ));
+
+    // Backups go on: once the agents are back, a new set commits and is listed.
+    let (operator, url) = (stack.operator(), stack.coordinator.url());
+    assert!(aitbc_backup_tests::wait_until(
+        Duration::from_secs(20),
+        || {
+            ["postgres", "redis", "ledger"].iter().all(|a| {
+                aitbc_backup_tests::fleet::agent_state(&operator, &url, a).as_deref()
+                    == Some("online")
+            })
+        }
+    ));
+    let next = stack.snapshot("coordinated");
+    assert_eq!(next["state"], "committed", "{next:#}");
+    let next = next["id"].as_str().expect("id").to_owned();
+    assert_eq!(stack.snapshot_listed(&next)["state"], "committed");
+
+    // The damaged set was not mistaken for an interrupted one (whose data retention would
+    // delete): its attempt record is untouched.
+    let attempt: Value = serde_json::from_slice(
+        &std::fs::read(
+            stack
+                .repository_dir()
+                .join(format!("attempts/{first}.json")),
+        )
+        .expect("attempt record"),
+    )
+    .expect("attempt JSON");
+    assert_eq!(attempt["state"], "running", "{attempt:#}");
+
+    // `repo verify` fails naming the damaged manifest.
+    let out = std::process::Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
+        .args(["repo", "--repository", &stack.repository, "verify"])
+        .output()
+        .expect("run aitbc-backup");
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{object}: damaged:")), "{text}");
 }

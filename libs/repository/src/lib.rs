@@ -7,12 +7,14 @@
 //! - [`sets`]: pins, attempt records and deletion of snapshot sets.
 //! - [`verify`], [`gc`], [`locks`]: integrity checks, garbage collection and the locks that
 //!   keep it from deleting what a backup in flight relies on.
+//! - [`damaged`]: manifests that cannot be read, named and skipped by listings.
 //! - [`keys`], [`crypto`]: key management and encryption.
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
 
 pub mod backup;
 pub mod chunker;
 pub mod crypto;
+pub mod damaged;
 pub mod digest;
 mod error;
 pub mod gc;
@@ -33,6 +35,7 @@ pub use backup::{
     BackupRequest, ChunkSink, Progress, backup, backup_async, backup_with, widen_pipe,
 };
 pub use chunker::ChunkerParams;
+pub use damaged::{Damaged, DamagedKind, Scanned};
 pub use error::RepoError;
 pub use keys::KeySecret;
 pub use open::{RepoUrl, S3Options, open_storage};

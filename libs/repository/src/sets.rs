@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::damaged::Damaged;
 use crate::error::RepoError;
 use crate::layout;
 use crate::repo::Repository;
@@ -34,30 +35,32 @@ pub struct Attempt {
 }
 
 /// How much the repository holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RepoStats {
     pub chunks: u64,
     /// Bytes of every chunk object.
     pub stored_bytes: u64,
+    /// Readable component manifests.
     pub component_manifests: u64,
-    /// Bytes of every component backup's stream.
+    /// Bytes of every readable component backup's stream.
     pub logical_bytes: u64,
+    /// Component manifests that cannot be read (counted in nothing above).
+    pub damaged_component_manifests: Vec<Damaged>,
 }
 
 impl Repository {
-    /// Counts the chunks and the backups' streams.
+    /// Counts the chunks and the backups' streams; damaged component manifests are skipped
+    /// and named.
     pub async fn stats(&self, cancel: &CancellationToken) -> Result<RepoStats, RepoError> {
         let chunks = self.storage.list(layout::CHUNKS, cancel).await?;
-        let mut stats = RepoStats {
+        let components = self.scan_components(cancel).await?;
+        Ok(RepoStats {
             chunks: chunks.len() as u64,
             stored_bytes: chunks.iter().map(|c| c.size).sum(),
-            ..RepoStats::default()
-        };
-        for manifest in self.components(cancel).await? {
-            stats.component_manifests += 1;
-            stats.logical_bytes += manifest.raw_size;
-        }
-        Ok(stats)
+            component_manifests: components.good.len() as u64,
+            logical_bytes: components.good.iter().map(|m| m.raw_size).sum(),
+            damaged_component_manifests: components.damaged,
+        })
     }
 
     /// Ids of every set manifest, oldest first.
@@ -127,7 +130,8 @@ impl Repository {
 
     /// Removes a set that never committed: the component manifests its agents committed for it
     /// (their `set_id`), then its attempt record. Returns the component manifests deleted; GC
-    /// removes their chunks later.
+    /// removes their chunks later. A damaged component manifest is left alone (whose it is
+    /// cannot be read); `verify` names it.
     pub async fn delete_aborted_set(
         &self,
         id: &str,
@@ -137,7 +141,7 @@ impl Repository {
             return Err(RepoError::NoSuchManifest(id.to_owned()));
         }
         let mut deleted = Vec::new();
-        for manifest in self.components(cancel).await? {
+        for manifest in self.scan_components(cancel).await?.good {
             if manifest.set_id == id {
                 self.delete_component(&manifest.id, cancel).await?;
                 deleted.push(manifest.id);
@@ -171,6 +175,10 @@ impl Repository {
     /// Deletes a set: its manifest first (the set is gone from that instant), then the component
     /// manifests no other set names, then its attempt record and pin. Returns the component
     /// manifests deleted; GC removes their chunks later.
+    ///
+    /// While another set manifest is damaged, what it names is unknown: a component manifest
+    /// is then deleted only when it was written for this set (its `set_id`), which no other
+    /// set names; the rest are kept (a leak, never a dangling reference).
     pub async fn delete_set(
         &self,
         id: &str,
@@ -180,22 +188,47 @@ impl Repository {
         self.storage
             .delete(&layout::set_manifest(id), cancel)
             .await?;
-        let mut still_named = BTreeSet::new();
-        for other in self.set_ids(cancel).await? {
-            if let Ok(set) = self.set(&other, cancel).await {
-                still_named.extend(set.components.into_iter().map(|c| c.manifest_id));
-            }
-        }
+        let others = self.scan_sets(cancel).await?;
+        let still_named: BTreeSet<String> = others
+            .good
+            .into_iter()
+            .flat_map(|set| set.components.into_iter().map(|c| c.manifest_id))
+            .collect();
         let mut deleted = Vec::new();
         for component in manifest.components {
-            if !still_named.contains(&component.manifest_id) {
-                self.delete_component(&component.manifest_id, cancel)
-                    .await?;
-                deleted.push(component.manifest_id);
+            if still_named.contains(&component.manifest_id) {
+                continue;
             }
+            if !others.damaged.is_empty()
+                && !self
+                    .written_for_set(&component.manifest_id, id, cancel)
+                    .await?
+            {
+                continue;
+            }
+            self.delete_component(&component.manifest_id, cancel)
+                .await?;
+            deleted.push(component.manifest_id);
         }
         self.storage.delete(&layout::attempt(id), cancel).await?;
         self.storage.delete(&layout::pin(id), cancel).await?;
         Ok(deleted)
+    }
+
+    /// Whether component manifest `component` was written for set `set_id` (false when it
+    /// cannot be read or is gone).
+    async fn written_for_set(
+        &self,
+        component: &str,
+        set_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, RepoError> {
+        match self.component(component, cancel).await {
+            Ok(manifest) => Ok(manifest.set_id == set_id),
+            Err(err @ (RepoError::Storage(_) | RepoError::Cancelled | RepoError::Io(_))) => {
+                Err(err)
+            }
+            Err(_) => Ok(false),
+        }
     }
 }

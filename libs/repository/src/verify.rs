@@ -9,6 +9,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::damaged::{Damaged, DamagedKind};
 use crate::digest::Checker;
 use crate::error::RepoError;
 use crate::layout;
@@ -161,7 +162,7 @@ async fn read_components(
             Err(RepoError::Cancelled) => return Err(RepoError::Cancelled),
             Err(err) => report.problems.push(Problem {
                 object: layout::component_manifest(id).to_string(),
-                problem: err.to_string(),
+                problem: unreadable(DamagedKind::ComponentManifest, id, &err),
                 manifests: vec![id.clone()],
             }),
         }
@@ -318,12 +319,21 @@ async fn verify_sets(
                     }
                 }
             }
+            Err(RepoError::Cancelled) => return Err(RepoError::Cancelled),
             Err(err) => report.problems.push(Problem {
                 object: meta.path.to_string(),
-                problem: err.to_string(),
+                problem: unreadable(DamagedKind::SetManifest, id, &err),
                 manifests: vec![id.to_owned()],
             }),
         }
     }
     Ok(())
+}
+
+/// Why a manifest could not be read: `damaged: <reason>` for damage, else the error.
+fn unreadable(kind: DamagedKind, id: &str, err: &RepoError) -> String {
+    match Damaged::from_error(kind, id, err) {
+        Some(damaged) => format!("damaged: {}", damaged.reason),
+        None => err.to_string(),
+    }
 }
