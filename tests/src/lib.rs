@@ -22,6 +22,7 @@ pub mod process;
 pub mod redis;
 pub mod repository;
 pub mod s3;
+pub mod s3_faults;
 pub mod stack;
 
 use std::net::TcpListener;
