@@ -7,13 +7,13 @@
 //! - [`sqlite`]: consistent capture, integrity and hash-chain checks.
 //! - [`archive`]: the tar stream's layout (groups that make unchanged files free).
 //! - [`cache`]: the file cache between backups.
-//! - [`backup`], [`restore`], [`extract`]: the two directions.
+//! - [`backup`], [`restore`]: the two directions (restores unpack through
+//!   [`crate::confined`]).
 
 pub mod archive;
 pub mod backup;
 pub mod cache;
 pub mod config;
-pub mod extract;
 pub mod pages;
 pub mod restore;
 pub mod scan;
