@@ -9,13 +9,13 @@
 //!   before touching the data directory while a backup runs).
 //! - [`archive`]: the tar stream's layout (groups that make unchanged files free).
 //! - [`cache`]: the file cache between backups.
-//! - [`backup`], [`restore`], [`extract`]: the two directions.
+//! - [`backup`], [`restore`]: the two directions (restores unpack through
+//!   [`crate::confined`]).
 
 pub mod archive;
 pub mod backup;
 pub mod cache;
 pub mod config;
-pub mod extract;
 pub mod held;
 pub mod pages;
 pub mod restore;

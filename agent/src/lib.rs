@@ -6,9 +6,11 @@
 //! - [`snapshot`]: runs the coordinator's commands, one task per set.
 //! - [`postgres`], [`redis`], [`ledger`]: the components (prepare, fence, cut, upload, restore).
 //! - [`oneshot`]: one backup or restore from the command line.
+//! - [`confined`]: where a restore may write, and writing there without leaving it.
 //! - [`metrics`]: every metric the agent exports.
 
 pub mod config;
+pub mod confined;
 pub mod ledger;
 pub mod metrics;
 pub mod oneshot;

@@ -137,10 +137,40 @@ pub async fn restore(
                 chain_db: config.ledger.chain_db.clone(),
                 height_query: config.ledger.height_query.clone(),
                 source: format!("{} ({})", manifest.name, config.repository.effective_url()),
+                // A trial restores into a directory of its own inside the scratch directory.
+                protected: protected_dirs(config)
+                    .into_iter()
+                    .filter(|p| !trial || p.what == REPOSITORY)
+                    .collect(),
             };
             json(ledger::restore::restore(&repo, &manifest, &options, progress, cancel).await?)?
         }
     })
+}
+
+const REPOSITORY: &str = "repository";
+
+/// What a restore's target may neither hold nor lie inside: a `file://` repository and the
+/// agent's own scratch and spool directories.
+pub fn protected_dirs(config: &AgentConfig) -> Vec<crate::confined::Protected> {
+    use crate::confined::Protected;
+    let mut dirs = Vec::new();
+    if let Some(path) = config.repository.effective_url().strip_prefix("file://") {
+        dirs.push(Protected::new(REPOSITORY, path));
+    }
+    dirs.push(Protected::new(
+        "ledger scratch directory",
+        &config.ledger.scratch_dir,
+    ));
+    dirs.push(Protected::new(
+        "postgres scratch directory",
+        &config.postgres.scratch_dir,
+    ));
+    dirs.push(Protected::new(
+        "WAL spool directory",
+        config.postgres.wal_spool_dir(),
+    ));
+    dirs
 }
 
 fn component(config: &AgentConfig) -> anyhow::Result<Component> {
@@ -298,6 +328,7 @@ impl Command {
                         &target,
                         base.as_deref(),
                         &data_dir,
+                        &protected_dirs(config),
                         Arc::default(),
                         cancel,
                     ))

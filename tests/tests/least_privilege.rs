@@ -72,6 +72,7 @@ async fn every_component_backs_up_and_restores_without_the_right_to_delete() {
         chain_db: ledger_settings.chain_db.clone(),
         height_query: ledger_settings.height_query.clone(),
         source: "least-privilege test".into(),
+        protected: Vec::new(),
     };
     let restored = ledger::restore::restore(&repo, &manifest, &options, progress(), &cancel)
         .await

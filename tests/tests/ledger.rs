@@ -1,6 +1,6 @@
 //! The ledger component end to end: the agent's backup and restore commands against a live
-//! simulated node (both journal modes), the file cache, hostile archives and interrupted
-//! restores.
+//! simulated node (both journal modes), the file cache, hostile archives (fixed and generated)
+//! and interrupted restores, and targets that would hold the repository.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +13,11 @@ use aitbc_backup_tests::fleet::binary;
 use aitbc_backup_tests::node::{LedgerAgent, NodeSim, tree_digest};
 use aitbc_backup_tests::wait_until;
 use tokio_util::sync::CancellationToken;
+
+/// The sandbox and generated archives of the agent's confinement tests.
+#[allow(dead_code)]
+#[path = "../../agent/tests/hostile/mod.rs"]
+mod hostile;
 
 /// A data directory, a scratch directory and an initialized local repository.
 fn setup(dir: &Path) -> LedgerAgent {
@@ -516,4 +521,227 @@ fn store_crafted(agent: &LedgerAgent, archive: Vec<u8>, height: u64, hash: &str)
         .expect("store the crafted archive")
         .id
     })
+}
+
+#[test]
+fn a_restore_into_the_repositorys_parent_is_refused_even_with_force() {
+    let dir = aitbc_backup_tests::temp_dir("ledger-into-repo");
+    let agent = setup(dir.path());
+    NodeSim::write_blocks(dir.path(), "delete", 20, 0);
+    let backup = agent.ok(&["backup"]);
+    let manifest = backup["manifest"].as_str().expect("manifest");
+    let repo_dir = dir.path().join("repo");
+    let listing = |path: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(path)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let parent_before = listing(dir.path());
+    let repo_before = tree_digest(&repo_dir, &[]);
+    // The repository's parent (which holds it), another spelling of it, and a directory inside it.
+    let inside = repo_dir.join("restored");
+    let respelled = dir.path().join("node/../.");
+    for (target, relation) in [
+        (dir.path(), "holds"),
+        (respelled.as_path(), "holds"),
+        (inside.as_path(), "lies inside"),
+    ] {
+        let out = agent.run(&[
+            "restore",
+            manifest,
+            "--target",
+            target.to_str().expect("utf-8"),
+            "--force",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "restore into {}: {err}",
+            target.display()
+        );
+        assert!(
+            err.contains(&format!(
+                "it {relation} the repository {}",
+                repo_dir.display()
+            )),
+            "restore into {}: {err}",
+            target.display()
+        );
+    }
+    assert_eq!(listing(dir.path()), parent_before);
+    assert_eq!(tree_digest(&repo_dir, &[]), repo_before);
+    assert!(!inside.exists());
+    let verified = std::process::Command::new(binary("aitbc-backup"))
+        .args(["repo", "--repository", &agent.repository, "verify"])
+        .output()
+        .expect("aitbc-backup repo verify");
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    // The same backup still restores where it may.
+    let report = agent.restore_into(&backup, &dir.path().join("elsewhere"));
+    assert_eq!(report["height"], backup["height"]);
+}
+
+/// A sound chain database of three blocks, head `h2` at height 2.
+fn sound_chain(dir: &Path) -> Vec<u8> {
+    let db = dir.join("sound.db");
+    let conn = rusqlite::Connection::open(&db).expect("create");
+    conn.execute_batch(aitbc_backup_tests::chain::SCHEMA)
+        .expect("schema");
+    for (height, hash, parent) in [(0, "h0", "p"), (1, "h1", "h0"), (2, "h2", "h1")] {
+        conn.execute(
+            "INSERT INTO block VALUES (?1, ?2, ?3, 'v', 0, 0, 'root')",
+            rusqlite::params![height, hash, parent],
+        )
+        .expect("insert");
+    }
+    drop(conn);
+    std::fs::read(&db).expect("read db")
+}
+
+/// One repository, runtime and chain database for every generated case.
+struct Generated {
+    _dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    repo: aitbc_backup_repository::Repository,
+    chain: Vec<u8>,
+}
+
+fn generated() -> &'static Generated {
+    static SHARED: std::sync::OnceLock<Generated> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = aitbc_backup_tests::temp_dir("ledger-generated");
+        let repository = init_local_repository(dir.path());
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let repo = runtime.block_on(async {
+            let url = aitbc_backup_repository::RepoUrl::parse(&repository).expect("url");
+            let storage = aitbc_backup_repository::open_storage(
+                &url,
+                &Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("storage");
+            aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
+                .await
+                .expect("open")
+        });
+        let chain = sound_chain(dir.path());
+        Generated {
+            _dir: dir,
+            runtime,
+            repo,
+            chain,
+        }
+    })
+}
+
+/// The real ledger restore of `archive` (after a sound chain database) into `target`, forced.
+fn restore_generated(archive: &[u8], target: &Path) -> Result<(), String> {
+    let shared = generated();
+    let mut stream = raw_entry("chain/", tar::EntryType::Directory, None, b"");
+    stream.extend(raw_entry(
+        "chain/chain.db",
+        tar::EntryType::Regular,
+        None,
+        &shared.chain,
+    ));
+    stream.extend_from_slice(archive);
+    stream.extend([0u8; 1024]);
+    let cancel = CancellationToken::new();
+    shared.runtime.block_on(async {
+        let id = aitbc_backup_repository::backup(
+            &shared.repo,
+            std::io::Cursor::new(stream),
+            BackupRequest {
+                name: "ledger".into(),
+                stream: "tar".into(),
+                consistency: Some(ConsistencyPoint::Ledger {
+                    height: 2,
+                    hash: "h2".into(),
+                }),
+                ..Default::default()
+            },
+            std::sync::Arc::new(Progress::default()),
+            &cancel,
+        )
+        .await
+        .expect("store the generated archive")
+        .id;
+        let manifest = shared.repo.component(&id, &cancel).await.expect("manifest");
+        let settings = aitbc_backup_agent::ledger::LedgerSettings::default();
+        let options = aitbc_backup_agent::ledger::restore::RestoreOptions {
+            target: target.to_owned(),
+            force: true,
+            chain_db: "chain/chain.db".into(),
+            height_query: settings.height_query,
+            source: "generated".into(),
+            protected: Vec::new(),
+        };
+        aitbc_backup_agent::ledger::restore::restore(
+            &shared.repo,
+            &manifest,
+            &options,
+            std::sync::Arc::new(Progress::default()),
+            &cancel,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        // 256 unless PROPTEST_CASES says otherwise (the soak runs many thousands).
+        cases: hostile::cases(256),
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Whatever the archive, the real restore changes nothing outside its target; when it
+    /// fails, the target is as it was (its old data, no staging left); when it succeeds, the
+    /// target holds the backup and `metadata.json`, and not the old data.
+    #[test]
+    fn a_generated_archive_restores_inside_its_target_or_not_at_all(
+        specs in proptest::collection::vec(hostile::spec(), 1..10)
+    ) {
+        let sandbox = hostile::Sandbox::new();
+        std::fs::create_dir_all(sandbox.target.join("old/deeper")).expect("mkdir");
+        std::fs::write(sandbox.target.join("old/deeper/keep.txt"), b"the old data").expect("write");
+        hostile::set(&sandbox.target.join("old"), 0o705, 4_000);
+        let nowhere = sandbox.root.join("no such path");
+        let target_before = hostile::snapshot(&sandbox.target, &nowhere);
+        let before = sandbox.outside();
+        let archive = hostile::build(&specs, &sandbox.root);
+        let outcome = restore_generated(&archive, &sandbox.target);
+        hostile::assert_same(&before, &sandbox.outside(), &format!("{outcome:?}"));
+        let mut target_after = hostile::snapshot(&sandbox.target, &nowhere);
+        match outcome {
+            Err(_) => {
+                // The target directory's own mtime moves (staging came and went); nothing else.
+                let (old_root, new_root) = (&target_before[Path::new("")], &target_after[Path::new("")]);
+                assert_eq!(old_root.mode, new_root.mode);
+                target_after.insert(Path::new("").to_owned(), old_root.clone());
+                hostile::assert_same(&target_before, &target_after, &format!("{outcome:?}"));
+            }
+            Ok(()) => {
+                assert!(!sandbox.target.join("old").exists());
+                assert_eq!(
+                    std::fs::read(sandbox.target.join("chain/chain.db")).expect("chain.db"),
+                    generated().chain
+                );
+                let metadata = std::fs::symlink_metadata(sandbox.target.join("metadata.json"))
+                    .expect("metadata.json");
+                assert!(metadata.is_file());
+            }
+        }
+    }
 }

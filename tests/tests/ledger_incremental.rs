@@ -13,8 +13,10 @@ use aitbc_backup_tests::node::{LedgerAgent, NodeSim, tree_digest};
 /// Folds the WAL into chain.db (the simulator has exited): the file is then the snapshot.
 fn checkpoint(data_dir: &Path) {
     let conn = rusqlite::Connection::open(data_dir.join("chain/chain.db")).expect("open chain.db");
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))
-        .expect("checkpoint");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .expect("checkpoint");
 }
 
 fn repo(repository: &str, args: &[&str]) -> String {

@@ -77,7 +77,10 @@ fn every_backup_of_a_writing_node_restores_its_own_head() {
         }
         eprintln!(
             "{rate} blocks/s, {per_case} backups {pause_ms} ms apart: heights {:?}",
-            reports.iter().map(|r| r["height"].as_u64()).collect::<Vec<_>>()
+            reports
+                .iter()
+                .map(|r| r["height"].as_u64())
+                .collect::<Vec<_>>()
         );
     }
 }

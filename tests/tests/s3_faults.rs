@@ -53,7 +53,11 @@ fn faults_at_the_http_level_never_break_what_is_committed() {
     let proxy = FaultProxy::start(&server.endpoint(), 80, seed);
     let direct = server.endpoint();
     let out = repo(&server, &direct, &["init"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let pool: Vec<Vec<u8>> = (0..4).map(|i| generate(1 << 20, seed ^ i)).collect();
     let mut committed = Vec::new();
@@ -75,13 +79,19 @@ fn faults_at_the_http_level_never_break_what_is_committed() {
     for (id, data) in &committed {
         let out = repo(&server, &proxy.endpoint(), &["cat", id], None);
         if out.status.success() {
-            assert!(out.stdout == *data, "cat {id} through the proxy gave other bytes");
+            assert!(
+                out.stdout == *data,
+                "cat {id} through the proxy gave other bytes"
+            );
         } else {
             assert_clear_failure(&out, "cat");
         }
     }
     let (requests, injected) = proxy.counts();
-    assert!(injected > 0, "{requests} requests and no fault: nothing was tested");
+    assert!(
+        injected > 0,
+        "{requests} requests and no fault: nothing was tested"
+    );
     drop(proxy);
 
     let verify = repo(&server, &direct, &["verify", "--read-data"], None);
@@ -93,7 +103,11 @@ fn faults_at_the_http_level_never_break_what_is_committed() {
     );
     for (id, data) in &committed {
         let out = repo(&server, &direct, &["cat", id], None);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.stdout == *data, "backup {id} restores other bytes");
     }
     assert!(

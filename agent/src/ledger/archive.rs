@@ -8,7 +8,7 @@
 //! same chunks as last time: its chunks are reused without reading the files.
 
 use std::io::{Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use super::scan::{Entry, Kind, Meta, annotate};
 
@@ -20,18 +20,7 @@ pub const GROUP_MAX_BYTES: u64 = 4 << 20;
 const GROUP_BOUNDARY_MODULUS: u64 = 4;
 
 /// The relative path `text` when it names something inside a directory: no root, no `..`.
-pub fn safe_relative(text: &str) -> Option<PathBuf> {
-    let path = Path::new(text);
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
-        }
-    }
-    (!out.as_os_str().is_empty()).then_some(out)
-}
+pub use crate::confined::safe_relative;
 
 /// Splits entries (in archive order) into groups, as index ranges.
 pub fn groups(entries: &[Entry]) -> Vec<std::ops::Range<usize>> {

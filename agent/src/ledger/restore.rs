@@ -5,6 +5,11 @@
 //! checked link by link and its head against the manifest, `metadata.json` is written, and only
 //! then are the target's old entries moved aside and the staged ones moved in (renames). A restore
 //! that fails or is killed before the swap leaves the target as it was.
+//!
+//! The stream is untrusted: it is unpacked by [`crate::confined::unpack`], which cannot write
+//! outside the staging directory, and `metadata.json` is written without following a link. A
+//! target that holds or lies inside the repository or the agent's own directories is refused
+//! before anything is created ([`crate::confined::check_apart`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,9 +21,9 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
 use super::backup::STREAM;
-use super::extract;
 use super::scan::is_sqlite;
 use super::sqlite;
+use crate::confined;
 
 const STAGING_PREFIX: &str = ".aitbc-backup-staging-";
 const PREVIOUS_PREFIX: &str = ".aitbc-backup-previous-";
@@ -35,6 +40,9 @@ pub struct RestoreOptions {
     pub height_query: String,
     /// Recorded in `metadata.json` as `source`.
     pub source: String,
+    /// Directories the target may neither hold nor lie inside (a `file://` repository, the
+    /// agent's scratch and spool directories), refused with or without `force`.
+    pub protected: Vec<confined::Protected>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,7 +91,7 @@ pub async fn restore(
             manifest.stream
         );
     }
-    let staging = prepare_target(&options.target, options.force)?;
+    let staging = prepare_target(&options.target, options.force, &options.protected)?;
     let expected = sqlite::Head {
         height,
         hash: hash.clone(),
@@ -109,7 +117,7 @@ pub async fn restore(
     };
     let written = serde_json::to_vec_pretty(&metadata)
         .map_err(std::io::Error::other)
-        .and_then(|body| std::fs::write(staging.join(METADATA_FILE), body));
+        .and_then(|body| confined::replace_file(&staging, METADATA_FILE, &body));
     if let Err(err) = written.and_then(|()| swap_in(&options.target, &staging)) {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(anyhow::Error::new(err).context(format!(
@@ -130,7 +138,12 @@ pub async fn restore(
 }
 
 /// Checks the target and creates the staging directory in it.
-fn prepare_target(target: &Path, force: bool) -> anyhow::Result<PathBuf> {
+fn prepare_target(
+    target: &Path,
+    force: bool,
+    protected: &[confined::Protected],
+) -> anyhow::Result<PathBuf> {
+    confined::check_apart(target, protected).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(target).with_context(|| format!("create {}", target.display()))?;
     let mut others = Vec::new();
     for entry in std::fs::read_dir(target).with_context(|| format!("read {}", target.display()))? {
@@ -185,7 +198,7 @@ async fn unpack_and_check(
     expected: &sqlite::Head,
     progress: Arc<Progress>,
     cancel: &CancellationToken,
-) -> anyhow::Result<(extract::Unpacked, usize)> {
+) -> anyhow::Result<(confined::Unpacked, usize)> {
     let root = staging.to_owned();
     let chain = staging.join(&options.chain_db);
     let query = options.height_query.clone();
@@ -202,7 +215,7 @@ async fn unpack_and_check(
             }
         };
         let flusher = Flusher::start(&root);
-        let unpacked = extract::unpack(reader, &root, &mut on_file);
+        let unpacked = confined::unpack(reader, &root, &mut on_file);
         drop(flusher);
         // Wait for every check, whatever happened, so no thread outlives the staging directory.
         let results: Vec<_> = checks

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::PostgresSettings;
 use super::server::{tool_in, tools_dir};
-use crate::ledger::extract;
+use crate::confined;
 
 /// Where recovery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,16 +128,20 @@ const RECOVERY_END: &str = "# end of aitbc-backup point-in-time recovery";
 const WAL_DIR: &str = "aitbc_wal";
 
 /// Restores into `data_dir` (absent or empty), from `base` or the newest fitting base backup.
+/// A `data_dir` that holds or lies inside one of `protected` is refused.
+#[allow(clippy::too_many_arguments)]
 pub async fn restore(
     repo: &Repository,
     settings: &PostgresSettings,
     target: &Target,
     base: Option<&str>,
     data_dir: &Path,
+    protected: &[confined::Protected],
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<PitrReport> {
     let started = Instant::now();
+    confined::check_apart(data_dir, protected).map_err(anyhow::Error::msg)?;
     check_empty(data_dir)?;
     let planned = plan_restore(repo, target, base, cancel).await?;
     let staging = staging_dir(data_dir)?;
@@ -346,7 +350,7 @@ fn staging_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(staging)
 }
 
-/// Streams the base backup into the (path-checking) unpacker.
+/// Streams the base backup into the confined unpacker (nothing written outside `root`).
 async fn unpack(
     repo: &Repository,
     manifest: &ComponentManifest,
@@ -357,7 +361,7 @@ async fn unpack(
     let root = root.to_owned();
     let unpacked =
         aitbc_backup_repository::restore_with(repo, manifest, progress, cancel, move |reader| {
-            extract::unpack(reader, &root, &mut |_, _| {})
+            confined::unpack(reader, &root, &mut |_, _| {})
         })
         .await
         .with_context(|| format!("read base backup {}", manifest.id))?;
@@ -410,8 +414,9 @@ fn write_recovery_settings(staging: &Path, wal_dir: &Path, target: &Target) -> a
     }
     text.push_str(&block.join("\n"));
     text.push('\n');
-    std::fs::write(&conf, text)?;
-    std::fs::write(staging.join("recovery.signal"), b"")?;
+    // Written without following a link the base backup may hold under these names.
+    confined::replace_file(staging, "postgresql.auto.conf", text.as_bytes())?;
+    confined::replace_file(staging, "recovery.signal", b"")?;
     Ok(())
 }
 
@@ -430,7 +435,7 @@ fn remove_recovery_settings(staging: &Path) -> anyhow::Result<()> {
     }
     let mut out = kept.join("\n");
     out.push('\n');
-    std::fs::write(&conf, out)?;
+    confined::replace_file(staging, "postgresql.auto.conf", out.as_bytes())?;
     let _ = std::fs::remove_file(staging.join("recovery.signal"));
     Ok(())
 }
