@@ -156,18 +156,17 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request<Body>) -> Re
         shared.upstream,
         parts.uri.path_and_query().map_or("/", |p| p.as_str())
     );
+    // Every header goes on unchanged, Host included: it is part of the SigV4 signature.
     let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
-        if name != "host" && name != "content-length" {
+        if name != "content-length" {
             headers.append(name.clone(), value.clone());
         }
     }
-    let host = shared.upstream.trim_start_matches("http://").to_owned();
     let forwarded = shared
         .client
         .request(parts.method.clone(), &url)
         .headers(headers)
-        .header("host", host)
         .body(body)
         .send()
         .await;

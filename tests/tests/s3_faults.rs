@@ -49,8 +49,8 @@ fn faults_at_the_http_level_never_break_what_is_committed() {
     let server = S3Server::s3s_fs();
     let seed: u64 = rand::random();
     eprintln!("seed {seed}");
-    // One request in twelve faulted: the storage layer retries most of them away.
-    let proxy = FaultProxy::start(&server.endpoint(), 80, seed);
+    // One request in five faulted: the storage layer retries most of them away.
+    let proxy = FaultProxy::start(&server.endpoint(), 200, seed);
     let direct = server.endpoint();
     let out = repo(&server, &direct, &["init"], None);
     assert!(
@@ -72,6 +72,10 @@ fn faults_at_the_http_level_never_break_what_is_committed() {
             committed.push((String::from_utf8_lossy(&out.stdout).trim().to_owned(), data));
         } else {
             assert_clear_failure(&out, "put");
+            eprintln!(
+                "put failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             failed += 1;
         }
     }
