@@ -138,3 +138,85 @@ fn gc_at_zero_grace_beside_backups_never_breaks_a_committed_backup() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes a lock object by hand, aged `age` by the file's mtime (the local storage's clock).
+fn plant_lock(repo_dir: &std::path::Path, kind: &str, age: Duration) -> std::path::PathBuf {
+    let dir = repo_dir.join("locks").join(kind);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join(format!("planted-{:08x}.json", rand::random::<u32>()));
+    std::fs::write(&path, br#"{"what":"planted","host":"test","pid":1}"#).expect("write");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    file.set_modified(std::time::SystemTime::now() - age)
+        .expect("age the lock");
+    path
+}
+
+fn gc_json(url: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(url, &["--json", "gc", "--grace", "0s"], None)).expect("gc json")
+}
+
+#[test]
+fn dead_locks_expire_live_ones_hold_and_a_copied_manifest_is_damage() {
+    let dir = aitbc_backup_tests::temp_dir("gc-locks");
+    let root = dir.path().join("repo");
+    let url = format!("file://{}", root.display());
+    ok(&url, &["init"], None);
+    let a = generate(2 << 20, 1);
+    let b = generate(2 << 20, 2);
+    let id_a = ok(&url, &["put", "a"], Some(&a)).trim().to_owned();
+    let id_b = ok(&url, &["put", "b"], Some(&b)).trim().to_owned();
+
+    // A killed GC's lock, older than a sweep lock lives: writers go on, the next GC removes it.
+    let dead_sweep = plant_lock(&root, "sweeps", Duration::from_secs(60));
+    let id_c = ok(&url, &["put", "c"], Some(&generate(1 << 20, 3)))
+        .trim()
+        .to_owned();
+    // A backup in flight (a fresh writer lock): GC deletes nothing and says so.
+    ok(&url, &["forget", &id_c], None);
+    let live_writer = plant_lock(&root, "writers", Duration::ZERO);
+    let report = gc_json(&url);
+    assert_eq!(report["writers_in_flight"], 1, "{report}");
+    assert_eq!(report["deleted_chunks"], 0, "{report}");
+    assert!(!dead_sweep.exists(), "the dead GC's lock was not removed");
+    // The same writer lock, dead for 11 minutes: GC goes ahead and removes it.
+    std::fs::File::options()
+        .write(true)
+        .open(&live_writer)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(660)))
+        .expect("age the writer lock");
+    let report = gc_json(&url);
+    assert_eq!(report["writers_in_flight"], 0, "{report}");
+    assert!(report["deleted_chunks"].as_u64() > Some(0), "{report}");
+    assert!(
+        !live_writer.exists(),
+        "the dead writer's lock was not removed"
+    );
+
+    // A sound manifest copied over another: damage, never the other backup under A's name.
+    let components = root.join("manifests/components");
+    std::fs::copy(
+        components.join(format!("{id_b}.json")),
+        components.join(format!("{id_a}.json")),
+    )
+    .expect("copy");
+    let out = repo(&url, &["cat", &id_a], None);
+    assert!(!out.status.success(), "A restored as B");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a copy of another manifest"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verify = repo(&url, &["verify"], None);
+    assert!(!verify.status.success());
+    assert!(String::from_utf8_lossy(&verify.stdout).contains(&id_a));
+    let gc = repo(&url, &["gc", "--grace", "0s"], None);
+    assert!(!gc.status.success(), "GC went on with a damaged manifest");
+    let cat_b = repo(&url, &["cat", &id_b], None);
+    assert!(
+        cat_b.status.success() && cat_b.stdout == b,
+        "B no longer restores"
+    );
+}

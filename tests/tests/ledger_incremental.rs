@@ -92,6 +92,26 @@ fn kept_state_never_makes_a_backup_restore_other_bytes() {
     NodeSim::write_blocks(dir, "wal", 40, 300);
     backup_and_compare(&agent, dir, "scratch-lost");
 
+    // A page map changed behind the agent's back (two records' chunk and offset swapped): it
+    // no longer matches its checksum and is not used.
+    let maps: Vec<_> = walk(&agent.scratch)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    assert!(!maps.is_empty(), "no page map in the scratch directory");
+    for map in &maps {
+        let mut records = std::fs::read(map).expect("read the page map");
+        if records.len() >= 24 * 12 {
+            let (ten, eleven) = (24 * 10 + 16, 24 * 11 + 16);
+            for i in 0..8 {
+                records.swap(ten + i, eleven + i);
+            }
+            std::fs::write(map, &records).expect("write the page map");
+        }
+    }
+    NodeSim::write_blocks(dir, "wal", 5, 300);
+    backup_and_compare(&agent, dir, "page-map-changed");
+
     // Every backup forgotten and its chunks collected: the cache now names deleted chunks.
     let ids: Vec<serde_json::Value> =
         serde_json::from_str(&repo(&agent.repository, &["--json", "ls"])).expect("json");

@@ -231,7 +231,11 @@ fn set_attrs(
 }
 
 fn unix_time(secs: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    // A hand-made archive can carry any number; one past what the clock holds becomes the
+    // epoch instead of a panic.
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 impl Unpacker<'_> {

@@ -79,10 +79,11 @@ pub struct BackupReport {
 
 /// Checks the data directory and finds its databases.
 pub fn prepare(settings: &LedgerSettings) -> anyhow::Result<Prepared> {
-    let found = scan::scan(&settings.data_dir, &settings.include)
+    let mut found = scan::scan(&settings.data_dir, &settings.include)
         .with_context(|| format!("scan {}", settings.data_dir.display()))?;
-    let databases = found.databases();
     let chain_db = chain_db_rel(settings);
+    scan::one_name_per_database(&mut found, &settings.data_dir, &chain_db);
+    let databases = found.databases();
     if !databases.contains(&chain_db) {
         bail!(
             "the chain database {chain_db} is not a SQLite database under {} (ledger.chain_db, ledger.include)",
@@ -280,7 +281,31 @@ impl Captured {
             .await?
             .with_context(|| format!("scan {}", settings.data_dir.display()))?;
         let mut warnings = found.warnings;
-        let entries = found.entries;
+        let mut entries = found.entries;
+        // Other names of a captured database: the file is in the stream once, under the name
+        // captured (see `scan::one_name_per_database`).
+        let captured: HashMap<(u64, u64), String> = self
+            .databases
+            .keys()
+            .filter_map(|rel| {
+                let meta = std::fs::symlink_metadata(settings.data_dir.join(rel)).ok()?;
+                let meta = scan::Meta::of(&meta);
+                Some(((meta.dev, meta.inode), rel.clone()))
+            })
+            .collect();
+        entries.retain(|e| {
+            let alias = e.kind == Kind::Sqlite && !self.databases.contains_key(&e.path);
+            match captured.get(&(e.meta.dev, e.meta.inode)).filter(|_| alias) {
+                Some(keep) => {
+                    warnings.push(format!(
+                        "{} is another name (hard link) of the database {keep}; backed up once, as {keep}",
+                        e.path
+                    ));
+                    false
+                }
+                None => true,
+            }
+        });
         let databases = std::mem::take(&mut self.databases);
         let database_count = databases.len();
         let dirs = Dirs {

@@ -40,6 +40,10 @@ pub struct PageMap {
     pub file: PathBuf,
     /// The chunks the records point into.
     pub chunks: Vec<ChunkRef>,
+    /// BLAKE3 of the records file as written: a map whose file changed since (a damaged
+    /// scratch directory) is not used, so it cannot point a page at the wrong bytes.
+    #[serde(default)]
+    pub records_blake3: String,
 }
 
 /// One page: its hash, its chunk (an index into [`PageMap::chunks`]) and its offset there.
@@ -83,6 +87,13 @@ impl Previous {
     fn open(map: &PageMap, page_size: u32) -> Option<Previous> {
         if map.page_size != page_size {
             return None;
+        }
+        match file_blake3(&map.file) {
+            Ok(found) if found == map.records_blake3 => {}
+            _ => {
+                tracing::warn!(map = %map.file.display(), "a page map does not match its checksum; its database is read in full");
+                return None;
+            }
         }
         let records = BufReader::with_capacity(64 << 10, File::open(&map.file).ok()?);
         Some(Previous {
@@ -262,12 +273,20 @@ pub fn write_database(
         pages,
         file: map_file.to_owned(),
         chunks,
+        records_blake3: file_blake3(map_file)?,
     };
     Ok(WrittenDatabase {
         size,
         map: Some(map),
         digest: Some(digest.finish()),
     })
+}
+
+/// BLAKE3 (hex) of a file, read in one pass.
+fn file_blake3(path: &Path) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path)?)?;
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// The page size a SQLite header records (1 stands for 65536); None when it is not one.

@@ -72,6 +72,43 @@ impl Scan {
     }
 }
 
+/// Keeps one name per database. SQLite finds a database's `-wal` and `-shm` files by the name
+/// it is opened under, so a database opened under a second name (a hard link) reads without
+/// the node's WAL and its snapshot does not hold the node's checkpoints back: a torn capture.
+/// Among the names of one file, the one with a `-wal` or `-shm` beside it is the one in use;
+/// then `prefer` (the chain database); then the first. The others are left out with a warning.
+pub fn one_name_per_database(scan: &mut Scan, root: &Path, prefer: &str) {
+    let mut names: std::collections::HashMap<(u64, u64), Vec<String>> = Default::default();
+    for entry in scan.entries.iter().filter(|e| e.kind == Kind::Sqlite) {
+        names
+            .entry((entry.meta.dev, entry.meta.inode))
+            .or_default()
+            .push(entry.path.clone());
+    }
+    let in_use = |rel: &str| {
+        ["-wal", "-shm"]
+            .iter()
+            .any(|suffix| std::fs::symlink_metadata(root.join(format!("{rel}{suffix}"))).is_ok())
+    };
+    let mut left_out = Vec::new();
+    for mut group in names.into_values().filter(|g| g.len() > 1) {
+        group.sort();
+        let keep = group
+            .iter()
+            .find(|rel| in_use(rel))
+            .or_else(|| group.iter().find(|rel| *rel == prefer))
+            .unwrap_or(&group[0])
+            .clone();
+        for rel in group.into_iter().filter(|rel| *rel != keep) {
+            scan.warnings.push(format!(
+                "{rel} is another name (hard link) of the database {keep}; backed up once, as {keep}"
+            ));
+            left_out.push(rel);
+        }
+    }
+    scan.entries.retain(|e| !left_out.contains(&e.path));
+}
+
 /// Walks `include` under `root`. Sockets, FIFOs and device files are skipped with a warning;
 /// the `-wal`, `-shm` and `-journal` files of a database are skipped (the capture includes them).
 pub fn scan(root: &Path, include: &[String]) -> std::io::Result<Scan> {

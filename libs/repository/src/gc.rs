@@ -28,7 +28,7 @@ use crate::repo::Repository;
 use crate::storage::PutMode;
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
-/// A long sweep checks its lock is still fresh before every this many deletions.
+/// A long sweep checks its lock object is still there before every this many deletions.
 const CONFIRM_EVERY: usize = 1000;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -95,7 +95,7 @@ async fn collect(
         ..Default::default()
     };
     if !dry_run {
-        for stale in &lock.stale_writers {
+        for stale in &lock.stale_locks {
             repo.storage.delete(&stale.path, cancel).await?;
             report.stale_locks_removed += 1;
         }
@@ -151,6 +151,8 @@ async fn collect(
                 }
                 continue;
             }
+            // A GC paused past its lock's stale time stops before its next deletion.
+            lock.confirm_fresh()?;
             if report.deleted_chunks.is_multiple_of(CONFIRM_EVERY) {
                 lock.confirm(cancel).await?;
             }

@@ -14,10 +14,12 @@
 //! sees the sweep and lists chunks only after the sweep has finished deleting.
 //!
 //! Freshness is judged on the storage's clock (object modification times compared with each
-//! other), never against a local clock. A lock not refreshed for [`LOCK_STALE`] belongs to a
-//! process that died and is ignored (and removed by the next sweep). A writer that could not
-//! refresh its lock for longer than [`LOCK_STALE`] minus a margin fails instead of committing,
-//! since a sweep may have ignored it.
+//! other), never against a local clock. A writer lock not refreshed for [`LOCK_STALE`], or a
+//! sweep lock not refreshed for [`SWEEP_STALE`], belongs to a process that died and is ignored
+//! (and removed by the next sweep). A holder whose lock was not refreshed for its stale time
+//! minus a margin stops (a writer fails instead of committing, a sweep stops deleting), since
+//! the other side may have ignored it. Sweep locks are short-lived, so a killed GC holds
+//! writers up for [`SWEEP_STALE`] at most.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,14 +32,37 @@ use crate::layout;
 use crate::path::RemotePath;
 use crate::storage::{ObjectMeta, PutMode, Storage, StorageError};
 
-/// How often a held lock is rewritten.
+/// How often a writer lock is rewritten.
 pub const LOCK_REFRESH: Duration = Duration::from_secs(60);
-/// A lock older than this (by the storage's clock) is taken for one of a dead process.
+/// A writer lock older than this (by the storage's clock) is taken for one of a dead process.
 pub const LOCK_STALE: Duration = Duration::from_secs(10 * 60);
-/// A writer commits only if its lock was refreshed this much sooner than [`LOCK_STALE`].
-const STALE_MARGIN: Duration = Duration::from_secs(2 * 60);
+/// How often a sweep lock is rewritten.
+pub const SWEEP_REFRESH: Duration = Duration::from_secs(5);
+/// A sweep lock older than this is taken for one of a dead GC.
+pub const SWEEP_STALE: Duration = Duration::from_secs(30);
 /// How often a writer looks again while a sweep runs.
 const SWEEP_POLL: Duration = Duration::from_millis(500);
+
+/// The timing of one kind of lock.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    refresh: Duration,
+    stale: Duration,
+    /// The holder goes on only while its last refresh is this much younger than `stale`.
+    margin: Duration,
+}
+
+const WRITER: Timing = Timing {
+    refresh: LOCK_REFRESH,
+    stale: LOCK_STALE,
+    margin: Duration::from_secs(2 * 60),
+};
+
+const SWEEP: Timing = Timing {
+    refresh: SWEEP_REFRESH,
+    stale: SWEEP_STALE,
+    margin: Duration::from_secs(10),
+};
 
 #[derive(serde::Serialize)]
 struct LockBody<'a> {
@@ -53,6 +78,7 @@ struct Held {
     /// When the last successful refresh started (local clock, only compared with itself).
     refreshed: Arc<Mutex<Instant>>,
     refresher: tokio::task::JoinHandle<()>,
+    timing: Timing,
 }
 
 impl Held {
@@ -60,6 +86,7 @@ impl Held {
         storage: &Storage,
         dir: &str,
         what: &str,
+        timing: Timing,
         cancel: &CancellationToken,
     ) -> Result<(Held, ObjectMeta), RepoError> {
         let path = layout::timestamped(dir);
@@ -82,40 +109,50 @@ impl Held {
             path.clone(),
             body,
             refreshed.clone(),
+            timing.refresh,
         ));
-        Ok((
-            Held {
-                path,
-                storage: storage.clone(),
-                refreshed,
-                refresher,
-            },
-            meta,
-        ))
+        let held = Held {
+            path,
+            storage: storage.clone(),
+            refreshed,
+            refresher,
+            timing,
+        };
+        Ok((held, meta))
     }
 
-    /// Err unless the lock is still there and was refreshed recently enough that no sweep can
-    /// have taken it for stale.
-    async fn confirm(&self, cancel: &CancellationToken) -> Result<(), RepoError> {
-        let since = self
-            .refreshed
+    fn refreshed_elapsed(&self) -> Duration {
+        self.refreshed
             .lock()
             .map(|t| t.elapsed())
-            .unwrap_or(Duration::MAX);
-        let lost = || {
-            RepoError::LockLost(format!(
-                "{} (last refreshed {since:.0?} ago; a lock older than {LOCK_STALE:?} is taken for dead)",
-                self.path
-            ))
-        };
-        if since > LOCK_STALE.saturating_sub(STALE_MARGIN) {
-            return Err(lost());
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// Err unless the lock was refreshed recently enough that nobody can have taken it for
+    /// stale. Local, so free to call before every step.
+    fn confirm_fresh(&self) -> Result<(), RepoError> {
+        let since = self.refreshed_elapsed();
+        if since > self.timing.stale.saturating_sub(self.timing.margin) {
+            return Err(self.lost(since));
         }
+        Ok(())
+    }
+
+    /// [`Held::confirm_fresh`], and the lock object is still there.
+    async fn confirm(&self, cancel: &CancellationToken) -> Result<(), RepoError> {
+        self.confirm_fresh()?;
         match self.storage.head(&self.path, cancel).await {
             Ok(_) => Ok(()),
-            Err(StorageError::NotFound(_)) => Err(lost()),
+            Err(StorageError::NotFound(_)) => Err(self.lost(self.refreshed_elapsed())),
             Err(err) => Err(err.into()),
         }
+    }
+
+    fn lost(&self, since: Duration) -> RepoError {
+        RepoError::LockLost(format!(
+            "{} (last refreshed {since:.0?} ago; a lock older than {:?} is taken for dead)",
+            self.path, self.timing.stale
+        ))
     }
 
     async fn release(self, cancel: &CancellationToken) {
@@ -133,10 +170,16 @@ impl Drop for Held {
     }
 }
 
-async fn refresh(storage: Storage, path: RemotePath, body: Bytes, refreshed: Arc<Mutex<Instant>>) {
+async fn refresh(
+    storage: Storage,
+    path: RemotePath,
+    body: Bytes,
+    refreshed: Arc<Mutex<Instant>>,
+    every: Duration,
+) {
     let cancel = CancellationToken::new();
     loop {
-        tokio::time::sleep(LOCK_REFRESH).await;
+        tokio::time::sleep(every).await;
         let started = Instant::now();
         match storage
             .put(&path, body.clone(), PutMode::Overwrite, &cancel)
@@ -158,11 +201,12 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Locks under `dir` that are fresh relative to `now` (a modification time of the storage's).
-async fn fresh_locks(
+/// Locks under `dir`, (fresh, stale) relative to `now` (a modification time of the storage's).
+async fn locks_under(
     storage: &Storage,
     dir: &str,
     now: SystemTime,
+    stale_after: Duration,
     except: &RemotePath,
     cancel: &CancellationToken,
 ) -> Result<(Vec<ObjectMeta>, Vec<ObjectMeta>), RepoError> {
@@ -171,7 +215,7 @@ async fn fresh_locks(
         .await?
         .into_iter()
         .filter(|o| &o.path != except)
-        .partition(|o| now.duration_since(o.modified).unwrap_or_default() < LOCK_STALE);
+        .partition(|o| now.duration_since(o.modified).unwrap_or_default() < stale_after);
     Ok((fresh, stale))
 }
 
@@ -186,20 +230,36 @@ impl WriterLock {
         what: &str,
         cancel: &CancellationToken,
     ) -> Result<WriterLock, RepoError> {
-        let (held, meta) = Held::create(storage, layout::WRITER_LOCKS, what, cancel).await?;
+        let (held, meta) =
+            Held::create(storage, layout::WRITER_LOCKS, what, WRITER, cancel).await?;
         let lock = WriterLock(held);
-        let mut waited = false;
+        let waiting_since = Instant::now();
+        let mut said = false;
         loop {
             // The storage's "now": our lock's time, moved on by how long we have waited.
-            let now = meta.modified + lock.0.refreshed_elapsed();
-            let (sweeps, _) =
-                fresh_locks(storage, layout::SWEEP_LOCKS, now, &lock.0.path, cancel).await?;
+            let now = meta.modified + waiting_since.elapsed();
+            let listed = locks_under(
+                storage,
+                layout::SWEEP_LOCKS,
+                now,
+                SWEEP_STALE,
+                &lock.0.path,
+                cancel,
+            )
+            .await;
+            let sweeps = match listed {
+                Ok((sweeps, _)) => sweeps,
+                Err(err) => {
+                    lock.release(cancel).await;
+                    return Err(err);
+                }
+            };
             if sweeps.is_empty() {
                 return Ok(lock);
             }
-            if !waited {
-                tracing::info!(sweep = %sweeps[0].path, "garbage collection is deleting; waiting for it to finish");
-                waited = true;
+            if !said {
+                tracing::warn!(sweep = %sweeps[0].path, "garbage collection is deleting chunks; waiting for it to finish (a sweep lock not refreshed for {SWEEP_STALE:?} is taken for a dead GC's)");
+                said = true;
             }
             tokio::select! {
                 _ = tokio::time::sleep(SWEEP_POLL) => {}
@@ -211,7 +271,7 @@ impl WriterLock {
         }
     }
 
-    /// The last check before a commit (see [`Held::confirm`]).
+    /// The last check before a commit: the lock is still there and certainly fresh.
     pub async fn confirm(&self, cancel: &CancellationToken) -> Result<(), RepoError> {
         self.0.confirm(cancel).await
     }
@@ -221,47 +281,65 @@ impl WriterLock {
     }
 }
 
-impl Held {
-    fn refreshed_elapsed(&self) -> Duration {
-        self.refreshed
-            .lock()
-            .map(|t| t.elapsed())
-            .unwrap_or_default()
-    }
-}
-
 /// A sweep's lock, and what it found.
 pub struct SweepLock {
     held: Held,
     /// Fresh writer locks: while there are any, the sweep deletes nothing.
     pub writers: Vec<ObjectMeta>,
-    /// Writer locks of dead processes, to remove.
-    pub stale_writers: Vec<ObjectMeta>,
+    /// Writer and sweep locks of dead processes, to remove.
+    pub stale_locks: Vec<ObjectMeta>,
 }
 
 impl SweepLock {
-    /// Creates the sweep lock, then lists the writer locks.
+    /// Creates the sweep lock, then lists the writer locks (and stale sweep locks).
     pub async fn acquire(
         storage: &Storage,
         cancel: &CancellationToken,
     ) -> Result<SweepLock, RepoError> {
-        let (held, meta) = Held::create(storage, layout::SWEEP_LOCKS, "gc", cancel).await?;
-        let (writers, stale_writers) = fresh_locks(
-            storage,
-            layout::WRITER_LOCKS,
-            meta.modified,
-            &held.path,
-            cancel,
-        )
-        .await?;
-        Ok(SweepLock {
-            held,
-            writers,
-            stale_writers,
-        })
+        let (held, meta) = Held::create(storage, layout::SWEEP_LOCKS, "gc", SWEEP, cancel).await?;
+        let listed = async {
+            let (writers, mut stale) = locks_under(
+                storage,
+                layout::WRITER_LOCKS,
+                meta.modified,
+                LOCK_STALE,
+                &held.path,
+                cancel,
+            )
+            .await?;
+            let (_, stale_sweeps) = locks_under(
+                storage,
+                layout::SWEEP_LOCKS,
+                meta.modified,
+                SWEEP_STALE,
+                &held.path,
+                cancel,
+            )
+            .await?;
+            stale.extend(stale_sweeps);
+            Ok::<_, RepoError>((writers, stale))
+        }
+        .await;
+        match listed {
+            Ok((writers, stale_locks)) => Ok(SweepLock {
+                held,
+                writers,
+                stale_locks,
+            }),
+            Err(err) => {
+                held.release(cancel).await;
+                Err(err)
+            }
+        }
     }
 
-    /// Err when the sweep must stop deleting: its lock is no longer certainly fresh.
+    /// Err when the sweep must stop deleting: its lock may be taken for a dead GC's. Local and
+    /// free: checked before every deletion.
+    pub fn confirm_fresh(&self) -> Result<(), RepoError> {
+        self.held.confirm_fresh()
+    }
+
+    /// [`SweepLock::confirm_fresh`], and the lock object is still there.
     pub async fn confirm(&self, cancel: &CancellationToken) -> Result<(), RepoError> {
         self.held.confirm(cancel).await
     }

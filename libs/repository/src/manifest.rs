@@ -227,6 +227,23 @@ pub struct ComponentManifest {
     pub stats: BackupStats,
 }
 
+/// A manifest that names itself (its id must match the key it is stored under).
+pub trait Identified {
+    fn id(&self) -> &str;
+}
+
+impl Identified for ComponentManifest {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Identified for SetManifest {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl ComponentManifest {
     /// The format version this manifest needs: 2 when it references chunk slices.
     pub fn format_version(&self) -> u32 {

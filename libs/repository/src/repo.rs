@@ -372,7 +372,7 @@ impl Repository {
             .await
     }
 
-    async fn read_manifest<T: for<'de> serde::Deserialize<'de>>(
+    async fn read_manifest<T: for<'de> serde::Deserialize<'de> + manifest::Identified>(
         &self,
         id: &str,
         path_of: fn(&str) -> RemotePath,
@@ -389,10 +389,23 @@ impl Repository {
             Err(err) => return Err(err.into()),
         };
         let plain = self.open_manifest(&path, &stored)?;
-        manifest::decode(format, &plain).map_err(|source| RepoError::Manifest {
-            object: path.to_string(),
-            source,
-        })
+        let manifest: T =
+            manifest::decode(format, &plain).map_err(|source| RepoError::Manifest {
+                object: path.to_string(),
+                source,
+            })?;
+        // A sound manifest under another's name (a copy, a replay) would make one backup read
+        // as another and hide the first from GC's mark: it is damage.
+        if manifest.id() != id {
+            return Err(RepoError::Corrupt {
+                object: path.to_string(),
+                reason: format!(
+                    "it holds manifest {}, not {id} (a copy of another manifest)",
+                    manifest.id()
+                ),
+            });
+        }
+        Ok(manifest)
     }
 
     /// Ids of every component manifest, oldest first.

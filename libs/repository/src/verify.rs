@@ -73,7 +73,7 @@ pub async fn verify(
         }
     }
     check_chunks(repo, &chunks, read_data, &mut report, cancel).await?;
-    if read_data && report.problems.is_empty() {
+    if read_data {
         check_digests(repo, &ids, &mut report, cancel).await?;
     }
     verify_sets(repo, &ids, &mut report, cancel).await?;
@@ -194,7 +194,8 @@ fn stream_problem(manifest: &ComponentManifest) -> Option<String> {
 
 /// Reassembles the stream of every manifest whose files carry content digests (the ledger's
 /// databases) and checks them: this catches references that point at the wrong bytes, which
-/// re-hashing each chunk cannot. Run only once every chunk read back sound.
+/// re-hashing each chunk cannot. A manifest with a missing or corrupt chunk is reported here
+/// too (its stream cannot be reassembled), beside the chunk's own problem.
 async fn check_digests(
     repo: &Repository,
     ids: &[String],

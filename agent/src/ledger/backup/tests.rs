@@ -218,12 +218,61 @@ async fn a_snapshot_that_lost_its_locks_is_not_stored() {
         result.expect_err("a torn snapshot must fail the backup")
     );
     assert!(
-        err.contains("locks were lost") || err.contains("malformed") || err.contains("sound chain"),
+        err.contains("the snapshot lost")
+            || err.contains("malformed")
+            || err.contains("sound chain"),
         "{err}"
     );
     let cancel = CancellationToken::new();
     assert!(
         repo.component_ids(&cancel).await.expect("list").is_empty(),
         "no manifest may be committed for a torn snapshot"
+    );
+}
+
+#[tokio::test]
+async fn a_second_name_of_the_chain_database_is_not_opened_and_the_capture_holds() {
+    let node = Node::new(400);
+    // Sorts before chain.db: opened under this name, SQLite would use a-alias.db-wal and -shm,
+    // not the node's, and the snapshot would hold nothing back.
+    let alias = node.settings.data_dir.join("chain/a-alias.db");
+    std::fs::hard_link(node.db(), &alias).expect("hard link");
+    let repo = repository(&node.root).await;
+    let settings = node.settings.clone();
+    let cut = tokio::task::spawn_blocking(move || prepare(&settings)?.cut())
+        .await
+        .expect("join")
+        .expect("cut");
+    node.write_blocks(400, 600);
+    let checkpoint = node.sql("PRAGMA wal_checkpoint(TRUNCATE);");
+    assert!(checkpoint.starts_with('1'), "{checkpoint:?}");
+    let report = cut
+        .upload(
+            &repo,
+            &Label::new("ledger"),
+            false,
+            Arc::new(Progress::default()),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("backup");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("a-alias.db is another name")),
+        "{:?}",
+        report.warnings
+    );
+    let restored = node.root.join("restored.db");
+    restored_db(&repo, &report.manifest, &restored).await;
+    sqlite::integrity_check(&restored).expect("integrity_check");
+    let head = sqlite::check_chain(&restored, &node.settings.height_query).expect("sound chain");
+    assert_eq!(head.height, 399);
+    let mut wal = alias.into_os_string();
+    wal.push("-wal");
+    assert!(
+        !std::path::Path::new(&wal).exists(),
+        "the agent created files beside the alias"
     );
 }
