@@ -158,20 +158,17 @@ impl LockWitness {
                 return Ok(());
             }
         }
-        let (database_lost, read_mark_lost) = found;
-        {
-            let which = match (database_lost, read_mark_lost) {
-                (true, true) => "its lock on the database and its WAL read mark",
-                (true, false) => "its lock on the database",
-                _ => "its WAL read mark",
-            };
-            return Err(format!(
-                "{}: the snapshot lost {which} while it was read, so the node may have \
-                 rewritten pages it still read; nothing was stored (a file of the database was \
-                 opened and closed outside SQLite)",
-                self.rel
-            ));
-        }
+        let which = match found {
+            (true, true) => "its lock on the database and its WAL read mark",
+            (true, false) => "its lock on the database",
+            _ => "its WAL read mark",
+        };
+        Err(format!(
+            "{}: the snapshot lost {which} while it was read, so the node may have rewritten \
+             pages it still read; nothing was stored (a file of the database was opened and \
+             closed outside SQLite)",
+            self.rel
+        ))
     }
 
     /// (database lock missing, read-mark lock missing) in `locks`, for the locks watched.
