@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Long runs of the randomized tests that scripts/test.sh runs small. Counts are arguments:
 #   scripts/soak.sh [backups (default 300)] [property cases (default 20000)]
+# (the crash loop kills a tenth as many sets as there are backups)
 # backups: the GC race's backups, and successive backups of a writing node per rate;
 # property cases: generated hostile archives, unpacked and restored.
 # Each randomized test prints its seed; a failure names what broke.
@@ -13,6 +14,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 bash scripts/setup.sh
 cargo build --workspace --locked
 AITBC_GC_RACE_BACKUPS=$BACKUPS cargo test --locked -p aitbc-backup-tests --test gc_race -- --nocapture
+AITBC_CRASH_LOOPS=$((BACKUPS / 10)) cargo test --locked -p aitbc-backup-tests --test crash_loop -- --nocapture
 AITBC_LIVE_BACKUPS=$BACKUPS cargo test --locked -p aitbc-backup-tests --test live_source -- --nocapture
 PROPTEST_CASES=$CASES cargo test --locked -p aitbc-backup-agent --test confinement
 PROPTEST_CASES=$((CASES / 10)) cargo test --locked -p aitbc-backup-tests --test ledger generated_archive

@@ -49,9 +49,14 @@ fn sets_killed_at_random_moments_never_leave_a_broken_committed_set() {
     let seed: u64 = rand::random();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut stack = Stack::start(100, &[]);
+    // Uploads limited to 128 KiB/s, so a set lasts long enough to be killed in its middle.
+    let slow = [(
+        "AITBC_BACKUP_REPOSITORY__LIMIT_UPLOAD_BYTES_PER_SEC",
+        "131072",
+    )];
+    let mut stack = Stack::start_with(100, &[], &[], &slow);
     let mut kills = Vec::new();
-    for _ in 0..loops {
+    for round in 0..loops {
         let mut child = stack
             .cli_command(&[
                 "snapshot",
@@ -65,8 +70,8 @@ fn sets_killed_at_random_moments_never_leave_a_broken_committed_set() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start the CLI");
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
-        let victim = if rng.random_bool(0.5) {
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..3000)));
+        let victim = if round % 2 == 0 {
             "ledger"
         } else {
             "coordinator"
@@ -78,7 +83,7 @@ fn sets_killed_at_random_moments_never_leave_a_broken_committed_set() {
         }
         let _ = child.wait();
         if victim == "ledger" {
-            stack.start_agent("ledger", &[]);
+            stack.start_agent("ledger", &slow);
         } else {
             stack.coordinator.restart();
         }
@@ -117,5 +122,13 @@ fn sets_killed_at_random_moments_never_leave_a_broken_committed_set() {
             "{restored}"
         );
     }
-    eprintln!("kills {kills:?}; {} sets committed", sets.len());
+    let aborted = stack
+        .snapshots()
+        .iter()
+        .filter(|s| s["state"] == "aborted")
+        .count();
+    eprintln!(
+        "kills {kills:?}; {} sets committed, {aborted} aborted",
+        sets.len()
+    );
 }
