@@ -69,6 +69,12 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     aitbc_backup_tls::install_crypto_provider();
+    // The repository's warnings (waiting for a garbage collection, a lock it could not
+    // refresh) reach the operator on stderr; everything else stays quiet unless RUST_LOG says.
+    aitbc_backup_telemetry::init_tracing(&aitbc_backup_telemetry::LogSettings {
+        level: "error,aitbc_backup_repository=warn".to_owned(),
+        ..Default::default()
+    })?;
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             // Chunk work runs on the blocking pool; a small pool keeps memory bounded (every

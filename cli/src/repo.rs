@@ -466,7 +466,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                 }
                 if report.stale_locks_removed > 0 {
                     println!(
-                        "removed {} lock(s) of writers that died",
+                        "removed {} stale lock(s) of backups or GC runs that died",
                         report.stale_locks_removed
                     );
                 }

@@ -231,6 +231,30 @@ impl Stack {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Restores `set` into fresh servers and a fresh directory; returns the restored heights
+    /// (ledger, postgres, redis) and the restore's JSON events.
+    pub fn restore_fresh(&self, set: &str) -> ((u64, u64, u64), Vec<serde_json::Value>) {
+        let pg = Postgres::start();
+        let redis = Redis::start();
+        let ledger_dir = self.path(&format!("restored-{set}"));
+        let out = self.cli_ok(&[
+            "restore",
+            set,
+            "--json",
+            "--target",
+            &format!("postgres={}", pg.url("postgres")),
+            "--target",
+            &format!("redis=127.0.0.1:{}", redis.port),
+            "--target",
+            &format!("ledger={}", ledger_dir.display()),
+        ]);
+        let events = out
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON event"))
+            .collect();
+        (restored_heights(&ledger_dir, &pg, &redis), events)
+    }
 }
 
 /// The snapshot of the last event (JSON lines) that carries one.

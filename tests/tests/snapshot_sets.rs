@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use aitbc_backup_tests::postgres::Postgres;
-use aitbc_backup_tests::redis::Redis;
-use aitbc_backup_tests::stack::{Stack, restored_heights};
+use aitbc_backup_tests::stack::Stack;
 use serde_json::Value;
 
 const RATE: u32 = 50;
@@ -22,30 +20,6 @@ fn recorded_height(set: &Value, component: &str) -> Option<u64> {
         .iter()
         .find(|c| c["component"] == component)?["consistency"]["height"]
         .as_u64()
-}
-
-/// Restores `set` into fresh servers and a fresh directory; returns the restored heights
-/// (ledger, postgres, redis) and the restore's JSON events.
-fn restore_fresh(stack: &Stack, set: &str) -> ((u64, u64, u64), Vec<Value>) {
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let ledger_dir = stack.path(&format!("restored-{set}"));
-    let out = stack.cli_ok(&[
-        "restore",
-        set,
-        "--json",
-        "--target",
-        &format!("postgres={}", pg.url("postgres")),
-        "--target",
-        &format!("redis=127.0.0.1:{}", redis.port),
-        "--target",
-        &format!("ledger={}", ledger_dir.display()),
-    ]);
-    let events: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON event"))
-        .collect();
-    (restored_heights(&ledger_dir, &pg, &redis), events)
 }
 
 #[test]
@@ -72,7 +46,7 @@ fn fenced_set_restores_every_component_at_one_cut() {
     assert_eq!(verified["ok"], true, "{verified:#}");
     assert!(verified["chunks_read"].as_u64() > Some(0));
 
-    let ((ledger, postgres, redis), events) = restore_fresh(&stack, &id);
+    let ((ledger, postgres, redis), events) = stack.restore_fresh(&id);
     // Restored in the runbook's order, each verified before the next starts.
     let verified: Vec<&str> = events
         .iter()
@@ -102,7 +76,7 @@ fn coordinated_set_spread_is_bounded_by_the_skew() {
     assert_eq!(set["write_pause_ms"].as_f64(), Some(0.0));
     let skew = set["cut_skew_ms"].as_f64().expect("skew");
     let id = set["id"].as_str().expect("id").to_owned();
-    let ((ledger, postgres, redis), _) = restore_fresh(&stack, &id);
+    let ((ledger, postgres, redis), _) = stack.restore_fresh(&id);
     let heights = [ledger, postgres, redis];
     let spread = heights.iter().max().unwrap_or(&0) - heights.iter().min().unwrap_or(&0);
     let bound = (f64::from(RATE) * skew / 1e3).ceil() as u64 + 1;
