@@ -94,10 +94,42 @@ fn sets_killed_at_random_moments_never_leave_a_broken_committed_set() {
         kills.push(victim);
         verify(&stack);
     }
-    // The set after the crashes commits.
+    // The set after the crashes commits, and stores only what is not stored yet: the data
+    // of the killed attempts and of earlier sets is reused, not uploaded again.
     let last = stack.snapshot("coordinated");
     assert_eq!(last["state"], "committed", "{last:#}");
     verify(&stack);
+    let ledger_manifest = stack
+        .stored_sets()
+        .iter()
+        .find(|s| s["id"] == last["id"])
+        .and_then(|s| {
+            s["components"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "ledger")
+                .and_then(|c| c["manifest_id"].as_str().map(str::to_owned))
+        })
+        .expect("the last set's ledger manifest");
+    let envelope: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            stack
+                .repository_dir()
+                .join(format!("manifests/components/{ledger_manifest}.json")),
+        )
+        .expect("read the manifest"),
+    )
+    .expect("manifest JSON");
+    let (raw, new) = (
+        envelope["body"]["raw_size"].as_u64().unwrap_or(0),
+        envelope["body"]["stats"]["new_stored_bytes"]
+            .as_u64()
+            .unwrap_or(u64::MAX),
+    );
+    assert!(
+        new < raw / 2,
+        "the set after the crashes stored {new} new bytes of a {raw}-byte ledger stream"
+    );
 
     let ledger = LedgerAgent {
         data_dir: stack.node.data_dir.clone(),

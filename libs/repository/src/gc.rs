@@ -102,7 +102,12 @@ async fn collect(
     }
     for id in repo.component_ids(cancel).await? {
         // A manifest that cannot be read stops GC: deleting on partial knowledge loses data.
-        let manifest = repo.component(&id, cancel).await?;
+        // One removed since the listing (a `forget` meanwhile) references nothing any more.
+        let manifest = match repo.component(&id, cancel).await {
+            Ok(manifest) => manifest,
+            Err(RepoError::NoSuchManifest(_)) => continue,
+            Err(err) => return Err(err),
+        };
         report.manifests += 1;
         referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
     }
