@@ -15,7 +15,7 @@ bash scripts/setup.sh
 cargo build --workspace --locked
 AITBC_GC_RACE_BACKUPS=$BACKUPS cargo test --locked -p aitbc-backup-tests --test gc_race -- --nocapture
 AITBC_CRASH_LOOPS=$((BACKUPS / 10)) cargo test --locked -p aitbc-backup-tests --test crash_loop -- --nocapture
-AITBC_LIVE_BACKUPS=$BACKUPS cargo test --locked -p aitbc-backup-tests --test live_source -- --nocapture
+AITBC_LIVE_SETS=$((BACKUPS / 30)) AITBC_LIVE_BACKUPS=$BACKUPS cargo test --locked -p aitbc-backup-tests --test live_source -- --nocapture
 PROPTEST_CASES=$CASES cargo test --locked -p aitbc-backup-agent --test confinement
 PROPTEST_CASES=$((CASES / 10)) cargo test --locked -p aitbc-backup-tests --test ledger generated_archive
 # The torn-read regressions and the HTTP fault run, repeated with new seeds.
