@@ -49,8 +49,11 @@ pub fn init_tracing(settings: &LogSettings) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(&settings.level)
             .map_err(|err| anyhow::anyhow!("config key `log.level`: {err}"))?,
     };
+    // Colours only for a person at a terminal: a pod's log collector or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let installed = match settings.format {
         LogFormat::Plain => builder.try_init(),
