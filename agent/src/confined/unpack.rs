@@ -145,7 +145,13 @@ pub fn unpack(
         }
         unpacker.make_parents(&rel).map_err(refused)?;
         let path = root.join(&rel);
-        let io = |e: std::io::Error| format!("{}: {e}", path.display());
+        let io = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                refused("its name appears twice in the archive".to_owned())
+            } else {
+                format!("{}: {e}", path.display())
+            }
+        };
         match kind {
             tar::EntryType::Directory => {
                 unpacker.make_dir(&rel).map_err(refused)?;
