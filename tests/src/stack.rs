@@ -152,6 +152,25 @@ impl Stack {
         self.agents.push(agent);
     }
 
+    /// Waits until every agent is online again (after the coordinator was stopped or restarted).
+    pub fn wait_agents_online(&self) {
+        let (operator, url) = (self.pki.operator(), self.coordinator.url());
+        for agent in &self.agents {
+            assert!(
+                crate::wait_until(Duration::from_secs(30), || agent_state(
+                    &operator,
+                    &url,
+                    &agent.name
+                )
+                .as_deref()
+                    == Some("online")),
+                "agent {} did not come back online: {}",
+                agent.name,
+                agent.log()
+            );
+        }
+    }
+
     pub fn agent(&mut self, component: &str) -> &mut AgentProcess {
         self.agents
             .iter_mut()

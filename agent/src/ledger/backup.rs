@@ -144,6 +144,14 @@ impl Prepared {
             .collect::<Result<Vec<_>, _>>()
             .map_err(anyhow::Error::msg)?;
         let at = Instant::now();
+        if self.fences.iter().any(|f| !f.holding()) {
+            bail!(
+                "the ledger fence ended at its deadline (ledger.fence_max_pause = {:?}) before the \
+                 cut was taken, so the cut would not be exact; the set is aborted (a slow \
+                 coordinator or agent: raise fence_max_pause or check their load)",
+                settings.fence_max_pause
+            );
+        }
         let chain_db = chain_db_rel(&settings);
         let head = snapshots
             .iter()

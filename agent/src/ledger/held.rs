@@ -197,30 +197,61 @@ struct Lock {
 }
 
 /// This process's POSIX (and open file description) locks, from `/proc/locks`; empty when it
-/// cannot be read. Lines look like `1: POSIX  ADVISORY  READ 1234 fd:01:131073 128 128`
-/// (`major:minor:inode`, major and minor in hex; the end may be `EOF`); waiters (`->`) are
-/// skipped.
+/// cannot be read.
 fn process_locks() -> Vec<Lock> {
+    let pid = std::process::id();
+    proc_locks()
+        .into_iter()
+        .filter(|(owner, _, _)| *owner == pid)
+        .map(|(_, _, lock)| lock)
+        .collect()
+}
+
+/// Other processes holding write locks on these files (a database and its `-shm`, where
+/// SQLite's writer lock lives in WAL mode): pid and command name, for an error message that
+/// says who is in the way.
+pub fn writers_of(paths: &[std::path::PathBuf]) -> Vec<(u32, String)> {
+    let files: Vec<FileKey> = paths.iter().filter_map(|p| FileKey::at(p).ok()).collect();
+    let me = std::process::id();
+    let mut pids: Vec<u32> = proc_locks()
+        .into_iter()
+        .filter(|(pid, write, lock)| *pid != me && *write && files.contains(&lock.file))
+        .map(|(pid, _, _)| pid)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_owned())
+        })
+        .collect()
+}
+
+/// Every POSIX (and open file description) lock in `/proc/locks`: owner pid, whether it is a
+/// write lock, and the lock. Lines look like `1: POSIX  ADVISORY  READ 1234 fd:01:131073 128
+/// 128` (`major:minor:inode`, major and minor in hex; the end may be `EOF`); waiters (`->`)
+/// are skipped.
+fn proc_locks() -> Vec<(u32, bool, Lock)> {
     let Ok(text) = std::fs::read_to_string("/proc/locks") else {
         return Vec::new();
     };
-    let pid = std::process::id().to_string();
     text.lines()
         .filter(|line| !line.contains("->"))
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // id: class mode access pid dev:ino start end
-            let [_, class, _, _, owner, file, start, end] = fields.as_slice() else {
+            let [_, class, _, access, owner, file, start, end] = fields.as_slice() else {
                 return None;
             };
-            if !matches!(*class, "POSIX" | "OFDLCK") || *owner != pid {
+            if !matches!(*class, "POSIX" | "OFDLCK") {
                 return None;
             }
             let mut parts = file.split(':');
             let major = u64::from_str_radix(parts.next()?, 16).ok()?;
             let minor = u64::from_str_radix(parts.next()?, 16).ok()?;
             let ino = parts.next()?.parse().ok()?;
-            Some(Lock {
+            let lock = Lock {
                 file: FileKey {
                     dev: makedev(major, minor),
                     ino,
@@ -231,7 +262,8 @@ fn process_locks() -> Vec<Lock> {
                 } else {
                     end.parse().ok()?
                 },
-            })
+            };
+            Some((owner.parse().ok()?, *access == "WRITE", lock))
         })
         .collect()
 }

@@ -185,11 +185,14 @@ impl OpenSnapshot {
 }
 
 /// Writers held off one database: `BEGIN IMMEDIATE` on a connection of its own thread, rolled
-/// back at [`WriteFence::release`], when dropped, or at the deadline, whichever is first.
+/// back at [`WriteFence::release`], when dropped, or at the deadline, whichever is first. The
+/// deadline counts from the moment the fence asked for the lock, and the wait for it (busy
+/// timeout) comes out of the same budget.
 pub struct WriteFence {
     release: mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
     since: Instant,
+    deadline: Instant,
 }
 
 impl WriteFence {
@@ -202,15 +205,18 @@ impl WriteFence {
         let fail = |what: &str, e: rusqlite::Error| format!("{rel}: fence: {what}: {e}");
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(|e| fail("open", e))?;
-        conn.busy_timeout(busy_timeout)
+        conn.busy_timeout(busy_timeout.min(max_pause))
             .map_err(|e| fail("busy timeout", e))?;
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| fail("BEGIN IMMEDIATE", e))?;
         let since = Instant::now();
+        let deadline = since + max_pause;
+        if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+            return Err(not_granted(path, rel, max_pause, err));
+        }
         let (release, released) = mpsc::channel::<()>();
         let rel = rel.to_owned();
         let thread = std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = released.recv_timeout(max_pause) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(mpsc::RecvTimeoutError::Timeout) = released.recv_timeout(left) {
                 tracing::warn!(database = %rel, pause = ?max_pause, "fence deadline passed before release; letting writers go");
             }
             let _ = conn.execute_batch("ROLLBACK");
@@ -219,15 +225,44 @@ impl WriteFence {
             release,
             thread,
             since,
+            deadline,
         })
     }
 
-    /// Lets writers go; how long they were held.
+    /// Whether the fence still holds writers (its deadline has not passed).
+    pub fn holding(&self) -> bool {
+        Instant::now() < self.deadline
+    }
+
+    /// Lets writers go; how long they could have waited (from the request for the lock).
     pub fn release(self) -> Duration {
         drop(self.release);
         let _ = self.thread.join();
         self.since.elapsed()
     }
+}
+
+/// Why `BEGIN IMMEDIATE` failed, naming the processes holding the write lock when it was busy.
+fn not_granted(path: &Path, rel: &str, max_pause: Duration, err: rusqlite::Error) -> String {
+    if err.sqlite_error_code() != Some(rusqlite::ErrorCode::DatabaseBusy) {
+        return format!("{rel}: fence: BEGIN IMMEDIATE: {err}");
+    }
+    let mut shm = path.as_os_str().to_owned();
+    shm.push("-shm");
+    let holders = held::writers_of(&[path.to_owned(), shm.into()]);
+    let who = if holders.is_empty() {
+        "another connection held its write lock".to_owned()
+    } else {
+        let names: Vec<String> = holders
+            .iter()
+            .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+            .collect();
+        format!("its write lock is held by {}", names.join(", "))
+    };
+    format!(
+        "could not fence {rel} within ledger.fence_max_pause ({max_pause:?}): {who}; end that \
+         write transaction or raise the pause"
+    )
 }
 
 fn read_head(conn: &Connection, query: &str) -> Result<Head, String> {

@@ -30,8 +30,8 @@ pub struct Prepared {
     pub server: Server,
     pub info: ServerInfo,
     exporters: Vec<(Database, Client)>,
-    /// Per database with fenced tables: its connection and the `LOCK TABLE` list.
-    fences: Vec<(Client, String)>,
+    /// Per database with fenced tables: its connection and the tables, quoted.
+    fences: Vec<(Client, Vec<String>)>,
     max_pause: Duration,
     /// Raised by [`Prepared::fence`]; carried into the cut.
     fence: Option<Fence>,
@@ -111,19 +111,36 @@ impl Point {
 }
 
 /// Writers held by table locks; ends at [`Fence::release`] or at the deadline, whichever is
-/// first.
+/// first. The deadline counts from the moment the first `LOCK TABLE` was sent: writers queue
+/// behind a pending lock as they do behind a granted one.
 pub struct Fence {
     release: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Duration>,
+    deadline: Instant,
+    max_pause: Duration,
 }
 
 impl Fence {
-    /// Lets writers go; returns how long they were held.
+    /// Lets writers go; returns how long they could have waited (from the first `LOCK`).
     pub async fn release(mut self) -> Duration {
         if let Some(tx) = self.release.take() {
             let _ = tx.send(());
         }
         (&mut self.task).await.unwrap_or_default()
+    }
+
+    /// Fails when the deadline has passed: writers may have gone on, so a cut now would not
+    /// be exact.
+    fn check_holding(&self) -> anyhow::Result<()> {
+        if Instant::now() >= self.deadline {
+            bail!(
+                "the PostgreSQL fence ended at its deadline (postgres.fence_max_pause = {}) before \
+                 the cut was taken, so the cut would not be exact; the set is aborted (a slow \
+                 coordinator or agent: raise fence_max_pause or check their load)",
+                humantime_serde::re::humantime::format_duration(self.max_pause)
+            );
+        }
+        Ok(())
     }
 }
 
@@ -164,7 +181,7 @@ pub async fn prepare(settings: &PostgresSettings) -> anyhow::Result<Prepared> {
                 );
             }
         }
-        fences.push((client, tables.join(", ")));
+        fences.push((client, tables));
     }
     Ok(Prepared {
         server,
@@ -270,6 +287,9 @@ impl Prepared {
         }))
         .await?;
         let at = Instant::now();
+        if let Some(fence) = &fence {
+            fence.check_holding()?;
+        }
         let first = &self.exporters.first().context("no database to back up")?.1;
         let row = first
             .query_one(
@@ -311,28 +331,68 @@ impl Prepared {
     }
 }
 
-/// Locks the fenced tables. The server also ends the fence: a session idle in its transaction
-/// for longer than the pause is terminated, so a vanished agent cannot hold writers.
-async fn raise_fence(fences: Vec<(Client, String)>, max_pause: Duration) -> anyhow::Result<Fence> {
-    let millis = max_pause.as_millis().max(1);
+/// Locks the fenced tables within `max_pause`, counted from the first `LOCK`: the lock wait
+/// (`lock_timeout` per table, `statement_timeout` for the statement) and then the time the
+/// locks are held (`idle_in_transaction_session_timeout`, set to what is left once they are
+/// granted) come out of one budget, so writers queued behind the fence wait at most
+/// `max_pause` whoever disappears. A fence not granted in time names the sessions in its way.
+async fn raise_fence(
+    fences: Vec<(Client, Vec<String>)>,
+    max_pause: Duration,
+) -> anyhow::Result<Fence> {
+    let budget = &millis(max_pause);
     try_join_all(fences.iter().map(|(client, tables)| async move {
+        let tables = tables.join(", ");
         client
             .batch_execute(&format!(
-                "SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}; \
-                 BEGIN; LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE",
-                literal(&format!("{millis}ms")),
-                literal(&format!("{millis}ms")),
+                "SET statement_timeout = {budget}; SET lock_timeout = {budget}; \
+                 SET idle_in_transaction_session_timeout = 0"
             ))
             .await
             .map_err(|e| anyhow::anyhow!("fence {tables}: {}", describe(&e)))
     }))
     .await?;
-    let held = Instant::now();
+    let started = Instant::now();
+    let deadline = started + max_pause;
+    let locked = try_join_all(fences.iter().map(|(client, quoted)| async move {
+        let tables = quoted.join(", ");
+        let locked = client
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE"
+            ))
+            .await;
+        if let Err(err) = locked {
+            let _ = client.batch_execute("ROLLBACK").await;
+            let blockers = blocking_sessions(client, quoted).await;
+            bail!(
+                "could not fence {tables} within postgres.fence_max_pause ({}): {}; {blockers}",
+                humantime_serde::re::humantime::format_duration(max_pause),
+                describe(&err)
+            );
+        }
+        // What is left of the budget bounds the hold on the server too, should the agent
+        // vanish: the session is ended, which releases the locks.
+        let left = millis(deadline.saturating_duration_since(Instant::now()));
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = {left}"
+            ))
+            .await
+            .map_err(|e| anyhow::anyhow!("fence {tables}: {}", describe(&e)))
+    }))
+    .await;
+    if let Err(err) = locked {
+        // Locks granted on the other databases go now (dropping the clients would too, later).
+        for (client, _) in &fences {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        return Err(err);
+    }
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         tokio::select! {
             _ = rx => {}
-            _ = tokio::time::sleep(max_pause) => {
+            _ = tokio::time::sleep_until(deadline.into()) => {
                 tracing::warn!(pause = ?max_pause, "fence deadline passed before release; letting writers go");
             }
         }
@@ -340,12 +400,69 @@ async fn raise_fence(fences: Vec<(Client, String)>, max_pause: Duration) -> anyh
             // Fails only if the server already ended the session, which released the locks.
             let _ = client.batch_execute("COMMIT").await;
         }
-        held.elapsed()
+        started.elapsed()
     });
     Ok(Fence {
         release: Some(tx),
         task,
+        deadline,
+        max_pause,
     })
+}
+
+/// A duration as a SQL literal in milliseconds (at least 1: 0 would mean no limit).
+fn millis(duration: Duration) -> String {
+    literal(&format!("{}ms", duration.as_millis().max(1)))
+}
+
+/// The sessions holding locks on `tables` that the fence waited for, for the error message.
+async fn blocking_sessions(client: &Client, tables: &[String]) -> String {
+    let query = format!(
+        "SELECT l.relation::regclass::text, l.mode, a.pid, coalesce(a.usename::text, ''), \
+                coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'), \
+                coalesce(a.state, ''), coalesce(now() - a.xact_start, '0'::interval)::text \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.granted AND l.pid <> pg_backend_pid() \
+           AND l.relation = ANY (ARRAY[{}]::regclass[]) \
+           AND l.mode NOT IN ('AccessShareLock', 'RowShareLock') \
+         ORDER BY a.xact_start",
+        tables
+            .iter()
+            .map(|t| literal(t))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    match client.query(&query, &[]).await {
+        Ok(rows) if rows.is_empty() => {
+            "no session holds a conflicting lock any more (it was released meanwhile)".to_owned()
+        }
+        Ok(rows) => {
+            let sessions: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} held in {} by pid {} (user `{}`, application `{}`, from {}, {}, in its transaction for {})",
+                        r.get::<_, String>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, i32>(2),
+                        r.get::<_, String>(3),
+                        r.get::<_, String>(4),
+                        r.get::<_, String>(5),
+                        r.get::<_, String>(6),
+                        r.get::<_, String>(7),
+                    )
+                })
+                .collect();
+            format!(
+                "blocked by: {} (end or shorten that transaction, or fence other tables)",
+                sessions.join("; ")
+            )
+        }
+        Err(e) => format!(
+            "the blocking sessions could not be listed: {}",
+            describe(&e)
+        ),
+    }
 }
 
 /// Exact row counts of every table whose data `pg_dump` writes, in a connection of its own

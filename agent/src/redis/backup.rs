@@ -105,8 +105,10 @@ impl Prepared {
     pub fn fence(&mut self) -> anyhow::Result<()> {
         if self.paused.is_none() {
             let millis = self.settings.fence_max_pause.as_millis().to_string();
+            // Taken before the command: the server's timer starts when it reads it.
+            let since = Instant::now();
             self.control.ok(&["CLIENT", "PAUSE", &millis, "WRITE"])?;
-            self.paused = Some(Instant::now());
+            self.paused = Some(since);
         }
         Ok(())
     }
@@ -139,6 +141,16 @@ impl Prepared {
             );
         }
         let reply = reply?.text();
+        if let Some(since) = fence {
+            let max = self.settings.fence_max_pause;
+            if at.duration_since(since) >= max {
+                bail!(
+                    "the Redis pause ended at its deadline (redis.fence_max_pause = {max:?}) before \
+                     the fork, so the cut would not be exact; the set is aborted (the server \
+                     may have deferred the sync behind another BGSAVE: raise fence_max_pause)"
+                );
+            }
+        }
         let mut words = reply.split_whitespace();
         let (Some("FULLRESYNC"), Some(replid), Some(offset)) =
             (words.next(), words.next(), words.next())
