@@ -112,6 +112,15 @@ impl Agent {
             router,
             shutdown.clone(),
         ));
+        // Servers an interrupted restore left borrowed are given back first, in the
+        // background: the session does not wait for a server that cannot be reached.
+        let redis =
+            (config.component == Some(aitbc_backup_proto::model::Component::Redis)).then(|| {
+                tokio::spawn(redis::restore::journal::recover_at_start(
+                    config.redis.clone(),
+                    shutdown.clone(),
+                ))
+            });
         // The WAL archiver lives as long as the agent, beside the session: it needs no
         // coordinator, and a restarted coordinator must not interrupt it.
         let wal = archiving.then(|| {
@@ -140,6 +149,9 @@ impl Agent {
             })
         });
         session::run(self.settings, up, metrics, shutdown).await;
+        if let Some(redis) = redis {
+            redis.await?;
+        }
         if let Some(wal) = wal {
             wal.await?;
         }

@@ -274,6 +274,10 @@ impl Command {
         config: &AgentConfig,
         cancel: &CancellationToken,
     ) -> anyhow::Result<serde_json::Value> {
+        // Servers an interrupted restore left borrowed are given back first (one attempt each).
+        if config.component == Some(Component::Redis) {
+            redis::restore::journal::recover_before_command(&config.redis).await;
+        }
         // Boxed: the pipelines' futures are deep enough to overflow the compiler's layout queries
         // in every caller.
         match self {

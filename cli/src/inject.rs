@@ -192,6 +192,8 @@ fn sidecar(args: &InjectArgs) -> anyhow::Result<Value> {
         Component::Redis => env.extend([
             json!({"name": "AITBC_BACKUP_REDIS__ADDRESS", "value": "127.0.0.1:6379"}),
             password("redis", "AITBC_BACKUP_REDIS__PASSWORD"),
+            // The restore journal outlives the container (a restart gives Redis back).
+            json!({"name": "AITBC_BACKUP_REDIS__STATE_DIR", "value": "/scratch/redis"}),
         ]),
         Component::Ledger => {
             env.extend([

@@ -7,6 +7,7 @@
 //! - [`chain`]: the simulated blockchain node's ledger and the checks made on a chain.db; the
 //!   simulator itself is the `aitbc-node-sim` binary of this crate.
 //! - [`data`], [`repository`]: test data and repositories on every backend.
+//! - [`tcp_proxy`]: a TCP proxy with a byte rate and cuts, for faults on a connection.
 //!
 //! Services are started synchronously from the test's own thread (start functions block until
 //! the service answers), which keeps the parent-death signal tied to the test's lifetime.
@@ -24,6 +25,7 @@ pub mod repository;
 pub mod s3;
 pub mod s3_faults;
 pub mod stack;
+pub mod tcp_proxy;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

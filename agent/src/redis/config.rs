@@ -15,6 +15,8 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_FENCE_MAX_PAUSE: Duration = Duration::from_secs(5);
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+pub const DEFAULT_STATE_DIR: &str = "/tmp/aitbc-backup/redis";
+pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -54,6 +56,14 @@ pub struct RedisSettings {
     /// stored instead of 343 MB). Needs `CONFIG` (`+config|get +config|set`); without it the
     /// fork saves as the server is configured.
     pub plain_rdb: bool,
+    /// Where a restore into a running server keeps its journal (what it changed on the server,
+    /// written before the change), so that an agent killed mid-restore gives the server back
+    /// when it starts again. Must survive the agent's restarts: the pod's `emptyDir`.
+    pub state_dir: PathBuf,
+    /// How long the agent keeps trying to give a server back (its role and settings) after an
+    /// interrupted restore: while it lives, and in the background at a sidecar's start.
+    #[serde(with = "humantime_serde")]
+    pub release_timeout: Duration,
 }
 
 impl Default for RedisSettings {
@@ -73,6 +83,8 @@ impl Default for RedisSettings {
             fence_max_pause: DEFAULT_FENCE_MAX_PAUSE,
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             plain_rdb: true,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            release_timeout: DEFAULT_RELEASE_TIMEOUT,
         }
     }
 }
@@ -102,10 +114,17 @@ impl RedisSettings {
             ("redis.io_timeout", self.io_timeout),
             ("redis.load_timeout", self.load_timeout),
             ("redis.fence_max_pause", self.fence_max_pause),
+            ("redis.release_timeout", self.release_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, "must be positive"));
             }
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::invalid(
+                "redis.state_dir",
+                format!("`{}` is not an absolute path", self.state_dir.display()),
+            ));
         }
         Ok(())
     }
