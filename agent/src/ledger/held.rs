@@ -57,7 +57,7 @@ pub struct Hold(FileKey);
 
 /// Registers the database at `path` as held by this process.
 pub fn hold(path: &Path) -> std::io::Result<Hold> {
-    let key = FileKey::at(path).map_err(|e| super::scan::annotate(e, path))?;
+    let key = FileKey::at(path)?;
     with_held(|held| *held.entry(key).or_insert(0) += 1);
     Ok(Hold(key))
 }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::PostgresSettings;
-use super::server::Server;
+use super::server::{Server, wal_segment_size};
 
 pub const STREAM: &str = "pg_basebackup";
 /// The largest `backup_manifest` read (it lists every file of the cluster).
@@ -44,7 +44,7 @@ pub async fn base_backup(
 ) -> anyhow::Result<BaseBackupReport> {
     let started = Instant::now();
     let (server, admin, info) = Server::open(settings).await?;
-    let wal_segment_size = super::wal_archive::wal_segment_size(&admin).await?;
+    let wal_segment_size = wal_segment_size(&admin).await?;
     drop(admin);
     let mut child = server
         .tool("pg_basebackup")

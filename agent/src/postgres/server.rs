@@ -313,3 +313,17 @@ pub fn check_output(what: &str, output: std::process::Output) -> anyhow::Result<
         String::from_utf8_lossy(&output.stderr).trim()
     )
 }
+
+/// The server's WAL segment size in bytes.
+pub async fn wal_segment_size(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
+    let row = client
+        .query_one(
+            "SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 \
+                    WHEN 'MB' THEN 1048576 ELSE 1 END \
+             FROM pg_settings WHERE name = 'wal_segment_size'",
+            &[],
+        )
+        .await
+        .context("read wal_segment_size")?;
+    Ok(row.get::<_, i64>(0) as u64)
+}

@@ -22,7 +22,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::PostgresSettings;
-use super::server::Server;
+use super::server::{Server, wal_segment_size};
 use crate::metrics::WalMetrics;
 
 const RESTART: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -282,19 +282,6 @@ async fn claim_spool(
     uploader.partials.clear();
     tokio::fs::write(&marker, system_identifier).await?;
     Ok(())
-}
-
-pub(crate) async fn wal_segment_size(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
-    let row = client
-        .query_one(
-            "SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 \
-                    WHEN 'MB' THEN 1048576 ELSE 1 END \
-             FROM pg_settings WHERE name = 'wal_segment_size'",
-            &[],
-        )
-        .await
-        .context("read wal_segment_size")?;
-    Ok(row.get::<_, i64>(0) as u64)
 }
 
 /// Moves what the receiver wrote into the repository.

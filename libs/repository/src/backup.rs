@@ -24,11 +24,12 @@ use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunker::Cutter;
+use crate::clock::now_rfc3339;
 use crate::error::RepoError;
 use crate::layout;
 use crate::locks::WriterLock;
 use crate::manifest::{BackupStats, ChunkRef, ComponentManifest, ConsistencyPoint, FileEntry};
-use crate::repo::{Repository, now_rfc3339};
+use crate::repo::Repository;
 use crate::storage::{PutMode, StorageError};
 
 /// What a backup is called: its name, and the snapshot set it belongs to (empty for a backup

@@ -13,11 +13,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_rfc3339;
 pub use crate::crypto::KeySecret;
 use crate::crypto::{self, KekDerivation};
 use crate::error::RepoError;
 use crate::layout;
-use crate::repo::now_rfc3339;
 use crate::storage::{PutMode, Storage, StorageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,6 +13,7 @@
 
 pub mod backup;
 pub mod chunker;
+mod clock;
 pub mod crypto;
 pub mod damaged;
 pub mod digest;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::chunker::ChunkerParams;
+use crate::clock::now_rfc3339;
 use crate::crypto::DataKeys;
 use crate::error::RepoError;
 use crate::keys::{self, KeySecret};
@@ -513,8 +514,4 @@ pub(crate) async fn read_config(
     }
     config.chunker.validate().map_err(RepoError::BadConfig)?;
     Ok(config)
-}
-
-pub(crate) fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

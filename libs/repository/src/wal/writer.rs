@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_rfc3339;
 use crate::error::RepoError;
 use crate::layout;
 use crate::locks::WriterLock;
 use crate::manifest::{BackupStats, ChunkRef, ComponentManifest};
-use crate::repo::{Repository, now_rfc3339};
+use crate::repo::Repository;
 use crate::storage::{PutMode, StorageError};
 
 use super::{STREAM, WalFile};
