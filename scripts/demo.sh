@@ -7,7 +7,8 @@
 # fresh directory; the restored heights are compared; the set's data is re-read and re-hashed.
 # The PostgreSQL agent also archives WAL: the set's restore point is recovered from a base backup
 # plus WAL into a new data directory (point-in-time recovery) and must hold the same height.
-# Everything is stopped and removed at exit.
+# Everything is stopped and removed at exit (scripts/lib.sh: PostgreSQL with its fast shutdown,
+# a deadline, then escalation); a process still running after that fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,9 +31,7 @@ as_postgres() {  # initdb and postgres refuse to run as root
 start_postgres() {  # NAME PORT
   mkdir -p "$WORK/pg/$1"
   as_postgres "$PGBIN/initdb" -D "$WORK/pg/$1/data" --auth=trust --username=postgres --no-sync >/dev/null
-  as_postgres "$PGBIN/postgres" -D "$WORK/pg/$1/data" -p "$2" -k "$WORK/pg/$1" -c listen_addresses=127.0.0.1 \
-    >"$WORK/postgres-$1.log" 2>&1 &
-  PIDS+=($!)
+  start_pg_server "$WORK/pg/$1/data" "$2" "$WORK/pg/$1" "$WORK/postgres-$1.log" -c listen_addresses=127.0.0.1
 }
 PG_PORT=$(free_port) PG2_PORT=$(free_port) REDIS_PORT=$(free_port) REDIS2_PORT=$(free_port)
 start_postgres source "$PG_PORT"
@@ -129,9 +128,8 @@ env AITBC_BACKUP_COMPONENT=postgres AITBC_BACKUP_REPOSITORY__URL="$REPOSITORY" \
     AITBC_BACKUP_POSTGRES__SCRATCH_DIR="$WORK/scratch-pitr" AITBC_BACKUP_LOG__LEVEL=warn \
     "$BIN/aitbc-backup-agent" pitr-restore --to-set "$SET" --data-dir "$WORK/pg/pitr/data" >"$WORK/pitr.json"
 python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("   base backup %s + %d WAL files, %s; %.1f s" % (r["base_backup"], r["wal_files"], r["stopped"], r["seconds"]))' "$WORK/pitr.json"
-as_postgres "$PGBIN/postgres" -D "$WORK/pg/pitr/data" -p "$PG3_PORT" -k "$WORK/pg/pitr" \
-  -c listen_addresses=127.0.0.1 >"$WORK/postgres-pitr.log" 2>&1 &
-PIDS+=($!)
+[ "$(id -u)" = 0 ] && chown -R postgres:postgres "$WORK/pg"
+start_pg_server "$WORK/pg/pitr/data" "$PG3_PORT" "$WORK/pg/pitr" "$WORK/postgres-pitr.log" -c listen_addresses=127.0.0.1
 until "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG3_PORT"; do sleep 0.1; done
 PITR_H=$("$PGBIN/psql" -X -At -d "postgres://postgres@127.0.0.1:$PG3_PORT/aitbc" -c 'SELECT max(height) FROM chain_blocks')
 

@@ -69,11 +69,12 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             host,
         };
+        // The coordinator must present role `coordinator` (see aitbc_backup_tls::client).
+        let tls = tls.coordinator_client(&config.coordinator.effective_server_name())?;
         let http = aitbc_backup_telemetry::bind_http(config.http.listen).await?;
         Ok(Agent {
             settings: session::SessionSettings {
                 url: config.coordinator.url.clone(),
-                server_name: config.coordinator.effective_server_name(),
                 connect_timeout: config.coordinator.connect_timeout,
                 backoff: config.reconnect.backoff(),
                 tls,

@@ -13,7 +13,7 @@ use aitbc_backup_backoff::{Backoff, sleep_or_cancel};
 use aitbc_backup_proto::agent_session_client::AgentSessionClient;
 use aitbc_backup_proto::model::Registration;
 use aitbc_backup_proto::{AgentMessage, Heartbeat, agent_message, coordinator_message};
-use aitbc_backup_tls::files::LoadedTls;
+use aitbc_backup_tls::CoordinatorTls;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -31,10 +31,10 @@ const MISSED_ACKS: u32 = 3;
 /// Everything needed to open sessions.
 pub struct SessionSettings {
     pub url: String,
-    pub server_name: String,
     pub connect_timeout: Duration,
     pub backoff: Backoff,
-    pub tls: LoadedTls,
+    /// Our certificate, and the check that the server is the coordinator (name and role).
+    pub tls: CoordinatorTls,
     pub registration: Registration,
     /// What the snapshot-set and restore commands run against.
     pub config: Arc<AgentConfig>,
@@ -42,13 +42,13 @@ pub struct SessionSettings {
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("connect to {url}: {}", aitbc_backup_telemetry::error_chain(.source))]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error("connect to {url}: {why}")]
+    Connect { url: String, why: String },
     #[error("coordinator refused the session: {0}")]
     Refused(tonic::Status),
+    /// A refusal in TLS, explained (see [`CoordinatorTls::diagnose`]).
+    #[error("coordinator refused the session: {why} ({status})")]
+    RefusedTls { why: String, status: tonic::Status },
     #[error("session lost: {0}")]
     Lost(tonic::Status),
     #[error("coordinator closed the session")]
@@ -106,9 +106,10 @@ async fn run_once(
     cancel: &CancellationToken,
     registered: &mut bool,
 ) -> Result<(), SessionError> {
-    let endpoint = Endpoint::from_shared(settings.url.clone())
-        .map_err(SessionError::BadUrl)?
-        .tls_config(settings.tls.client_config(&settings.server_name))
+    let endpoint = Endpoint::from_shared(settings.url.clone()).map_err(SessionError::BadUrl)?;
+    let endpoint = settings
+        .tls
+        .endpoint(endpoint)
         .map_err(SessionError::BadUrl)?
         .connect_timeout(settings.connect_timeout)
         .http2_keep_alive_interval(HTTP2_KEEPALIVE)
@@ -116,9 +117,12 @@ async fn run_once(
         .keep_alive_while_idle(true);
     let channel = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        channel = endpoint.connect() => channel.map_err(|source| SessionError::Connect {
+        channel = endpoint.connect() => channel.map_err(|err| SessionError::Connect {
             url: settings.url.clone(),
-            source,
+            why: settings
+                .tls
+                .explain(&err)
+                .unwrap_or_else(|| aitbc_backup_telemetry::error_chain(&err)),
         })?,
     };
     let mut client = AgentSessionClient::new(channel);
@@ -132,16 +136,21 @@ async fn run_once(
     tx.send(register)
         .await
         .map_err(|_| SessionError::Protocol("outbound queue closed"))?;
-    let mut inbound = tokio::select! {
+    let response = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        response = client.session(ReceiverStream::new(rx)) => {
-            response.map_err(SessionError::Refused)?.into_inner()
-        }
+        response = client.session(ReceiverStream::new(rx)) => response,
     };
-    let first = tokio::time::timeout(settings.connect_timeout, inbound.message())
+    let mut inbound = match response {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Err(refused(settings, status).await),
+    };
+    let first = match tokio::time::timeout(settings.connect_timeout, inbound.message())
         .await
         .map_err(|_| SessionError::Silent(settings.connect_timeout))?
-        .map_err(SessionError::Refused)?;
+    {
+        Ok(first) => first,
+        Err(status) => return Err(refused(settings, status).await),
+    };
     let Some(coordinator_message::Body::Registered(accepted)) = first.and_then(|m| m.body) else {
         return Err(SessionError::Protocol("first message was not Registered"));
     };
@@ -161,6 +170,20 @@ async fn run_once(
     // Sets do not outlive their session: the coordinator aborts them when the session ends.
     executor.shutdown().await;
     served
+}
+
+/// Why the session was refused. A client certificate the coordinator's TLS refuses shows up
+/// only as a cancelled call (TLS 1.3 sends the refusal after the handshake), so that case is
+/// asked about on a second connection.
+async fn refused(settings: &SessionSettings, status: tonic::Status) -> SessionError {
+    if matches!(
+        status.code(),
+        tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+    ) && let Some(why) = settings.tls.diagnose(&settings.url).await
+    {
+        return SessionError::RefusedTls { why, status };
+    }
+    SessionError::Refused(status)
 }
 
 /// Heartbeats up, acks and commands down, until the session ends.

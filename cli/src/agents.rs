@@ -1,5 +1,7 @@
 //! `aitbc-backup agents list | get`.
 
+use crate::output::outln;
+
 use aitbc_backup_proto::{Agent, AgentState, GetAgentRequest, ListAgentsRequest};
 use serde::Serialize;
 
@@ -56,7 +58,7 @@ pub async fn run(
     };
     let agents: Vec<AgentJson> = agents.into_iter().map(to_json).collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&agents)?);
+        outln!("{}", serde_json::to_string_pretty(&agents)?)?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = agents
@@ -75,7 +77,7 @@ pub async fn run(
     print_table(
         &["NAME", "COMPONENT", "STATE", "LAST SEEN", "VERSION", "HOST"],
         &rows,
-    );
+    )?;
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! `aitbc-backup certs init | issue`: a development PKI. Production deployments use
 //! cert-manager (see the README); the files have the same role SANs either way.
 
+use crate::output::outln;
+
 use std::path::{Path, PathBuf};
 
 use aitbc_backup_tls::authority::write_file;
@@ -105,9 +107,9 @@ fn init(
         issue_one(Role::Agent, agent, &[], format!("agent-{agent}"))?;
     }
     issue_one(Role::Operator, operator, &[], "operator".into())?;
-    println!("wrote into {}: ca.pem, ca.key", dir.display());
+    outln!("wrote into {}: ca.pem, ca.key", dir.display())?;
     for line in written {
-        println!("  {line}");
+        outln!("  {line}")?;
     }
     Ok(())
 }
@@ -127,6 +129,6 @@ fn issue(dir: &Path, role: &str, name: &str, hosts: &[String]) -> anyhow::Result
     let identity = PeerIdentity::new(role, name)?;
     let stem = format!("{role}-{name}");
     ca.issue(&identity, hosts)?.write(dir, &stem)?;
-    println!("wrote {}/{stem}.pem  {}", dir.display(), identity.uri());
+    outln!("wrote {}/{stem}.pem  {}", dir.display(), identity.uri())?;
     Ok(())
 }

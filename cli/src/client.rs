@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aitbc_backup_proto::operator_client::OperatorClient;
-use aitbc_backup_tls::TlsFiles;
+use aitbc_backup_tls::{CoordinatorTls, TlsFiles};
 use anyhow::Context;
 use tonic::transport::{Channel, Endpoint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct ConnectionArgs {
     /// The coordinator's gRPC address.
     #[arg(
@@ -36,7 +36,8 @@ pub struct ConnectionArgs {
 }
 
 impl ConnectionArgs {
-    pub async fn operator(&self) -> anyhow::Result<OperatorClient<Channel>> {
+    /// Our TLS towards the coordinator; an error names the file that is wrong.
+    pub fn coordinator_tls(&self) -> anyhow::Result<CoordinatorTls> {
         let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
             anyhow::bail!(
                 "an operator certificate is needed: pass --cert, --key and --ca \
@@ -54,21 +55,40 @@ impl ConnectionArgs {
             None => host_of(&self.coordinator)
                 .with_context(|| format!("`{}` is not https://host:port", self.coordinator))?,
         };
-        let channel = Endpoint::from_shared(self.coordinator.clone())
-            .with_context(|| format!("bad coordinator address `{}`", self.coordinator))?
-            .tls_config(tls.client_config(&server_name))?
+        Ok(tls.coordinator_client(&server_name)?)
+    }
+
+    pub async fn operator(&self) -> anyhow::Result<OperatorClient<Channel>> {
+        let tls = self.coordinator_tls()?;
+        let endpoint = Endpoint::from_shared(self.coordinator.clone())
+            .with_context(|| format!("bad coordinator address `{}`", self.coordinator))?;
+        let channel = tls
+            .endpoint(endpoint)?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .connect()
             .await
             .map_err(|err| {
-                anyhow::anyhow!(
-                    "connect to coordinator {}: {}",
-                    self.coordinator,
-                    aitbc_backup_telemetry::error_chain(&err)
-                )
+                let why = tls
+                    .explain(&err)
+                    .unwrap_or_else(|| aitbc_backup_telemetry::error_chain(&err));
+                anyhow::anyhow!("connect to coordinator {}: {why}", self.coordinator)
             })?;
         Ok(OperatorClient::new(channel))
+    }
+
+    /// Explains a call that failed the way a refused client certificate fails (TLS 1.3
+    /// delivers the refusal after the handshake, and tonic reports it as `Cancelled`):
+    /// dials again and says what the coordinator answered. `None` when nothing is learnt.
+    pub async fn explain_failure(&self, failed: &RpcFailed) -> Option<String> {
+        if !matches!(
+            failed.code,
+            tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+        ) {
+            return None;
+        }
+        let tls = self.coordinator_tls().ok()?;
+        tls.diagnose(&self.coordinator).await
     }
 }
 
@@ -81,7 +101,21 @@ fn host_of(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_owned())
 }
 
-/// A gRPC status as a one-line error.
+/// A call the coordinator answered with an error status (or that never reached it).
+#[derive(Debug, thiserror::Error)]
+#[error("{call}: {code:?}: {message}")]
+pub struct RpcFailed {
+    pub call: String,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+/// A gRPC status as a one-line error ([`RpcFailed`], which `main` may explain further).
 pub fn status_error(call: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
+    RpcFailed {
+        call: call.to_owned(),
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+    .into()
 }

@@ -5,6 +5,8 @@
 //! the coordinator's NetworkPolicy admits. Running it twice gives the same output as once. The
 //! sidecar is the one `deploy/kubernetes/components/agent-*` add (a test keeps them equal).
 
+use crate::output::out;
+
 use std::io::Read;
 
 use aitbc_backup_proto::model::Component;
@@ -51,7 +53,7 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
     std::io::stdin()
         .read_to_string(&mut input)
         .context("read manifests from stdin")?;
-    print!("{}", inject(&input, args)?);
+    out!("{}", inject(&input, args)?)?;
     Ok(())
 }
 

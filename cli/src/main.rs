@@ -10,6 +10,8 @@ mod output;
 mod repo;
 mod snapshot;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 // glibc's malloc keeps megabytes per thread arena once its mmap threshold has adapted upwards to
@@ -56,15 +58,35 @@ enum Command {
     Inject(inject::InjectArgs),
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let connection = cli.connection.clone();
     match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output is gone (`... | head`): nothing to say; see `output`.
+        Err(_) if output::stdout_closed() => ExitCode::from(output::CLOSED_STDOUT_EXIT),
         Err(err) => {
-            eprintln!("aitbc-backup: error: {err:#}");
-            std::process::ExitCode::FAILURE
+            let message = match err.downcast_ref::<client::RpcFailed>() {
+                Some(failed) => explain(&connection, failed).unwrap_or_else(|| format!("{err:#}")),
+                None => format!("{err:#}"),
+            };
+            output::errln!("aitbc-backup: error: {message}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// A failed call that looks like a TLS refusal, explained by asking the coordinator again.
+fn explain(connection: &client::ConnectionArgs, failed: &client::RpcFailed) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let why = runtime.block_on(connection.explain_failure(failed))?;
+    Some(format!(
+        "{}: {why} (the call ended with {:?}: {})",
+        failed.call, failed.code, failed.message
+    ))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

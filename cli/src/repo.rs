@@ -1,6 +1,8 @@
 //! `aitbc-backup repo ...`: direct repository access, no coordinator needed. This is also the
 //! disaster-recovery path: everything needed to read backups is the repository URL and a key.
 
+use crate::output::{errln, outln};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,8 +73,13 @@ enum RepoCommand {
     /// Restore a manifest's stream to standard output or, atomically, to a file.
     Cat {
         id: String,
+        /// Write to this file (complete and verified, or not at all); an existing file is
+        /// refused unless --force.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Replace the --output file if it exists.
+        #[arg(long, requires = "output")]
+        force: bool,
     },
     /// List component manifests; a damaged one is listed as DAMAGED (and named on stderr),
     /// the others as usual, exit code 0.
@@ -269,9 +276,9 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(repo.config())?);
+                outln!("{}", serde_json::to_string_pretty(repo.config())?)?;
             } else {
-                println!(
+                outln!(
                     "initialized repository {} at {}{}",
                     repo.config().id,
                     repo.storage().describe(),
@@ -280,7 +287,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                     } else {
                         ""
                     }
-                );
+                )?;
             }
         }
         RepoCommand::Put { name, stream } => {
@@ -302,10 +309,10 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary(&manifest))?);
+                outln!("{}", serde_json::to_string_pretty(&summary(&manifest))?)?;
             } else {
-                println!("{}", manifest.id);
-                eprintln!(
+                outln!("{}", manifest.id)?;
+                errln!(
                     "{}: {} bytes in {} chunks, {} new ({} bytes stored) in {:.1}s",
                     manifest.name,
                     manifest.raw_size,
@@ -316,22 +323,45 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                 );
             }
         }
-        RepoCommand::Cat { id, output } => {
+        RepoCommand::Cat { id, output, force } => {
+            // Checked before anything is downloaded; without --force the restore also refuses a
+            // file that appears meanwhile (it publishes with a hard link, not a rename).
+            if let Some(path) = output
+                && !force
+                && std::fs::symlink_metadata(path).is_ok()
+            {
+                bail!(
+                    "{} already exists; pass --force to replace it, or choose another --output",
+                    path.display()
+                );
+            }
             let repo = args.open(&cancel).await?;
             let manifest = repo.component(id, &cancel).await?;
             let progress = Arc::new(Progress::default());
             match output {
-                Some(path) => {
+                Some(path) if *force => {
                     aitbc_backup_repository::restore_to_file(
                         &repo, &manifest, path, progress, &cancel,
                     )
                     .await?
                 }
+                Some(path) => aitbc_backup_repository::restore_to_new_file(
+                    &repo, &manifest, path, progress, &cancel,
+                )
+                .await
+                .map_err(|err| match &err {
+                    aitbc_backup_repository::RepoError::Io(io)
+                        if io.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        anyhow::anyhow!("{io}; pass --force to replace it")
+                    }
+                    _ => err.into(),
+                })?,
                 None => {
                     aitbc_backup_repository::restore(
                         &repo,
                         &manifest,
-                        tokio::io::stdout(),
+                        crate::output::Stdout::new(),
                         progress,
                         &cancel,
                     )
@@ -353,7 +383,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                     })
                     .chain(scanned.damaged.iter().map(damaged_summary))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?)?;
             } else {
                 let damaged_rows = scanned.damaged.iter().map(|d| {
                     let mut row = vec![d.id.clone(), "DAMAGED".to_owned()];
@@ -386,11 +416,11 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                         "NEW STORED",
                     ],
                     &rows,
-                );
+                )?;
             }
             // The good backups are listed (exit 0); each damaged one is named on stderr too.
             for damaged in &scanned.damaged {
-                eprintln!(
+                errln!(
                     "warning: {damaged}; its backup cannot be restored. `aitbc-backup repo verify` checks the rest"
                 );
             }
@@ -399,11 +429,11 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             let repo = args.open(&cancel).await?;
             let manifest = repo.component(id, &cancel).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&manifest)?);
+                outln!("{}", serde_json::to_string_pretty(&manifest)?)?;
             } else {
                 let s = summary(&manifest);
                 for (key, value) in s.as_object().into_iter().flatten() {
-                    println!("{key:<16} {}", value.to_string().trim_matches('"'));
+                    outln!("{key:<16} {}", value.to_string().trim_matches('"'))?;
                 }
             }
         }
@@ -411,9 +441,9 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             let repo = args.open(&cancel).await?;
             let report = verify::verify(&repo, *read_data, &cancel).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                println!(
+                outln!(
                     "checked {} manifests, {} chunks{}",
                     report.manifests,
                     report.chunks,
@@ -422,14 +452,14 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                     } else {
                         String::new()
                     }
-                );
+                )?;
                 for problem in &report.problems {
-                    println!(
+                    outln!(
                         "{}: {} (used by {})",
                         problem.object,
                         problem.problem,
                         problem.manifests.join(", ")
-                    );
+                    )?;
                 }
             }
             if !report.ok() {
@@ -445,9 +475,9 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                     None => err.into(),
                 })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                println!(
+                outln!(
                     "{} manifests, {} chunks: {} referenced, {} unreferenced ({} within the grace period); {} {} chunks, {} bytes",
                     report.manifests,
                     report.chunks,
@@ -457,18 +487,18 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
                     if *dry_run { "would delete" } else { "deleted" },
                     report.deleted_chunks,
                     report.deleted_bytes
-                );
+                )?;
                 if report.writers_in_flight > 0 {
-                    println!(
+                    outln!(
                         "{} backup(s) or WAL upload(s) in flight: nothing deleted; run gc again when they are done",
                         report.writers_in_flight
-                    );
+                    )?;
                 }
                 if report.stale_locks_removed > 0 {
-                    println!(
+                    outln!(
                         "removed {} stale lock(s) of backups or GC runs that died",
                         report.stale_locks_removed
-                    );
+                    )?;
                 }
             }
         }
@@ -478,12 +508,12 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             // deliberately so that GC can run again.
             if let Err(err) = repo.component(id, &cancel).await {
                 match Damaged::from_error(DamagedKind::ComponentManifest, id, &err) {
-                    Some(damaged) => eprintln!("{damaged}; forgetting it"),
+                    Some(damaged) => errln!("{damaged}; forgetting it"),
                     None => return Err(err.into()),
                 }
             }
             repo.delete_component(id, &cancel).await?;
-            println!("forgot {id}; its data is removed by the next gc after the grace period");
+            outln!("forgot {id}; its data is removed by the next gc after the grace period")?;
         }
         RepoCommand::Keys(command) => run_keys(&args, command, json, &cancel).await?,
         RepoCommand::Wal(command) => {
@@ -520,7 +550,7 @@ async fn run_wal(
                 "timelines": catalog.histories.keys().collect::<Vec<_>>(),
             });
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                outln!("{}", serde_json::to_string_pretty(&summary)?)?;
             } else {
                 let rows: Vec<Vec<String>> = bases
                     .iter()
@@ -545,14 +575,14 @@ async fn run_wal(
                         "BYTES",
                     ],
                     &rows,
-                );
-                println!(
+                )?;
+                outln!(
                     "WAL: {} segments, {} .. {}, partial {}",
                     catalog.segments.len(),
                     summary["first_segment"].as_str().unwrap_or("-"),
                     summary["last_segment"].as_str().unwrap_or("-"),
                     summary["partial"].as_str().unwrap_or("-"),
-                );
+                )?;
             }
         }
         WalCommand::Verify => {
@@ -560,15 +590,18 @@ async fn run_wal(
             let bases = wal::base_backups(repo, cancel).await?;
             let chains = wal::verify_chains(repo, &catalog, &bases, cancel).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&chains)?);
+                outln!("{}", serde_json::to_string_pretty(&chains)?)?;
             } else {
                 for chain in &chains {
                     match chain.problem.as_str() {
-                        "" => println!(
+                        "" => outln!(
                             "base backup {}: WAL complete from {} to {} ({} files)",
-                            chain.base_backup, chain.first_segment, chain.last_segment, chain.files
-                        ),
-                        problem => println!("base backup {}: {problem}", chain.base_backup),
+                            chain.base_backup,
+                            chain.first_segment,
+                            chain.last_segment,
+                            chain.files
+                        )?,
+                        problem => outln!("base backup {}: {problem}", chain.base_backup)?,
                     }
                 }
             }
@@ -583,15 +616,15 @@ async fn run_wal(
         WalCommand::Retain { keep } => {
             let report = wal::retain(repo, *keep, cancel).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                println!(
+                outln!(
                     "kept {} base backup(s), deleted {}; removed {} WAL segment(s) and {} partial upload(s) no kept backup needs",
                     report.kept_base_backups,
                     report.deleted_base_backups.len(),
                     report.pruned.segments,
                     report.pruned.partials
-                );
+                )?;
             }
         }
     }
@@ -622,8 +655,12 @@ async fn run_keys(
     match command {
         KeysCommand::List => {
             let keys = keys::list_keys(&storage, cancel).await?;
+            if keys.is_empty() {
+                // Every encrypted repository has at least one key.
+                errln!("{} is not encrypted: it has no keys", storage.describe());
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
+                outln!("{}", serde_json::to_string_pretty(&keys)?)?;
             } else {
                 let rows: Vec<Vec<String>> = keys
                     .iter()
@@ -639,25 +676,31 @@ async fn run_keys(
                         ]
                     })
                     .collect();
-                print_table(&["ID", "KIND", "CREATED", "STATE"], &rows);
+                print_table(&["ID", "KIND", "CREATED", "STATE"], &rows)?;
             }
         }
         KeysCommand::Add(new) => {
             let id = keys::add_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
-            println!("added key {id}");
+            outln!("added key {id}")?;
         }
         KeysCommand::Rotate(new) => {
             let id = keys::rotate_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
-            println!("rotated: new key {id}; the previous key is revoked");
+            outln!("rotated: new key {id}; the previous key is revoked")?;
         }
         KeysCommand::Revoke { id } => {
             keys::revoke_key(&storage, &current()?, id, cancel).await?;
-            println!("revoked key {id}");
+            outln!("revoked key {id}")?;
         }
         KeysCommand::Audit => {
             let log = keys::audit_log(&storage, cancel).await?;
+            if log.is_empty() {
+                errln!(
+                    "{} records no key operations (it is not encrypted)",
+                    storage.describe()
+                );
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&log)?);
+                outln!("{}", serde_json::to_string_pretty(&log)?)?;
             } else {
                 let rows: Vec<Vec<String>> = log
                     .iter()
@@ -671,7 +714,7 @@ async fn run_keys(
                         ]
                     })
                     .collect();
-                print_table(&["TIME", "ACTION", "KEY", "BY", "HOST"], &rows);
+                print_table(&["TIME", "ACTION", "KEY", "BY", "HOST"], &rows)?;
             }
         }
     }

@@ -1,6 +1,8 @@
 //! `aitbc-backup snapshot create | list | show | pin | unpin | delete`, `restore SET` and
 //! `verify SET`: snapshot sets through the coordinator.
 
+use crate::output::{errln, outln};
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -117,9 +119,9 @@ pub async fn run(
                 .snapshots;
             if json {
                 let all: Vec<_> = snapshots.iter().map(to_json).collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                outln!("{}", serde_json::to_string_pretty(&all)?)?;
             } else {
-                print_list(&snapshots);
+                print_list(&snapshots)?;
             }
             return Ok(());
         }
@@ -157,21 +159,21 @@ pub async fn run(
                 .into_inner()
                 .deleted_manifests;
             if json {
-                println!("{:#}", json!({"set": set, "deleted_manifests": deleted}));
+                outln!("{:#}", json!({"set": set, "deleted_manifests": deleted}))?;
             } else {
-                println!(
+                outln!(
                     "deleted snapshot set {set} and {} component manifests (their data goes at the next GC)",
                     deleted.len()
-                );
+                )?;
             }
             return Ok(());
         }
     };
     let snapshot = snapshot.map_err(|s| status_error(call, s))?.into_inner();
     if json {
-        println!("{:#}", to_json(&snapshot));
+        outln!("{:#}", to_json(&snapshot))?;
     } else {
-        print_show(&snapshot);
+        print_show(&snapshot)?;
     }
     Ok(())
 }
@@ -192,17 +194,17 @@ async fn follow_create(
         .map_err(|s| status_error("CreateSnapshot", s))?
     {
         if json {
-            println!(
+            outln!(
                 "{}",
                 json!({"set": event.set_id, "agent": event.agent, "phase": event.phase,
                        "bytes_read": event.bytes_read, "bytes_stored": event.bytes_stored,
                        "message": event.message,
                        "snapshot": event.snapshot.as_ref().map(to_json)})
-            );
+            )?;
         }
         if !wait {
             if !json {
-                println!("{}", event.set_id);
+                outln!("{}", event.set_id)?;
             }
             return Ok(());
         }
@@ -226,7 +228,7 @@ async fn follow_create(
                 bar.finish_and_clear();
             }
             if !json {
-                print_show(&snapshot);
+                print_show(&snapshot)?;
             }
             if snapshot.state == SnapshotState::Aborted as i32 {
                 bail!(
@@ -299,21 +301,21 @@ pub async fn restore(
         if json {
             let report: serde_json::Value =
                 serde_json::from_str(&event.report_json).unwrap_or(serde_json::Value::Null);
-            println!(
+            outln!(
                 "{}",
                 json!({"set": event.set_id, "component": component, "agent": event.agent,
                        "phase": event.phase, "seconds": event.seconds, "error": event.error,
                        "report": report})
-            );
+            )?;
         } else {
             match event.phase.as_str() {
-                "restore" => eprintln!("{component}: restoring with agent {}", event.agent),
-                "verified" => println!(
+                "restore" => errln!("{component}: restoring with agent {}", event.agent),
+                "verified" => outln!(
                     "{component}: restored and verified in {:.1}s",
                     event.seconds
-                ),
-                "failed" => println!("{component}: FAILED: {}", event.error),
-                "done" => println!("snapshot set {} restored", event.set_id),
+                )?,
+                "failed" => outln!("{component}: FAILED: {}", event.error)?,
+                "done" => outln!("snapshot set {} restored", event.set_id)?,
                 _ => {}
             }
         }
@@ -345,23 +347,23 @@ pub async fn verify(
         .map_err(|s| status_error("VerifySnapshot", s))?
         .into_inner();
     if json {
-        println!(
+        outln!(
             "{:#}",
             json!({"set": args.set, "ok": report.ok, "problems": report.problems,
                    "manifests": report.manifests, "chunks": report.chunks,
                    "chunks_read": report.chunks_read})
-        );
+        )?;
     } else {
         for problem in &report.problems {
-            println!("{problem}");
+            outln!("{problem}")?;
         }
-        println!(
+        outln!(
             "{}: {} manifests, {} chunks, {} read",
             if report.ok { "ok" } else { "FAILED" },
             report.manifests,
             report.chunks,
             report.chunks_read
-        );
+        )?;
     }
     if !report.ok {
         bail!("snapshot set {} failed verification", args.set);
@@ -414,7 +416,7 @@ fn to_json(snapshot: &Snapshot) -> serde_json::Value {
     })
 }
 
-fn print_list(snapshots: &[Snapshot]) {
+fn print_list(snapshots: &[Snapshot]) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = snapshots
         .iter()
         .map(|s| {
@@ -449,24 +451,25 @@ fn print_list(snapshots: &[Snapshot]) {
             "PINNED",
         ],
         &rows,
-    );
+    )
 }
 
-fn print_show(snapshot: &Snapshot) {
-    println!(
+fn print_show(snapshot: &Snapshot) -> anyhow::Result<()> {
+    outln!(
         "snapshot set {}  {}  mode {}  policy {}{}",
         snapshot.id,
         state_name(snapshot.state),
         mode_name(snapshot.mode),
         snapshot.policy,
         if snapshot.pinned { "  pinned" } else { "" }
-    );
-    println!(
+    )?;
+    outln!(
         "cut skew {:.2} ms, write pause {:.2} ms",
-        snapshot.cut_skew_ms, snapshot.write_pause_ms
-    );
+        snapshot.cut_skew_ms,
+        snapshot.write_pause_ms
+    )?;
     if !snapshot.abort_reason.is_empty() {
-        println!("aborted: {}", snapshot.abort_reason);
+        outln!("aborted: {}", snapshot.abort_reason)?;
     }
     let rows: Vec<Vec<String>> = snapshot
         .components
@@ -480,7 +483,7 @@ fn print_show(snapshot: &Snapshot) {
             ]
         })
         .collect();
-    print_table(&["AGENT", "COMPONENT", "MANIFEST", "CONSISTENCY"], &rows);
+    print_table(&["AGENT", "COMPONENT", "MANIFEST", "CONSISTENCY"], &rows)
 }
 
 fn human_bytes(bytes: u64) -> String {

@@ -100,10 +100,15 @@ impl Service {
             }
             if Instant::now() >= deadline {
                 eprintln!(
-                    "{} did not stop within {STOP_TIMEOUT:?}; killing it",
+                    "{} did not stop within {STOP_TIMEOUT:?}; killing it and its children",
                     self.name
                 );
+                // A SIGKILLed PostgreSQL postmaster leaves its backends behind.
+                let children = children_of(child.id());
                 let _ = child.kill();
+                for pid in children {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
                 return child.wait().ok();
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -149,4 +154,24 @@ pub fn is_running(pid: u32) -> bool {
             .unwrap_or(false),
         Err(_) => false,
     }
+}
+
+/// The processes whose parent is `pid` (a PostgreSQL postmaster's backends and workers).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+                    let rest = stat.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }

@@ -2,7 +2,7 @@
 
 use aitbc_backup_tests::fleet::{AgentProcess, CoordinatorProcess, Pki, agent_state};
 use aitbc_backup_tests::postgres::Postgres;
-use aitbc_backup_tests::process::is_running;
+use aitbc_backup_tests::process::{children_of, is_running};
 use aitbc_backup_tests::redis::Redis;
 use aitbc_backup_tests::s3::S3Server;
 use aitbc_backup_tests::wait_until;
@@ -101,4 +101,42 @@ fn a_panicking_test_leaves_nothing_running() {
         !is_running(pid),
         "Redis (pid {pid}) outlived the panicking test"
     );
+}
+
+#[test]
+fn a_postgres_with_a_client_stops_fast_and_leaves_no_process() {
+    let pg = Postgres::start();
+    // An idle client: PostgreSQL's smart shutdown (SIGTERM) would wait for it indefinitely.
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let client =
+        aitbc_backup_tests::postgres::spawn_client(&pg.url("postgres"), move |client| async move {
+            client.simple_query("SELECT 1").await.expect("query");
+            connected_tx.send(()).expect("signal");
+            let _ = tokio::task::spawn_blocking(move || release_rx.recv()).await;
+            drop(client);
+        });
+    connected_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the client connects");
+    let postmaster = pg.pid();
+    let children = children_of(postmaster);
+    assert!(
+        children.len() >= 2,
+        "a postmaster with a client has a backend and workers: {children:?}"
+    );
+
+    let started = std::time::Instant::now();
+    drop(pg);
+    // Fast shutdown, not the 10 s timeout and SIGKILL.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "stopping PostgreSQL took {:?}",
+        started.elapsed()
+    );
+    for pid in std::iter::once(postmaster).chain(children) {
+        assert!(!is_running(pid), "pid {pid} outlived its PostgreSQL guard");
+    }
+    let _ = release_tx.send(());
+    client.join().expect("client thread");
 }

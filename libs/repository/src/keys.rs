@@ -181,11 +181,14 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Active and revoked keys.
+/// Active and revoked keys (none in an unencrypted repository); [`RepoError::NotInitialized`]
+/// where no repository is.
 pub async fn list_keys(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<Vec<KeyInfo>, RepoError> {
+    // Where no repository is, there are no keys to list: say so rather than list nothing.
+    crate::repo::read_config(storage, cancel).await?;
     let mut out: Vec<KeyInfo> = Vec::new();
     for prefix in [layout::KEYS, layout::REVOKED_KEYS] {
         for key in read_keys(storage, prefix, cancel).await? {
@@ -201,11 +204,12 @@ pub async fn list_keys(
     Ok(out)
 }
 
-/// The audit log, oldest first.
+/// The audit log, oldest first; [`RepoError::NotInitialized`] where no repository is.
 pub async fn audit_log(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<Vec<AuditEntry>, RepoError> {
+    crate::repo::read_config(storage, cancel).await?;
     let mut out = Vec::new();
     for meta in storage.list(layout::AUDIT, cancel).await? {
         let bytes = storage.get(&meta.path, cancel).await?;

@@ -41,5 +41,5 @@ pub use error::RepoError;
 pub use keys::KeySecret;
 pub use open::{RepoUrl, S3Options, open_storage};
 pub use repo::{RepoSettings, Repository};
-pub use restore::{part, restore, restore_to_file, restore_with};
+pub use restore::{part, restore, restore_to_file, restore_to_new_file, restore_with};
 pub use storage::{Storage, StorageError, StorageLimits};

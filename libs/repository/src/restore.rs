@@ -318,11 +318,36 @@ fn check_size(manifest: &ComponentManifest, size: u64) -> Result<(), RepoError> 
 }
 
 /// Restores into `path` through a temporary file in the same directory that is renamed into
-/// place only after the whole stream verified; on failure nothing is left at `path`.
+/// place only after the whole stream verified; on failure nothing is left at `path`. A file
+/// already at `path` is replaced.
 pub async fn restore_to_file(
     repo: &Repository,
     manifest: &ComponentManifest,
     path: &Path,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    restore_publishing(repo, manifest, path, true, progress, cancel).await
+}
+
+/// [`restore_to_file`] that never replaces anything: the complete file is published with a
+/// hard link, which fails if `path` exists by then (an `AlreadyExists` I/O error naming it),
+/// so a file that appears while the stream downloads is not overwritten either.
+pub async fn restore_to_new_file(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    path: &Path,
+    progress: Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    restore_publishing(repo, manifest, path, false, progress, cancel).await
+}
+
+async fn restore_publishing(
+    repo: &Repository,
+    manifest: &ComponentManifest,
+    path: &Path,
+    replace: bool,
     progress: Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<(), RepoError> {
@@ -333,7 +358,18 @@ pub async fn restore_to_file(
         restore(repo, manifest, &mut writer, progress, cancel).await?;
         let file = writer.into_inner();
         file.sync_all().await?;
-        tokio::fs::rename(&tmp, path).await?;
+        if replace {
+            tokio::fs::rename(&tmp, path).await?;
+        } else {
+            tokio::fs::hard_link(&tmp, path).await.map_err(|err| {
+                if err.kind() == std::io::ErrorKind::AlreadyExists {
+                    std::io::Error::new(err.kind(), format!("{} already exists", path.display()))
+                } else {
+                    err
+                }
+            })?;
+            tokio::fs::remove_file(&tmp).await?;
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::File::open(dir).await?.sync_all().await?;
         }

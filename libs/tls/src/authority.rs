@@ -106,9 +106,51 @@ impl CertificateAuthority {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCertificate, AuthorityError> {
+        let usages = match identity.role {
+            Role::Coordinator => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Role::Agent | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        self.sign(Some(identity), hosts, usages, not_before, not_after)
+    }
+
+    /// A certificate usable by a TLS server (`server auth` and `client auth` usages) for
+    /// `hosts`, granting `identity`'s role or no role at all. The coordinator's certificate
+    /// comes from [`issue`](Self::issue); this one stands in for a misissued certificate
+    /// (cert-manager will put `server auth` on any certificate asked for it), for tests of the
+    /// clients' check of the coordinator's role.
+    pub fn issue_server_certificate(
+        &self,
+        identity: Option<&PeerIdentity>,
+        hosts: &[String],
+    ) -> Result<IssuedCertificate, AuthorityError> {
+        let now = OffsetDateTime::now_utc();
+        self.sign(
+            identity,
+            hosts,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            now - time::Duration::hours(1),
+            now + DEFAULT_VALIDITY,
+        )
+    }
+
+    fn sign(
+        &self,
+        identity: Option<&PeerIdentity>,
+        hosts: &[String],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCertificate, AuthorityError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.to_string());
+        let common_name = identity.map_or_else(|| "no role".to_owned(), ToString::to_string);
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, "aitbc-backup");
         params.distinguished_name = dn;
         params.not_before = not_before;
@@ -117,19 +159,15 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = match identity.role {
-            Role::Coordinator => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            Role::Agent | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        let uri = identity.uri();
-        params.subject_alt_names.push(SanType::URI(
-            uri.as_str()
-                .try_into()
-                .map_err(|_| AuthorityError::BadSan(uri.clone()))?,
-        ));
+        params.extended_key_usages = usages;
+        if let Some(identity) = identity {
+            let uri = identity.uri();
+            params.subject_alt_names.push(SanType::URI(
+                uri.as_str()
+                    .try_into()
+                    .map_err(|_| AuthorityError::BadSan(uri.clone()))?,
+            ));
+        }
         for host in hosts {
             let san = match host.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),

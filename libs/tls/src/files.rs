@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Where a cert-manager Secret (`tls.crt`, `tls.key`, `ca.crt`) is mounted by default.
 pub const DEFAULT_TLS_DIR: &str = "/etc/aitbc-backup/tls";
@@ -52,6 +52,17 @@ pub enum TlsFilesError {
         path: PathBuf,
         source: crate::IdentityError,
     },
+    #[error("{what} file {path}: {reason}")]
+    Unparsable {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "private key file {key} does not belong to certificate file {cert} (their public keys \
+         differ): give the key that was generated with this certificate"
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
 }
 
 /// PEM contents of [`TlsFiles`], read and checked.
@@ -60,6 +71,8 @@ pub struct LoadedTls {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
     pub ca_pem: Vec<u8>,
+    /// Where they came from, for messages.
+    pub files: TlsFiles,
 }
 
 impl std::fmt::Debug for LoadedTls {
@@ -71,16 +84,48 @@ impl std::fmt::Debug for LoadedTls {
 }
 
 impl TlsFiles {
-    /// Reads and sanity-checks all three files.
+    /// Reads and sanity-checks all three files: each parses, and the key belongs to the
+    /// certificate (rustls would otherwise refuse the pair later with `keys may not be
+    /// consistent: KeyMismatch`, naming neither file).
     pub fn load(&self) -> Result<LoadedTls, TlsFilesError> {
         let cert_pem = read_pem(&self.cert, "certificate", "CERTIFICATE")?;
         let key_pem = read_pem(&self.key, "private key", "PRIVATE KEY")?;
         let ca_pem = read_pem(&self.ca, "CA certificate", "CERTIFICATE")?;
+        self.check_pair(&cert_pem, &key_pem)?;
         Ok(LoadedTls {
             cert_pem,
             key_pem,
             ca_pem,
+            files: self.clone(),
         })
+    }
+
+    fn check_pair(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsFilesError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let unparsable = |what, path: &Path, reason: String| TlsFilesError::Unparsable {
+            what,
+            path: path.to_owned(),
+            reason,
+        };
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unparsable("certificate", &self.cert, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| unparsable("private key", &self.key, e.to_string()))?;
+        let provider = rustls::crypto::ring::default_provider();
+        match rustls::sign::CertifiedKey::from_der(chain, key, &provider) {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InconsistentKeys(_)) => Err(TlsFilesError::KeyMismatch {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            }),
+            Err(err) => Err(unparsable(
+                "certificate and private key",
+                &self.key,
+                format!("{err} (certificate file {})", self.cert.display()),
+            )),
+        }
     }
 
     /// The role identity in our own certificate.
@@ -106,13 +151,31 @@ impl LoadedTls {
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
     }
 
-    /// Client side: present our certificate, trust only the CA, expect `server_name` in the
-    /// server's certificate.
-    pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .domain_name(server_name)
+    /// Client side, towards the coordinator: see [`crate::client`].
+    pub fn coordinator_client(
+        &self,
+        server_name: &str,
+    ) -> Result<crate::client::CoordinatorTls, crate::client::ClientTlsError> {
+        crate::client::CoordinatorTls::new(self, server_name)
+    }
+}
+
+/// Why the first certificate in `cert_pem` is not valid now (expired, or not yet valid), as a
+/// sentence; `None` when it is valid or cannot be read.
+pub fn validity_problem(cert_pem: &[u8]) -> Option<String> {
+    let der = first_pem_block(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > validity.not_after {
+        Some(format!("the certificate expired on {}", validity.not_after))
+    } else if now < validity.not_before {
+        Some(format!(
+            "the certificate is not valid before {}",
+            validity.not_before
+        ))
+    } else {
+        None
     }
 }
 
@@ -184,6 +247,34 @@ mod tests {
         let err = garbage.load().expect_err("bad key").to_string();
         assert!(
             err.contains("garbage.key") && err.contains("PRIVATE KEY"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_named_with_both_files() {
+        let dir = std::env::temp_dir().join(format!("tls-pair-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let ca = CertificateAuthority::generate("test").expect("ca");
+        for name in ["a1", "a2"] {
+            ca.issue(&PeerIdentity::new(Role::Agent, name).expect("name"), &[])
+                .expect("issue")
+                .write(&dir, name)
+                .expect("write");
+        }
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write ca");
+        let files = TlsFiles {
+            cert: dir.join("a1.pem"),
+            key: dir.join("a2.key"),
+            ca: dir.join("ca.pem"),
+        };
+        let err = files
+            .load()
+            .expect_err("a mismatched pair loads")
+            .to_string();
+        assert!(
+            err.contains("a1.pem") && err.contains("a2.key") && err.contains("does not belong"),
             "{err}"
         );
         std::fs::remove_dir_all(&dir).ok();

@@ -1,0 +1,197 @@
+//! The CLI's errors and output as an operator meets them: a path with no repository, a closed
+//! pipe, an existing output file.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use aitbc_backup_repository::storage::{Backend, LocalStorage};
+use aitbc_backup_repository::{BackupRequest, ChunkerParams, Progress, Repository, Storage};
+use aitbc_backup_tests::fleet::binary;
+use aitbc_backup_tests::repository::test_limits;
+use tokio_util::sync::CancellationToken;
+
+fn repo_cli(repository: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(binary("aitbc-backup"))
+        .args(["repo", "--repository", repository])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run aitbc-backup");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("wait")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `aitbc-backup ARGS | head -1` in bash: (what head printed, the CLI's stderr, the CLI's
+/// exit status from PIPESTATUS).
+fn piped_into_head(args: &[&str], dir: &Path) -> (String, String, i32) {
+    let stderr = dir.join("cli.stderr");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#""$@" 2>"$CLI_STDERR" | head -1; echo "${PIPESTATUS[0]}" >"$CLI_STDERR.status""#)
+        .arg("bash")
+        .arg(binary("aitbc-backup"))
+        .args(args)
+        .env("CLI_STDERR", &stderr)
+        .output()
+        .expect("run bash");
+    let status = std::fs::read_to_string(dir.join("cli.stderr.status")).expect("status");
+    (
+        text(&out.stdout),
+        std::fs::read_to_string(&stderr).expect("stderr"),
+        status.trim().parse().expect("a status"),
+    )
+}
+
+#[test]
+fn keys_where_no_repository_is_fail_naming_the_path() {
+    let dir = aitbc_backup_tests::temp_dir("no-repo");
+    let url = format!("file://{}", dir.path().display());
+    for command in [
+        &["keys", "list"][..],
+        &["keys", "audit"],
+        &["--json", "keys", "list"],
+    ] {
+        let (global, rest) = command.split_at(usize::from(command[0] == "--json"));
+        let out = Command::new(binary("aitbc-backup"))
+            .args(global)
+            .args(["repo", "--repository", &url])
+            .args(rest)
+            .env_clear()
+            .output()
+            .expect("run");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {err}");
+        assert!(
+            err.contains(&dir.path().display().to_string())
+                && err.contains("holds no repository")
+                && err.contains("repo init"),
+            "{command:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{command:?} printed a table");
+    }
+    // An unencrypted repository has no keys: an empty list, and a note saying why.
+    let out = repo_cli(&url, &["init"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = repo_cli(&url, &["keys", "list"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not encrypted"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_closed_pipe_ends_the_cli_quietly_with_141() {
+    let dir = aitbc_backup_tests::temp_dir("pipe");
+    let root = dir.path().join("repository");
+    let url = format!("file://{}", root.display());
+
+    // Four hundred backups, so that `repo ls --json` prints far more than a pipe holds.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let id = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let storage = Storage::new(
+            Backend::Local(LocalStorage::new(&root).expect("local storage")),
+            test_limits(),
+        );
+        let repo = Repository::init(storage, ChunkerParams::default(), None, &cancel)
+            .await
+            .expect("init");
+        for i in 0..400 {
+            let request = BackupRequest {
+                name: format!("stream-{i}"),
+                stream: "raw".into(),
+                ..Default::default()
+            };
+            let data = std::io::Cursor::new(format!("backup {i}\n").into_bytes());
+            aitbc_backup_repository::backup(&repo, data, request, Arc::default(), &cancel)
+                .await
+                .expect("backup");
+        }
+        // One long stream, for `repo cat` to standard output.
+        let lines: String = (0..400_000).map(|i| format!("line {i}\n")).collect();
+        let request = BackupRequest {
+            name: "long".into(),
+            stream: "raw".into(),
+            ..Default::default()
+        };
+        let progress = Arc::new(Progress::default());
+        let data = std::io::Cursor::new(lines.into_bytes());
+        aitbc_backup_repository::backup(&repo, data, request, progress, &cancel)
+            .await
+            .expect("backup")
+            .id
+    });
+
+    for (args, first) in [
+        (vec!["--json", "repo", "--repository", &url, "ls"], "["),
+        (vec!["repo", "--repository", &url, "ls"], "ID"),
+        (vec!["repo", "--repository", &url, "cat", &id], "line 0"),
+    ] {
+        let (head, stderr, status) = piped_into_head(&args, dir.path());
+        assert_eq!(head.lines().count(), 1, "{args:?}: {head}");
+        assert!(head.starts_with(first), "{args:?}: {head}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} said something: {stderr}");
+        assert_eq!(status, 141, "{args:?}: {stderr}");
+    }
+    // Read to the end, the same listing succeeds.
+    let out = repo_cli(&url, &["ls"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 402);
+}
+
+#[test]
+fn cat_does_not_overwrite_a_file_without_force() {
+    let dir = aitbc_backup_tests::temp_dir("cat-force");
+    let url = format!("file://{}", dir.path().join("repository").display());
+    let out = repo_cli(&url, &["init"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = repo_cli(&url, &["put", "db"], Some(b"the backup's bytes"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+
+    let target = dir.path().join("db.dump");
+    std::fs::write(&target, b"precious").expect("write");
+    let path = target.to_str().expect("utf-8");
+    let out = repo_cli(&url, &["cat", &id, "-o", path], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(path) && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&target).expect("read"), b"precious");
+
+    let out = repo_cli(&url, &["cat", &id, "-o", path, "--force"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&target).expect("read"), b"the backup's bytes");
+
+    // A new file is written without --force, and nothing else is left beside it.
+    let fresh = dir.path().join("fresh.dump");
+    let out = repo_cli(
+        &url,
+        &["cat", &id, "-o", fresh.to_str().expect("utf-8")],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&fresh).expect("read"), b"the backup's bytes");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["db.dump", "fresh.dump", "repository"]);
+}
