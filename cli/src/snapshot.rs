@@ -202,6 +202,10 @@ async fn follow_create(
                        "snapshot": event.snapshot.as_ref().map(to_json)})
             )?;
         }
+        // A set queued behind a running one says so (stderr: stdout stays the set id or JSON).
+        if !json && !event.message.is_empty() && event.phase == "started" {
+            eprintln!("snapshot set {} {}", event.set_id, event.message);
+        }
         if !wait {
             if !json {
                 outln!("{}", event.set_id)?;

@@ -116,9 +116,16 @@ impl Operator for OperatorService {
             .sets
             .start(set)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // A set queued behind another says so from its first event.
+        let message = if events.queued_behind.is_empty() {
+            String::new()
+        } else {
+            crate::snapshot::queue::waiting_message(&events.queued_behind)
+        };
         let started = SnapshotEvent {
             set_id,
             phase: "started".to_owned(),
+            message,
             ..SnapshotEvent::default()
         };
         let following = futures::stream::unfold(events, |mut events| async move {

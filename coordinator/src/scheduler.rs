@@ -1,5 +1,6 @@
 //! The scheduler: one loop per policy, firing on its cron schedule (UTC). A run never overlaps
-//! the policy's previous one (the firing is skipped and counted). A run missed while the
+//! the policy's previous one (the firing is skipped and counted); a run that shares agents with
+//! another set running (an operator's, another policy's) is queued behind it like any set. A run missed while the
 //! coordinator was down (the schedule fired between the policy's newest set and now) runs once
 //! at start. After each run, the policy's verification (if any), its retention, then GC.
 
@@ -122,7 +123,7 @@ impl Scheduler {
                 true
             }
             Ok((set_id, events)) => {
-                tracing::info!(policy = %policy.name, set = %set_id, "scheduled run started");
+                tracing::info!(policy = %policy.name, set = %set_id, queued_behind = ?events.queued_behind, "scheduled run started");
                 self.metrics
                     .scheduler_runs
                     .get_or_create(&outcome("started"))

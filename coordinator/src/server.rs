@@ -103,6 +103,7 @@ impl Coordinator {
             shutdown: shutdown.child_token(),
             loaded: tokio::sync::OnceCell::new(),
             metrics: metrics.clone(),
+            queue: Default::default(),
         });
         {
             // Rebuild the catalog now rather than on the first call; a failure is retried then.

@@ -8,6 +8,11 @@
 //! (an exact cut), then has each agent cut and release at once (each component is cut before
 //! its own fence comes down, so the cut stays exact); `independent` cuts one agent after the
 //! other.
+//!
+//! Sets that share an agent never overlap: a later one waits in [`queue`] until the earlier has
+//! ended, in arrival order, whether an operator or the schedule asked for it.
+
+pub mod queue;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +53,8 @@ pub struct Sets {
     /// Set once the catalog has been rebuilt from the repository.
     pub loaded: tokio::sync::OnceCell<()>,
     pub metrics: Arc<Metrics>,
+    /// Sets not ended yet; a set sharing an agent with an earlier one waits for it.
+    pub queue: queue::Queue,
 }
 
 /// What a set is asked to capture.
@@ -89,13 +96,17 @@ struct Plan {
 /// The events of one running set. A slow reader may miss progress events, never the last one
 /// (`committed` or `aborted`, carrying the set): the stream ends after it, when the set's task
 /// drops its sender.
-pub struct SetEvents(broadcast::Receiver<SnapshotEvent>);
+pub struct SetEvents {
+    receiver: broadcast::Receiver<SnapshotEvent>,
+    /// The earlier sets this one was queued behind when it started (empty: it ran at once).
+    pub queued_behind: Vec<String>,
+}
 
 impl SetEvents {
     /// The next event; None once the set has ended and every event was read.
     pub async fn next(&mut self) -> Option<SnapshotEvent> {
         loop {
-            match self.0.recv().await {
+            match self.receiver.recv().await {
                 Ok(event) => return Some(event),
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return None,
@@ -174,6 +185,10 @@ impl Sets {
             abort_reason: String::new(),
         };
         self.catalog.put(record);
+        let queued_behind = self.queue.join(
+            &plan.id,
+            plan.agents.iter().map(|(agent, _)| agent.clone()).collect(),
+        );
         let (events, receiver) = broadcast::channel(EVENT_BUFFER);
         let id = plan.id.clone();
         let span = tracing::info_span!("set", set = %plan.id, mode = %plan.mode);
@@ -182,11 +197,25 @@ impl Sets {
         let drive: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             Box::pin(async move { sets.drive(plan, events).await });
         self.tasks.spawn(drive.instrument(span));
-        Ok((id, SetEvents(receiver)))
+        Ok((
+            id,
+            SetEvents {
+                receiver,
+                queued_behind,
+            },
+        ))
     }
 
     /// Runs the set to its end, committed or aborted.
     async fn drive(&self, plan: Plan, events: broadcast::Sender<SnapshotEvent>) {
+        // However the set ends, the sets queued behind it may go.
+        struct Leave<'a>(&'a queue::Queue, &'a str);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.leave(self.1);
+            }
+        }
+        let _leave = Leave(&self.queue, &plan.id);
         let cancel = self.shutdown.child_token();
         tracing::info!(agents = plan.agents.len(), "snapshot set started");
         let started = std::time::Instant::now();
@@ -259,6 +288,19 @@ impl Sets {
         repo.record_attempt(&self.attempt(plan, "running", ""), cancel)
             .await
             .map_err(|e| format!("record the attempt: {e}"))?;
+        let ahead = self.queue.ahead(&plan.id);
+        if !ahead.is_empty() {
+            tracing::info!(?ahead, "set queued behind earlier sets on the same agents");
+            self.emit(
+                events,
+                &plan.id,
+                "",
+                "queued",
+                queue::waiting_message(&ahead),
+            );
+            self.queue.wait_turn(&plan.id).await;
+            tracing::info!("queued set runs");
+        }
         let s = &self.settings;
         self.phase(plan, events, s.prepare_timeout, || {
             command::Action::Prepare(Prepare {})

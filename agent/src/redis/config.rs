@@ -13,6 +13,7 @@ pub const DEFAULT_RESTORE_LISTEN: &str = "127.0.0.1:0";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_FENCE_MAX_PAUSE: Duration = Duration::from_secs(5);
+pub const DEFAULT_SYNC_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
 pub const DEFAULT_STATE_DIR: &str = "/tmp/aitbc-backup/redis";
@@ -46,6 +47,11 @@ pub struct RedisSettings {
     /// pause then, whoever is gone.
     #[serde(with = "humantime_serde")]
     pub fence_max_pause: Duration,
+    /// The longest the cut waits for the fork when the server defers the full sync (another
+    /// replica's sync is streaming, a diskless delay without `CONFIG`, a BGSAVE or AOF rewrite
+    /// running). In a snapshot set the coordinator's `snapshot.cut_timeout` bounds it too.
+    #[serde(with = "humantime_serde")]
+    pub sync_wait: Duration,
     /// zstd level of RDB streams; 0 uses the repository's (`COMPRESSION_LEVEL`). Level 1: the
     /// CPU it leaves is the fork child's (measured on ~1 GB in Redis: level 3 stored no less,
     /// 289 MB against 274 MB, for twice the agent's CPU).
@@ -81,6 +87,7 @@ impl Default for RedisSettings {
             io_timeout: DEFAULT_IO_TIMEOUT,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             fence_max_pause: DEFAULT_FENCE_MAX_PAUSE,
+            sync_wait: DEFAULT_SYNC_WAIT,
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             plain_rdb: true,
             state_dir: DEFAULT_STATE_DIR.into(),
@@ -115,6 +122,7 @@ impl RedisSettings {
             ("redis.load_timeout", self.load_timeout),
             ("redis.fence_max_pause", self.fence_max_pause),
             ("redis.release_timeout", self.release_timeout),
+            ("redis.sync_wait", self.sync_wait),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, "must be positive"));

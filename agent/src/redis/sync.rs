@@ -1,6 +1,19 @@
-//! The replication stream's framing, both directions: reading the RDB a master sends after
-//! `+FULLRESYNC` (length-prefixed, or diskless with an EOF mark; newline keepalives before
-//! either), and a reader that copies what it reads to a writer (the pipeline or a replica).
+//! The replication stream's framing, both directions: the master's answer to `PSYNC` (newline
+//! keepalives while it defers the sync, then `+FULLRESYNC`), reading the RDB a master sends
+//! after it (length-prefixed, or diskless with an EOF mark; newline keepalives before either),
+//! and a reader that copies what it reads to a writer (the pipeline or a replica).
+//!
+//! What a master sends a replica that asked `PSYNC ? -1` (Redis 7, `replication.c`): the full
+//! sync starts at once when no RDB child runs and the sync is on disk, or diskless with
+//! `repl-diskless-sync-delay 0`. Otherwise it is deferred: diskless with a delay (replicas
+//! arriving within it share one fork), an RDB child already streaming to other replicas
+//! ("waiting for next BGSAVE"), a disk BGSAVE this replica cannot attach to, or another child
+//! (AOF rewrite). While deferred the replica is in `WAIT_BGSAVE_START` and gets a `\n` every
+//! second (`replicationCron`); `+FULLRESYNC <replid> <offset>` comes when the fork happens. A
+//! replica attached to a disk BGSAVE already running gets `+FULLRESYNC` at once with that
+//! fork's (older) offset, then `\n` every second until the file is written and `$<len>`
+//! follows. `+CONTINUE` answers only a partial resync, never `PSYNC ? -1`; `-LOADING` and
+//! `-NOMASTERLINK` mean "try later".
 
 use std::io::{BufRead, Read, Write};
 
@@ -12,6 +25,58 @@ pub enum Framing {
     Length(u64),
     /// Diskless: the payload ends with these 40 bytes.
     EofMark(Vec<u8>),
+}
+
+/// The master's answer to `PSYNC ? -1`, one line at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PsyncLine {
+    /// A newline: the master defers the sync (it waits to fork).
+    Keepalive,
+    /// The fork happened (or an older one is shared): the master's replication id and its
+    /// offset at that fork.
+    FullResync { replid: String, offset: u64 },
+    /// The server cannot serve a sync now (`-LOADING`, `-NOMASTERLINK`): ask again later.
+    TryLater(String),
+}
+
+/// Reads one line of the master's answer to `PSYNC ? -1`. Refusals, a partial resync offer and
+/// anything unknown are errors that quote the line.
+pub fn read_psync_line(input: &mut impl BufRead) -> anyhow::Result<PsyncLine> {
+    let mut line = Vec::new();
+    if input
+        .read_until(b'\n', &mut line)
+        .context("wait for the answer to PSYNC")?
+        == 0
+    {
+        bail!("the master closed the connection before answering PSYNC");
+    }
+    let text = String::from_utf8_lossy(&line);
+    let text = text.trim_end();
+    if text.is_empty() {
+        return Ok(PsyncLine::Keepalive);
+    }
+    if let Some(rest) = text.strip_prefix("+FULLRESYNC ") {
+        let mut words = rest.split_whitespace();
+        if let (Some(replid), Some(offset), None) = (words.next(), words.next(), words.next())
+            && let Ok(offset) = offset.parse()
+        {
+            return Ok(PsyncLine::FullResync {
+                replid: replid.to_owned(),
+                offset,
+            });
+        }
+        bail!("malformed FULLRESYNC `{text}`");
+    }
+    if text.starts_with("+CONTINUE") {
+        bail!("the master offered a partial resync (`{text}`) to a full sync request");
+    }
+    if let Some(err) = text.strip_prefix('-') {
+        if err.starts_with("LOADING") || err.starts_with("NOMASTERLINK") {
+            return Ok(PsyncLine::TryLater(err.to_owned()));
+        }
+        bail!("the master refused the sync: {err}");
+    }
+    bail!("unexpected answer to PSYNC: `{text}`");
 }
 
 /// Reads the payload header, skipping keepalive newlines.
@@ -175,6 +240,46 @@ mod tests {
             buf[..n].copy_from_slice(&self.0[..n]);
             self.0 = &self.0[n..];
             Ok(n)
+        }
+    }
+
+    #[test]
+    fn psync_answers_are_read_as_a_replica_reads_them() {
+        let mut input: &[u8] = b"\n\n\n+FULLRESYNC 8de1787ba490483314a4d30f1c628bc5025eb761 2\r\n";
+        for _ in 0..3 {
+            assert_eq!(
+                read_psync_line(&mut input).expect("line"),
+                PsyncLine::Keepalive
+            );
+        }
+        assert_eq!(
+            read_psync_line(&mut input).expect("line"),
+            PsyncLine::FullResync {
+                replid: "8de1787ba490483314a4d30f1c628bc5025eb761".to_owned(),
+                offset: 2
+            }
+        );
+        let mut input: &[u8] = b"-LOADING Redis is loading the dataset in memory\r\n";
+        assert!(matches!(
+            read_psync_line(&mut input).expect("line"),
+            PsyncLine::TryLater(e) if e.starts_with("LOADING")
+        ));
+        for (answer, says) in [
+            (
+                &b"+CONTINUE 8de1787ba490483314a4d30f1c628bc5025eb761\r\n"[..],
+                "partial resync",
+            ),
+            (
+                b"-NOPERM this user has no permissions\r\n",
+                "refused the sync: NOPERM",
+            ),
+            (b"+FULLRESYNC x\r\n", "malformed FULLRESYNC"),
+            (b"$5\r\n", "unexpected answer to PSYNC: `$5`"),
+            (b"", "closed the connection"),
+        ] {
+            let mut input = answer;
+            let err = read_psync_line(&mut input).expect_err("not a full sync");
+            assert!(format!("{err:#}").contains(says), "{err:#}");
         }
     }
 
