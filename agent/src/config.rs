@@ -193,14 +193,7 @@ impl AgentConfig {
                 "reconnect.initial must be positive and at most reconnect.max",
             ));
         }
-        if self.component == Some(Component::Ledger) {
-            self.ledger.validate()?;
-        }
-        match self.component {
-            Some(Component::Postgres) => self.postgres.validate()?,
-            Some(Component::Redis) => self.redis.validate()?,
-            _ => {}
-        }
+        // The component's own settings are checked where it is built (`component::of`).
         self.repository.validate()
     }
 

@@ -15,6 +15,7 @@
 pub mod archive;
 pub mod backup;
 pub mod cache;
+pub mod component;
 pub mod config;
 pub mod held;
 pub mod pages;

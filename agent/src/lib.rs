@@ -4,11 +4,15 @@
 //! - [`config`]: the TOML/env configuration.
 //! - [`session`]: dial, register, heartbeat, reconnect.
 //! - [`snapshot`]: runs the coordinator's commands, one task per set.
-//! - [`postgres`], [`redis`], [`ledger`]: the components (prepare, fence, cut, upload, restore).
+//! - [`component`]: the contract every component implements (prepare, fence, cut, release,
+//!   upload, restore, background work) and the one place that picks the implementation.
+//! - [`postgres`], [`redis`], [`ledger`]: the components, each behind that contract.
+//! - [`scratch`]: scratch directories, and the directories a restore must stay apart from.
 //! - [`oneshot`]: one backup or restore from the command line.
 //! - [`confined`]: where a restore may write, and writing there without leaving it.
 //! - [`metrics`]: every metric the agent exports.
 
+pub mod component;
 pub mod config;
 pub mod confined;
 pub mod ledger;
@@ -16,6 +20,7 @@ pub mod metrics;
 pub mod oneshot;
 pub mod postgres;
 pub mod redis;
+pub mod scratch;
 pub mod session;
 pub mod snapshot;
 
@@ -57,15 +62,17 @@ impl Agent {
                 identity.name
             );
         }
-        let component = config
+        let kind = config
             .component
             .context("config key `component` is required")?;
+        let config = Arc::new(config);
+        let component = component::of(&config)?;
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
         let registration = Registration {
             name: identity.name,
-            component,
+            component: kind,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             host,
         };
@@ -79,7 +86,8 @@ impl Agent {
                 backoff: config.reconnect.backoff(),
                 tls,
                 registration,
-                config: Arc::new(config.clone()),
+                config: config.clone(),
+                component,
             },
             http,
         })
@@ -89,13 +97,13 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut registry = Registry::default();
         let metrics = metrics::Metrics::register(&mut registry);
-        let config = self.settings.config.clone();
-        let archiving = config.component == Some(aitbc_backup_proto::model::Component::Postgres)
-            && config.postgres.wal.archive;
-        let wal_metrics = metrics::WalMetrics::default();
-        if archiving {
-            wal_metrics.register(&mut registry);
-        }
+        // The component's own long-running work (WAL archiving, giving back servers an
+        // interrupted restore borrowed) runs beside the session: it needs no coordinator, and a
+        // restarted coordinator must not interrupt it.
+        let background = self
+            .settings
+            .component
+            .background(&mut registry, shutdown.clone());
         let up = Arc::new(AtomicBool::new(false));
         let probe_up = up.clone();
         let router = aitbc_backup_telemetry::probe_router(Arc::new(registry), move || {
@@ -113,48 +121,10 @@ impl Agent {
             router,
             shutdown.clone(),
         ));
-        // Servers an interrupted restore left borrowed are given back first, in the
-        // background: the session does not wait for a server that cannot be reached.
-        let redis =
-            (config.component == Some(aitbc_backup_proto::model::Component::Redis)).then(|| {
-                tokio::spawn(redis::restore::journal::recover_at_start(
-                    config.redis.clone(),
-                    shutdown.clone(),
-                ))
-            });
-        // The WAL archiver lives as long as the agent, beside the session: it needs no
-        // coordinator, and a restarted coordinator must not interrupt it.
-        let wal = archiving.then(|| {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                // Only starting can fail (the repository or the spool unreachable): retried.
-                let backoff = config.reconnect.backoff();
-                for attempt in 0.. {
-                    let archived = async {
-                        let repo = oneshot::open(&config, &shutdown).await?;
-                        Box::pin(postgres::wal_archive::run(
-                            &config.postgres,
-                            repo,
-                            wal_metrics.clone(),
-                            shutdown.clone(),
-                        ))
-                        .await
-                    };
-                    let Err(err) = archived.await else { return };
-                    let delay = backoff.delay(attempt);
-                    tracing::error!(error = %format!("{err:#}"), retry_in = ?delay, "WAL archiving could not start");
-                    if !aitbc_backup_backoff::sleep_or_cancel(delay, &shutdown).await {
-                        return;
-                    }
-                }
-            })
-        });
+        let background = background.map(tokio::spawn);
         session::run(self.settings, up, metrics, shutdown).await;
-        if let Some(redis) = redis {
-            redis.await?;
-        }
-        if let Some(wal) = wal {
-            wal.await?;
+        if let Some(background) = background {
+            background.await?;
         }
         http.await?
     }

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
+use aitbc_backup_agent::component::{RestoreRequest, RestoreTarget};
 use aitbc_backup_agent::{Agent, AgentConfig, config, oneshot};
 use anyhow::Context;
 use clap::Parser;
@@ -165,25 +168,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             trial,
         }) => oneshot::Command::Restore {
             manifest,
-            options: oneshot::RestoreOptions {
-                target,
+            request: RestoreRequest {
+                target: RestoreTarget::from_parts(target, target_url)?,
                 force,
                 trial,
-                postgres: aitbc_backup_agent::postgres::restore::RestoreOptions {
-                    server_url: target_url,
-                    database,
-                    rename,
-                    force,
-                    globals,
-                    trial,
-                },
+                database,
+                rename,
+                globals,
             },
         },
     };
     let grace = config.shutdown_grace;
     runtime.block_on(aitbc_backup_telemetry::run_until_signal(
         move |cancel| async move {
-            let report = Box::pin(run.execute(&config, &cancel)).await?;
+            let report = Box::pin(run.execute(&Arc::new(config), &cancel)).await?;
             println!("{report:#}");
             Ok(())
         },

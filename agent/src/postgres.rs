@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod backup;
 pub mod base_backup;
+pub mod component;
 pub mod config;
 pub mod cut;
 pub mod pitr;

@@ -9,6 +9,7 @@
 //! - [`backup`], [`restore`]: the two directions.
 
 pub mod backup;
+pub mod component;
 pub mod config;
 pub mod rdb;
 pub mod resp;

@@ -38,6 +38,7 @@ pub struct SessionSettings {
     pub registration: Registration,
     /// What the snapshot-set and restore commands run against.
     pub config: Arc<AgentConfig>,
+    pub component: Arc<dyn crate::component::Component>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +163,7 @@ async fn run_once(
 
     let mut executor = Executor::new(
         settings.config.clone(),
-        settings.registration.component,
+        settings.component.clone(),
         tx.clone(),
         cancel.child_token(),
     );

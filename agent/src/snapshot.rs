@@ -3,14 +3,11 @@
 //! of the session, cancels the set's task wherever it is: fences are released, an upload in
 //! flight stops before committing, nothing is left held.
 
-pub mod steps;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use aitbc_backup_proto::model::Component;
 use aitbc_backup_proto::{
     AgentMessage, CommandResult, Progress as ProgressMessage, agent_message, command,
 };
@@ -22,8 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::AgentConfig;
-use crate::oneshot;
-use steps::{Cut, Prepared};
+use crate::component::{self, Component, Cut, Prepared, RestoreRequest, RestoreTarget};
 
 /// How often a running upload or restore reports its bytes.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -33,7 +29,7 @@ const SET_QUEUE: usize = 8;
 /// Routes the session's commands to their sets' tasks.
 pub struct Executor {
     config: Arc<AgentConfig>,
-    component: Component,
+    component: Arc<dyn Component>,
     out: mpsc::Sender<AgentMessage>,
     sets: HashMap<String, SetHandle>,
     /// The session's token: its end cancels every set.
@@ -49,7 +45,7 @@ struct SetHandle {
 impl Executor {
     pub fn new(
         config: Arc<AgentConfig>,
-        component: Component,
+        component: Arc<dyn Component>,
         out: mpsc::Sender<AgentMessage>,
         cancel: CancellationToken,
     ) -> Executor {
@@ -87,7 +83,7 @@ impl Executor {
             let cancel = self.cancel.child_token();
             let task = SetTask {
                 config: self.config.clone(),
-                component: self.component,
+                component: self.component.clone(),
                 out: self.out.clone(),
                 cancel: cancel.clone(),
                 stage: Stage::Idle,
@@ -123,8 +119,8 @@ impl Executor {
 /// Where a set stands on this agent.
 enum Stage {
     Idle,
-    Prepared(Prepared),
-    Cut(Cut),
+    Prepared(Box<dyn Prepared>),
+    Cut(Box<dyn Cut>),
     /// Uploaded, restored or failed: nothing held.
     Finished,
 }
@@ -143,7 +139,7 @@ struct Done {
 
 struct SetTask {
     config: Arc<AgentConfig>,
-    component: Component,
+    component: Arc<dyn Component>,
     out: mpsc::Sender<AgentMessage>,
     cancel: CancellationToken,
     stage: Stage,
@@ -195,10 +191,8 @@ impl SetTask {
         let stage = std::mem::replace(&mut self.stage, Stage::Finished);
         match (action, stage) {
             (Action::Prepare(_), Stage::Idle) => {
-                self.repo = Some(oneshot::open(&self.config, &self.cancel).await?);
-                self.stage = Stage::Prepared(
-                    steps::prepare(&self.config, self.component, &command.set_id).await?,
-                );
+                self.repo = Some(component::open_repository(&self.config, &self.cancel).await?);
+                self.stage = Stage::Prepared(self.component.prepare(Some(&command.set_id)).await?);
                 Ok(Done::default())
             }
             (Action::Fence(_), Stage::Prepared(prepared)) => {
@@ -209,9 +203,8 @@ impl SetTask {
                 })
             }
             (Action::Cut(request), Stage::Prepared(prepared)) => {
-                let when = steps::instant_of(request.at_unix_micros);
-                let (cut, at) = prepared.cut(when).await?;
-                let at = Some(steps::wall_clock(at));
+                let cut = prepared.cut(instant_of(request.at_unix_micros)).await?;
+                let at = Some(wall_clock(cut.at()));
                 if !request.release {
                     self.stage = Stage::Cut(cut);
                     return Ok(Done {
@@ -268,26 +261,22 @@ impl SetTask {
             }
             (Action::Restore(restore), Stage::Idle) => {
                 let nonempty = |s: String| (!s.is_empty()).then_some(s);
-                let trial = restore.trial;
-                let options = oneshot::RestoreOptions {
-                    target: if trial {
-                        None
-                    } else {
-                        nonempty(restore.target_dir).map(Into::into)
-                    },
+                let request = RestoreRequest {
+                    target: RestoreTarget::from_parts(
+                        nonempty(restore.target_dir).map(Into::into),
+                        nonempty(restore.target_url),
+                    )?,
                     force: restore.force,
-                    trial,
-                    postgres: crate::postgres::restore::RestoreOptions {
-                        server_url: nonempty(restore.target_url).filter(|_| !trial),
-                        force: restore.force,
-                        ..Default::default()
-                    },
+                    trial: restore.trial,
+                    ..RestoreRequest::default()
                 };
+                let repo = component::open_repository(&self.config, &self.cancel).await?;
                 let progress = Arc::new(Progress::default());
-                let restoring = Box::pin(oneshot::restore(
-                    &self.config,
+                let restoring = Box::pin(component::restore(
+                    self.component.as_ref(),
+                    &repo,
                     &restore.manifest_id,
-                    options,
+                    request,
                     progress.clone(),
                     &self.cancel,
                 ));
@@ -356,6 +345,20 @@ fn stage_name(stage: &Stage) -> &'static str {
     }
 }
 
+/// The wall-clock time of a monotonic instant in the past.
+fn wall_clock(at: Instant) -> SystemTime {
+    SystemTime::now() - at.elapsed()
+}
+
+/// The monotonic instant of a wall-clock time given in microseconds since the epoch; None for
+/// 0, for the past, or for more than `MAX_CUT_DELAY` ahead (a clock far off cuts at once).
+fn instant_of(unix_micros: i64) -> Option<Instant> {
+    const MAX_CUT_DELAY: Duration = Duration::from_secs(1);
+    let target = SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(unix_micros).ok()?);
+    let ahead = target.duration_since(SystemTime::now()).ok()?;
+    (ahead <= MAX_CUT_DELAY).then(|| Instant::now() + ahead)
+}
+
 fn micros(at: SystemTime) -> i64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -385,3 +388,6 @@ fn result(command_id: &str, outcome: anyhow::Result<Done>) -> AgentMessage {
         body: Some(agent_message::Body::Result(result)),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,21 +5,58 @@
 
 use std::sync::Arc;
 
-use aitbc_backup_agent::ledger::{self, LedgerSettings};
-use aitbc_backup_agent::postgres::{self, PostgresSettings};
-use aitbc_backup_agent::redis::{self, RedisSettings};
+use aitbc_backup_agent::AgentConfig;
+use aitbc_backup_agent::component::{self, RestoreRequest, RestoreTarget};
+use aitbc_backup_agent::ledger::LedgerSettings;
+use aitbc_backup_agent::postgres::PostgresSettings;
+use aitbc_backup_agent::redis::RedisSettings;
+use aitbc_backup_proto::model::Component as Kind;
+use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::path::RemotePath;
 use aitbc_backup_repository::storage::FaultConfig;
 use aitbc_backup_repository::{Progress, Repository};
 use aitbc_backup_tests::node::NodeSim;
 use aitbc_backup_tests::postgres::Postgres;
 use aitbc_backup_tests::redis::Redis;
-use aitbc_backup_tests::repository::{Kind, TestBackend, init_repo};
+use aitbc_backup_tests::repository::{Kind as Backend, TestBackend, init_repo};
 use aitbc_backup_tests::temp_dir;
 use tokio_util::sync::CancellationToken;
 
-fn progress() -> Arc<Progress> {
-    Arc::new(Progress::default())
+/// Backs up with `config`'s component through the component contract, then restores the
+/// backup as `request` says; returns the backup's and the restore's reports.
+async fn round_trip(
+    repo: &Repository,
+    config: AgentConfig,
+    request: RestoreRequest,
+    cancel: &CancellationToken,
+) -> (serde_json::Value, serde_json::Value) {
+    let config = Arc::new(config);
+    let component = component::of(&config).expect("component");
+    let label = Label::new(&config.backup_name());
+    let progress = Arc::new(Progress::default());
+    let report = component::backup(
+        component.as_ref(),
+        repo,
+        &label,
+        false,
+        false,
+        progress.clone(),
+        cancel,
+    )
+    .await
+    .expect("backup");
+    let manifest = report["manifest"].as_str().expect("manifest id");
+    let restored = component::restore(
+        component.as_ref(),
+        repo,
+        manifest,
+        request,
+        progress,
+        cancel,
+    )
+    .await
+    .expect("restore");
+    (report, restored)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +64,7 @@ async fn every_component_backs_up_and_restores_without_the_right_to_delete() {
     aitbc_backup_tls::install_crypto_provider();
     let cancel = CancellationToken::new();
     let dir = temp_dir("no-delete");
-    let backend = TestBackend::start(Kind::Local);
+    let backend = TestBackend::start(Backend::Local);
     init_repo(backend.storage().await).await;
     let no_delete = backend
         .faulty(FaultConfig {
@@ -47,37 +84,25 @@ async fn every_component_backs_up_and_restores_without_the_right_to_delete() {
 
     // Ledger
     NodeSim::write_blocks(dir.path(), "wal", 40, 0);
-    let ledger_settings = LedgerSettings {
-        data_dir: dir.path().join("node"),
-        scratch_dir: dir.path().join("scratch"),
-        ..LedgerSettings::default()
+    let config = AgentConfig {
+        component: Some(Kind::Ledger),
+        ledger: LedgerSettings {
+            data_dir: dir.path().join("node"),
+            scratch_dir: dir.path().join("scratch"),
+            ..LedgerSettings::default()
+        },
+        ..AgentConfig::default()
     };
-    let report = ledger::backup::backup(
-        &repo,
-        &ledger_settings,
-        "ledger",
-        false,
-        progress(),
-        &cancel,
-    )
-    .await
-    .expect("ledger backup");
-    let manifest = repo
-        .component(&report.manifest, &cancel)
-        .await
-        .expect("manifest");
-    let options = ledger::restore::RestoreOptions {
-        target: dir.path().join("restored"),
-        force: false,
-        chain_db: ledger_settings.chain_db.clone(),
-        height_query: ledger_settings.height_query.clone(),
-        source: "least-privilege test".into(),
-        protected: Vec::new(),
+    let request = RestoreRequest {
+        target: RestoreTarget::Directory(dir.path().join("restored")),
+        ..RestoreRequest::default()
     };
-    let restored = ledger::restore::restore(&repo, &manifest, &options, progress(), &cancel)
-        .await
-        .expect("ledger restore");
-    assert_eq!(restored.height, report.height);
+    let (report, restored) = round_trip(&repo, config, request, &cancel).await;
+    assert_eq!(restored["height"], report["height"]);
+    assert!(
+        report["height"].as_u64().is_some_and(|h| h >= 40),
+        "{report}"
+    );
 
     // PostgreSQL
     let pg = Postgres::start();
@@ -86,66 +111,42 @@ async fn every_component_backs_up_and_restores_without_the_right_to_delete() {
         "app",
         "CREATE TABLE t AS SELECT g AS n FROM generate_series(1, 1000) g",
     );
-    let pg_settings = PostgresSettings {
-        url: pg.url("postgres"),
-        databases: vec!["app".into()],
-        scratch_dir: dir.path().join("pg-scratch"),
-        ..PostgresSettings::default()
+    let config = AgentConfig {
+        component: Some(Kind::Postgres),
+        postgres: PostgresSettings {
+            url: pg.url("postgres"),
+            databases: vec!["app".into()],
+            scratch_dir: dir.path().join("pg-scratch"),
+            ..PostgresSettings::default()
+        },
+        ..AgentConfig::default()
     };
-    let report =
-        postgres::backup::backup(&repo, &pg_settings, "postgres", false, progress(), &cancel)
-            .await
-            .expect("postgres backup");
-    let manifest = repo
-        .component(&report.manifest, &cancel)
-        .await
-        .expect("manifest");
-    let options = postgres::restore::RestoreOptions {
+    let request = RestoreRequest {
         database: Some("app".into()),
         rename: Some("app_copy".into()),
-        ..Default::default()
+        ..RestoreRequest::default()
     };
-    postgres::restore::restore(
-        &repo,
-        &manifest,
-        &pg_settings,
-        &options,
-        progress(),
-        &cancel,
-    )
-    .await
-    .expect("postgres restore");
+    round_trip(&repo, config, request, &cancel).await;
     assert_eq!(pg.psql("app_copy", "SELECT sum(n) FROM t"), "500500");
 
     // Redis
     let source = Redis::start();
     source.cli(&["SET", "k", "v"]);
-    let redis_settings = RedisSettings {
-        address: format!("127.0.0.1:{}", source.port),
-        ..RedisSettings::default()
-    };
-    let report = redis::backup::backup(&repo, &redis_settings, "redis", false, progress(), &cancel)
-        .await
-        .expect("redis backup");
-    let manifest = repo
-        .component(&report.manifest, &cancel)
-        .await
-        .expect("manifest");
     let target = Redis::start();
-    let options = redis::restore::RestoreOptions {
-        address: Some(format!("127.0.0.1:{}", target.port)),
-        ..Default::default()
+    let config = AgentConfig {
+        component: Some(Kind::Redis),
+        redis: RedisSettings {
+            address: format!("127.0.0.1:{}", source.port),
+            state_dir: dir.path().join("redis-state"),
+            ..RedisSettings::default()
+        },
+        ..AgentConfig::default()
     };
-    redis::restore::restore(
-        &repo,
-        &manifest,
-        &redis_settings,
-        &options,
-        progress(),
-        &cancel,
-    )
-    .await
-    .expect("redis restore");
+    let request = RestoreRequest {
+        target: RestoreTarget::Server(format!("127.0.0.1:{}", target.port)),
+        ..RestoreRequest::default()
+    };
+    round_trip(&repo, config, request, &cancel).await;
     assert_eq!(target.cli(&["GET", "k"]), "v");
 }
 

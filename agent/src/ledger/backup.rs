@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use super::config::LedgerSettings;
 use super::pages::{self, PageMap};
 use super::scan::{self, Entry, Kind};
 use super::sqlite::{self, Head};
+use crate::scratch::ScratchDir;
 
 /// The stream kind recorded in ledger manifests.
 pub const STREAM: &str = "tar";
@@ -181,7 +182,7 @@ impl Cut {
     fn capture(mut self) -> anyhow::Result<Captured> {
         self.release();
         let settings = self.settings;
-        let workdir = ScratchDir::create(&settings.scratch_dir)?;
+        let workdir = ScratchDir::create(&settings.scratch_dir, "ledger")?;
         let mut databases = HashMap::new();
         for (i, snapshot) in self.snapshots.into_iter().enumerate() {
             let rel = snapshot.rel.clone();
@@ -189,7 +190,7 @@ impl Cut {
                 Database::Snapshot(snapshot)
             } else {
                 let copy = snapshot
-                    .copy_to(&workdir.0.join(format!("{i}.db")))
+                    .copy_to(&workdir.path().join(format!("{i}.db")))
                     .map_err(anyhow::Error::msg)?;
                 Database::Copy(copy)
             };
@@ -216,21 +217,6 @@ impl Cut {
             workdir,
         })
     }
-}
-
-/// Prepare, cut and upload in one go (the standalone `backup` command).
-pub async fn backup(
-    repo: &Repository,
-    settings: &LedgerSettings,
-    name: &str,
-    full_scan: bool,
-    progress: Arc<Progress>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<BackupReport> {
-    let settings = settings.clone();
-    let cut = tokio::task::spawn_blocking(move || prepare(&settings)?.cut()).await??;
-    // Boxed: the pipeline's future is deep enough to overflow the compiler's layout queries.
-    Box::pin(cut.upload(repo, &Label::new(name), full_scan, progress, cancel)).await
 }
 
 /// What the producer hands back.
@@ -501,23 +487,6 @@ fn reusable<'c, 'e>(
     }
     let cached: u64 = chunks.iter().map(|c| u64::from(c.stream_len())).sum();
     (cached == offset).then_some((chunks, index))
-}
-
-/// A per-backup directory under the scratch directory, removed when dropped.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn create(parent: &Path) -> anyhow::Result<Self> {
-        let path = parent.join(format!("ledger-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
-        Ok(ScratchDir(path))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use anyhow::Context;
 use futures::future::try_join_all;
 use tokio_util::sync::CancellationToken;
 
-use super::config::PostgresSettings;
 use super::cut::{self, Cut, Point};
 use super::server::{Server, check_output, conninfo};
 
@@ -43,27 +42,6 @@ pub struct BackupReport {
     pub write_pause_ms: Option<f64>,
     pub seconds: f64,
     pub warnings: Vec<String>,
-}
-
-/// Prepare, cut (releasing any fence at once) and upload: the standalone `backup` command.
-pub async fn backup(
-    repo: &Repository,
-    settings: &PostgresSettings,
-    name: &str,
-    fenced: bool,
-    progress: Arc<Progress>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<BackupReport> {
-    let started = Instant::now();
-    let mut cut = cut::prepare(settings).await?.cut(fenced).await?;
-    let pause = match cut.fence.take() {
-        Some(fence) => Some(fence.release().await),
-        None => None,
-    };
-    let mut report = Box::pin(cut.upload(repo, &Label::new(name), progress, cancel)).await?;
-    report.write_pause_ms = pause.map(|p| p.as_secs_f64() * 1e3);
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
 impl Cut {

@@ -463,26 +463,3 @@ fn produce(
     });
     Ok(summary)
 }
-
-/// Prepare, cut (releasing any fence at once) and upload: the standalone `backup` command.
-pub async fn backup(
-    repo: &Repository,
-    settings: &RedisSettings,
-    name: &str,
-    fenced: bool,
-    progress: Arc<Progress>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<BackupReport> {
-    let started = Instant::now();
-    let settings = settings.clone();
-    let (cut, pause) = tokio::task::spawn_blocking(move || {
-        let mut cut = prepare(&settings)?.cut(fenced)?;
-        let pause = cut.release()?;
-        anyhow::Ok((cut, pause))
-    })
-    .await??;
-    let mut report = Box::pin(cut.upload(repo, &Label::new(name), progress, cancel)).await?;
-    report.write_pause_ms = pause.map(|p| p.as_secs_f64() * 1e3);
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
-}
