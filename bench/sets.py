@@ -93,7 +93,7 @@ class Fleet:
                        AITBC_BACKUP_LEDGER__DATA_DIR=self.node,
                        AITBC_BACKUP_LEDGER__SCRATCH_DIR=f"{self.run}/scratch-ledger")
             if component == "redis":
-                env["COMPRESSION_LEVEL"] = "1"  # RDB values are LZF-compressed already (README)
+                env["COMPRESSION_LEVEL"] = "1"  # RDB values are LZF-compressed already (docs/redis.md, "Compression")
             self.procs[component] = subprocess.Popen([os.path.join(self.bin, "aitbc-backup-agent")], env=env,
                                                      stderr=open(f"{self.run}/agent-{component}.log", "a"))
         while True:

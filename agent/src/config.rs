@@ -1,5 +1,6 @@
-//! The agent's configuration (`aitbc-backup-agent.toml`), see the README's configuration
-//! reference. Every key can be set by `AITBC_BACKUP_<SECTION>__<KEY>`.
+//! The agent's configuration (`aitbc-backup-agent.toml`), see
+//! docs/configuration.md (kept in step with the defaults by tests/tests/config_docs.rs). Every
+//! key can be set by `AITBC_BACKUP_<SECTION>__<KEY>`.
 
 use std::net::SocketAddr;
 use std::time::Duration;

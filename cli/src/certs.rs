@@ -1,5 +1,6 @@
 //! `aitbc-backup certs init | issue`: a development PKI. Production deployments use
-//! cert-manager (see the README); the files have the same role SANs either way.
+//! cert-manager (see docs/operations.md, "Certificates and roles"); the files have the same
+//! role SANs either way.
 
 use crate::output::outln;
 

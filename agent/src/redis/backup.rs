@@ -143,7 +143,8 @@ fn master_offset(control: &mut Connection) -> anyhow::Result<u64> {
 /// (the fork, or a keepalive saying the sync is deferred, after which the server's settings
 /// are what any later fork should use). [`ForkSettings::restore`] puts them back and fails
 /// naming what could not be; dropped without it (an error in between), it puts them back too,
-/// best effort. A process killed in between leaves them changed (README, "The Redis component").
+/// best effort. A process killed in between leaves them changed (docs/redis.md, "The server's
+/// settings").
 struct ForkSettings<'a> {
     control: &'a mut Connection,
     settings: &'a RedisSettings,

@@ -1,8 +1,8 @@
 //! A small certificate authority: generates the CA and issues role certificates.
 //!
-//! Used by `aitbc-backup certs init` (a development PKI; production uses cert-manager, see the
-//! README), by the test harness (including expired and foreign-CA certificates) and by the
-//! session load benchmark. Keys are ECDSA P-256.
+//! Used by `aitbc-backup certs init` (a development PKI; production uses cert-manager, see
+//! docs/operations.md, "Certificates and roles"), by the test harness (including expired and
+//! foreign-CA certificates) and by the session load benchmark. Keys are ECDSA P-256.
 
 use std::net::IpAddr;
 use std::path::Path;
