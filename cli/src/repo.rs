@@ -1,7 +1,12 @@
 //! `aitbc-backup repo ...`: direct repository access, no coordinator needed. This is also the
 //! disaster-recovery path: everything needed to read backups is the repository URL and a key.
 
+mod keys;
+mod wal;
+
 use crate::output::{errln, outln};
+use keys::{KeysCommand, run_keys};
+use wal::{WalCommand, run_wal};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +15,7 @@ use std::time::Duration;
 use aitbc_backup_repository::storage::StorageLimits;
 use aitbc_backup_repository::{
     BackupRequest, ChunkerParams, Damaged, DamagedKind, KeySecret, Progress, RepoSettings, RepoUrl,
-    Repository, S3Options, Storage, damaged, gc, keys, open, verify, wal,
+    Repository, S3Options, Storage, damaged, gc, open, verify,
 };
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -107,42 +112,6 @@ enum RepoCommand {
     /// Archived PostgreSQL WAL and base backups (point-in-time recovery).
     #[command(subcommand)]
     Wal(WalCommand),
-}
-
-#[derive(clap::Subcommand)]
-enum WalCommand {
-    /// List base backups and a summary of the archived WAL.
-    Ls,
-    /// Check that the WAL from every base backup to the newest archived has no gap; exit code 1
-    /// naming the missing segments otherwise.
-    Verify,
-    /// Keep the newest KEEP base backups and the WAL they need; delete older ones and older WAL.
-    Retain {
-        #[arg(long, default_value_t = 2)]
-        keep: usize,
-    },
-}
-
-#[derive(clap::Subcommand)]
-enum KeysCommand {
-    /// List active and revoked keys.
-    List,
-    /// Add a key (the new secret from --new-passphrase-file, --new-key-file or AITBC_CLI_NEW_PASSPHRASE).
-    Add(NewSecret),
-    /// Replace the key in use with a new one and revoke the old one.
-    Rotate(NewSecret),
-    /// Revoke a key by id (not the last one).
-    Revoke { id: String },
-    /// Show the key audit log.
-    Audit,
-}
-
-#[derive(clap::Args)]
-struct NewSecret {
-    #[arg(long)]
-    new_passphrase_file: Option<PathBuf>,
-    #[arg(long)]
-    new_key_file: Option<PathBuf>,
 }
 
 fn parse_rate(text: &str) -> Result<u64, String> {
@@ -519,203 +488,6 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
         RepoCommand::Wal(command) => {
             let repo = args.open(&cancel).await?;
             run_wal(&repo, command, json, &cancel).await?
-        }
-    }
-    Ok(())
-}
-
-async fn run_wal(
-    repo: &Repository,
-    command: &WalCommand,
-    json: bool,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    match command {
-        WalCommand::Ls => {
-            let bases = wal::base_backups(repo, cancel).await?;
-            let catalog = wal::Catalog::load(repo, cancel).await?;
-            let summary = serde_json::json!({
-                "base_backups": bases.iter().map(|b| serde_json::json!({
-                    "id": b.manifest.id,
-                    "created": b.manifest.created,
-                    "timeline": b.timeline,
-                    "start_lsn": wal::format_lsn(b.start_lsn),
-                    "end_lsn": wal::format_lsn(b.end_lsn),
-                    "bytes": b.manifest.raw_size,
-                })).collect::<Vec<_>>(),
-                "segments": catalog.segments.len(),
-                "first_segment": catalog.segments.keys().next(),
-                "last_segment": catalog.segments.keys().next_back(),
-                "partial": catalog.partials.keys().next_back(),
-                "timelines": catalog.histories.keys().collect::<Vec<_>>(),
-            });
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&summary)?)?;
-            } else {
-                let rows: Vec<Vec<String>> = bases
-                    .iter()
-                    .map(|b| {
-                        vec![
-                            b.manifest.id.clone(),
-                            b.manifest.created.clone(),
-                            b.timeline.to_string(),
-                            wal::format_lsn(b.start_lsn),
-                            wal::format_lsn(b.end_lsn),
-                            b.manifest.raw_size.to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "BASE BACKUP",
-                        "CREATED",
-                        "TIMELINE",
-                        "START",
-                        "END",
-                        "BYTES",
-                    ],
-                    &rows,
-                )?;
-                outln!(
-                    "WAL: {} segments, {} .. {}, partial {}",
-                    catalog.segments.len(),
-                    summary["first_segment"].as_str().unwrap_or("-"),
-                    summary["last_segment"].as_str().unwrap_or("-"),
-                    summary["partial"].as_str().unwrap_or("-"),
-                )?;
-            }
-        }
-        WalCommand::Verify => {
-            let catalog = wal::Catalog::load(repo, cancel).await?;
-            let bases = wal::base_backups(repo, cancel).await?;
-            let chains = wal::verify_chains(repo, &catalog, &bases, cancel).await?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&chains)?)?;
-            } else {
-                for chain in &chains {
-                    match chain.problem.as_str() {
-                        "" => outln!(
-                            "base backup {}: WAL complete from {} to {} ({} files)",
-                            chain.base_backup,
-                            chain.first_segment,
-                            chain.last_segment,
-                            chain.files
-                        )?,
-                        problem => outln!("base backup {}: {problem}", chain.base_backup)?,
-                    }
-                }
-            }
-            if chains.is_empty() {
-                bail!("no base backup in the repository: nothing to recover from");
-            }
-            let broken = chains.iter().filter(|c| !c.problem.is_empty()).count();
-            if broken > 0 {
-                bail!("verify failed: the WAL of {broken} base backup(s) is incomplete");
-            }
-        }
-        WalCommand::Retain { keep } => {
-            let report = wal::retain(repo, *keep, cancel).await?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                outln!(
-                    "kept {} base backup(s), deleted {}; removed {} WAL segment(s) and {} partial upload(s) no kept backup needs",
-                    report.kept_base_backups,
-                    report.deleted_base_backups.len(),
-                    report.pruned.segments,
-                    report.pruned.partials
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn run_keys(
-    args: &RepoArgs,
-    command: &KeysCommand,
-    json: bool,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let storage = args.storage().await?;
-    let current = || {
-        args.secret()?
-            .context("a passphrase or key file is needed for key operations")
-    };
-    let new_secret = |new: &NewSecret| {
-        secret_from(
-            &new.new_passphrase_file,
-            &new.new_key_file,
-            "AITBC_CLI_NEW_PASSPHRASE",
-        )?
-        .context(
-            "the new key needs --new-passphrase-file, --new-key-file or AITBC_CLI_NEW_PASSPHRASE",
-        )
-    };
-    match command {
-        KeysCommand::List => {
-            let keys = keys::list_keys(&storage, cancel).await?;
-            if keys.is_empty() {
-                // Every encrypted repository has at least one key.
-                errln!("{} is not encrypted: it has no keys", storage.describe());
-            }
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&keys)?)?;
-            } else {
-                let rows: Vec<Vec<String>> = keys
-                    .iter()
-                    .map(|k| {
-                        vec![
-                            k.id.clone(),
-                            k.kind.to_owned(),
-                            k.created.clone(),
-                            k.revoked_at
-                                .clone()
-                                .map(|t| format!("revoked {t}"))
-                                .unwrap_or("active".into()),
-                        ]
-                    })
-                    .collect();
-                print_table(&["ID", "KIND", "CREATED", "STATE"], &rows)?;
-            }
-        }
-        KeysCommand::Add(new) => {
-            let id = keys::add_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
-            outln!("added key {id}")?;
-        }
-        KeysCommand::Rotate(new) => {
-            let id = keys::rotate_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
-            outln!("rotated: new key {id}; the previous key is revoked")?;
-        }
-        KeysCommand::Revoke { id } => {
-            keys::revoke_key(&storage, &current()?, id, cancel).await?;
-            outln!("revoked key {id}")?;
-        }
-        KeysCommand::Audit => {
-            let log = keys::audit_log(&storage, cancel).await?;
-            if log.is_empty() {
-                errln!(
-                    "{} records no key operations (it is not encrypted)",
-                    storage.describe()
-                );
-            }
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&log)?)?;
-            } else {
-                let rows: Vec<Vec<String>> = log
-                    .iter()
-                    .map(|e| {
-                        vec![
-                            e.time.clone(),
-                            e.action.clone(),
-                            e.key_id.clone(),
-                            e.by_key_id.clone().unwrap_or_default(),
-                            e.host.clone(),
-                        ]
-                    })
-                    .collect();
-                print_table(&["TIME", "ACTION", "KEY", "BY", "HOST"], &rows)?;
-            }
         }
     }
     Ok(())

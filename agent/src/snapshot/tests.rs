@@ -191,7 +191,13 @@ async fn the_executor_drives_a_component_through_the_contract_in_order() {
     executor.shutdown().await;
     assert_eq!(
         *log.lock().expect("log"),
-        ["prepare set-1", "fence", "cut", "release", "upload daily true"]
+        [
+            "prepare set-1",
+            "fence",
+            "cut",
+            "release",
+            "upload daily true"
+        ]
     );
 }
 
