@@ -12,10 +12,16 @@
 //! 5. remove the recovery settings and the fetched WAL, check `pg_controldata` says "shut down",
 //!    and rename the staging directory to the target.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+mod recovery;
+mod staging;
+use recovery::{control_data, recover};
+use staging::{
+    check_empty, remove_recovery_settings, staging_dir, swap_in, unpack, write_recovery_settings,
+};
+
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use aitbc_backup_repository::manifest::{ComponentManifest, ConsistencyPoint};
 use aitbc_backup_repository::wal::{self, Catalog, End};
@@ -26,7 +32,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::PostgresSettings;
-use super::server::{tool_in, tools_dir};
+use super::server::tools_dir;
 use crate::confined;
 
 /// Where recovery stops.
@@ -281,22 +287,6 @@ async fn rebuild(
     })
 }
 
-fn check_empty(data_dir: &Path) -> anyhow::Result<()> {
-    match std::fs::read_dir(data_dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                bail!(
-                    "{} is not empty; a point-in-time restore writes a new data directory (stop the server and move the old one away first)",
-                    data_dir.display()
-                );
-            }
-            Ok(())
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(anyhow::Error::new(err).context(format!("{}", data_dir.display()))),
-    }
-}
-
 /// The base backup to start from: the one asked for, else the newest that ends before the
 /// target (so recovery can reach it).
 async fn choose_base(
@@ -326,291 +316,4 @@ async fn choose_base(
     fitting.map(|base| base.manifest).with_context(|| {
         format!("no base backup in the repository ends before {target}; take one with `aitbc-backup-agent base-backup`")
     })
-}
-
-fn staging_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    let parent = data_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = data_dir
-        .file_name()
-        .context("the data directory has no name")?
-        .to_string_lossy();
-    let staging = parent.join(format!(
-        ".{name}.aitbc-restore-{:08x}",
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir(&staging)
-        .with_context(|| format!("create the staging directory {}", staging.display()))?;
-    std::fs::set_permissions(
-        &staging,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )?;
-    Ok(staging)
-}
-
-/// Streams the base backup into the confined unpacker (nothing written outside `root`).
-async fn unpack(
-    repo: &Repository,
-    manifest: &ComponentManifest,
-    root: &Path,
-    progress: Arc<Progress>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let root = root.to_owned();
-    let unpacked =
-        aitbc_backup_repository::restore_with(repo, manifest, progress, cancel, move |reader| {
-            confined::unpack(reader, &root, &mut |_, _| {})
-        })
-        .await
-        .with_context(|| format!("read base backup {}", manifest.id))?;
-    match unpacked {
-        Ok(_) => Ok(()),
-        Err(refused) => bail!("unpack base backup {}: {refused}", manifest.id),
-    }
-}
-
-fn write_recovery_settings(staging: &Path, wal_dir: &Path, target: &Target) -> anyhow::Result<()> {
-    let dir = wal_dir.to_str().context("the staging path is not UTF-8")?;
-    if dir.contains(['\'', '"', '\\', '%']) {
-        bail!(
-            "the staging path {dir} holds a quote, backslash or %; choose another target directory"
-        );
-    }
-    let mut block = vec![
-        RECOVERY_BEGIN.to_owned(),
-        format!("restore_command = 'cp \"{dir}/%f\" \"%p\"'"),
-        "recovery_target_timeline = 'latest'".to_owned(),
-    ];
-    match target {
-        Target::Latest => {}
-        Target::Time(at) => {
-            block.push(format!(
-                "recovery_target_time = '{}'",
-                at.format("%Y-%m-%d %H:%M:%S%.6f+00")
-            ));
-            // "Before it": a transaction committed exactly at the instant is left out.
-            block.push("recovery_target_inclusive = off".to_owned());
-        }
-        Target::Lsn(lsn) => {
-            block.push(format!("recovery_target_lsn = '{}'", wal::format_lsn(*lsn)))
-        }
-        Target::RestorePoint { name, .. } => {
-            if name.contains(['\'', '\\']) {
-                bail!("restore point name `{name}` holds a quote or backslash");
-            }
-            block.push(format!("recovery_target_name = '{name}'"));
-        }
-    }
-    if *target != Target::Latest {
-        block.push("recovery_target_action = 'promote'".to_owned());
-    }
-    block.push(RECOVERY_END.to_owned());
-    let conf = staging.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.push('\n');
-    }
-    text.push_str(&block.join("\n"));
-    text.push('\n');
-    // Written without following a link the base backup may hold under these names.
-    confined::replace_file(staging, "postgresql.auto.conf", text.as_bytes())?;
-    confined::replace_file(staging, "recovery.signal", b"")?;
-    Ok(())
-}
-
-fn remove_recovery_settings(staging: &Path) -> anyhow::Result<()> {
-    let conf = staging.join("postgresql.auto.conf");
-    let text = std::fs::read_to_string(&conf)?;
-    let mut kept = Vec::new();
-    let mut inside = false;
-    for line in text.lines() {
-        match line {
-            RECOVERY_BEGIN => inside = true,
-            RECOVERY_END => inside = false,
-            _ if !inside => kept.push(line),
-            _ => {}
-        }
-    }
-    let mut out = kept.join("\n");
-    out.push('\n');
-    confined::replace_file(staging, "postgresql.auto.conf", out.as_bytes())?;
-    let _ = std::fs::remove_file(staging.join("recovery.signal"));
-    Ok(())
-}
-
-/// Runs the server on the staging directory until recovery ends, then shuts it down.
-/// Returns the line where the server said it stopped.
-async fn recover(
-    bin: &Path,
-    staging: &Path,
-    settings: &PostgresSettings,
-    cancel: &CancellationToken,
-) -> anyhow::Result<String> {
-    let run = tempfile::Builder::new()
-        .prefix("aitbc-pitr-")
-        .tempdir()
-        .context("create the recovery socket directory")?;
-    let owner = os_user(settings)?;
-    if let Some((uid, gid)) = owner {
-        chown_tree(staging, uid, gid)?;
-        chown_tree(run.path(), uid, gid)?;
-    }
-    let log_path = run.path().join("recovery.log");
-    let log = std::fs::File::create(&log_path)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&log_path, Some(uid), Some(gid))?;
-    }
-    let mut command = tokio::process::Command::new(tool_in(bin, "postgres"));
-    command
-        .arg("-D")
-        .arg(staging)
-        .args([
-            "-c",
-            "listen_addresses=",
-            "-c",
-            "archive_mode=off",
-            "-c",
-            "port=5432",
-        ])
-        .arg("-c")
-        .arg(format!("unix_socket_directories={}", run.path().display()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true);
-    if let Some((uid, gid)) = owner {
-        command.uid(uid).gid(gid);
-    }
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("start {}", tool_in(bin, "postgres").display()))?;
-    let signal = staging.join("recovery.signal");
-    let deadline = Instant::now() + settings.wal.recovery_timeout;
-    let outcome = loop {
-        if !signal.exists() && ready(&log_path) {
-            break Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            break Err(anyhow::anyhow!("the recovering server exited ({status})"));
-        }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!(
-                "recovery did not finish within {:?} (postgres.wal.recovery_timeout)",
-                settings.wal.recovery_timeout
-            ));
-        }
-        if cancel.is_cancelled() {
-            break Err(anyhow::anyhow!("cancelled"));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        // SIGINT: fast shutdown, with a checkpoint.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGINT,
-        );
-    }
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await;
-    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    if let Err(err) = outcome {
-        bail!("{err}: {}", log_tail(&log_text));
-    }
-    match status {
-        Ok(Ok(status)) if status.success() => {}
-        _ => bail!(
-            "the recovered server did not shut down cleanly: {}",
-            log_tail(&log_text)
-        ),
-    }
-    Ok(log_text
-        .lines()
-        .find(|l| l.contains("recovery stopping") || l.contains("redo done at"))
-        .map(|l| l.split_once(": ").map_or(l, |(_, m)| m).trim().to_owned())
-        .unwrap_or_default())
-}
-
-fn ready(log: &Path) -> bool {
-    std::fs::read_to_string(log)
-        .map(|t| t.contains("database system is ready to accept connections"))
-        .unwrap_or(false)
-}
-
-/// The server's last few error lines, for an error message.
-fn log_tail(text: &str) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("FATAL") || l.contains("ERROR") || l.contains("PANIC"))
-        .collect();
-    let chosen = if lines.is_empty() {
-        text.lines().rev().take(3).collect::<Vec<_>>()
-    } else {
-        lines.into_iter().rev().take(3).collect()
-    };
-    chosen.into_iter().rev().collect::<Vec<_>>().join(" | ")
-}
-
-/// The OS user to run the server as: when the agent is root, `postgres.wal.os_user`.
-fn os_user(settings: &PostgresSettings) -> anyhow::Result<Option<(u32, u32)>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let name = &settings.wal.os_user;
-    let user = nix::unistd::User::from_name(name)?.with_context(|| {
-        format!(
-            "OS user `{name}` does not exist (postgres.wal.os_user); PostgreSQL cannot run as root"
-        )
-    })?;
-    Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    if std::fs::symlink_metadata(path)?.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), uid, gid)?;
-        }
-    }
-    Ok(())
-}
-
-/// `pg_controldata`: cluster state, timeline, latest checkpoint.
-fn control_data(bin: &Path, dir: &Path) -> anyhow::Result<(String, u32, String)> {
-    let output = std::process::Command::new(tool_in(bin, "pg_controldata"))
-        .arg(dir)
-        .env("LC_ALL", "C")
-        .output()
-        .context("run pg_controldata")?;
-    let text = String::from_utf8_lossy(&super::server::check_output("pg_controldata", output)?)
-        .into_owned();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default()
-    };
-    Ok((
-        field("Database cluster state:"),
-        field("Latest checkpoint's TimeLineID:")
-            .parse()
-            .unwrap_or(0),
-        field("Latest checkpoint location:"),
-    ))
-}
-
-/// Puts the recovered directory in place: the target must still be absent or empty.
-fn swap_in(staging: &Path, data_dir: &Path) -> anyhow::Result<()> {
-    if data_dir.exists() {
-        check_empty(data_dir)?;
-        std::fs::remove_dir(data_dir)?;
-    }
-    std::fs::rename(staging, data_dir)
-        .with_context(|| format!("move the restored cluster to {}", data_dir.display()))?;
-    if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }

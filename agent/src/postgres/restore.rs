@@ -4,8 +4,12 @@
 //! in under the target name. A failure at any step before the swap drops the temporary database
 //! and leaves the target as it was.
 
+mod load;
+mod swap;
+use load::{Dump, Spool, pg_restore, spool};
+use swap::{drop_leftovers, refuse_if_in_use, swap, temp_name};
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backup::{GLOBALS, dump_path};
 use super::config::PostgresSettings;
-use super::server::{Server, Session, conninfo, describe, ident, literal};
+use super::server::{Server, conninfo, describe, ident, literal};
 
 /// Temporary databases are named `<target>_aitbc_restore_<hex>`; leftovers of an interrupted
 /// restore are dropped by the next restore of the same target.
@@ -212,25 +216,6 @@ pub async fn restore(
     })
 }
 
-/// Writes one part of the stream to a scratch file. Not synced: the file is read back at once
-/// and thrown away (a crash restarts the restore), and syncing 500 MB cost seconds.
-async fn spool(
-    repo: &Repository,
-    manifest: &ComponentManifest,
-    part: &str,
-    path: &std::path::Path,
-    progress: Arc<Progress>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let part = aitbc_backup_repository::part(manifest, part)?;
-    let file = tokio::fs::File::create(path)
-        .await
-        .with_context(|| format!("create {}", path.display()))?;
-    let mut writer = tokio::io::BufWriter::with_capacity(1 << 20, file);
-    aitbc_backup_repository::restore(repo, &part, &mut writer, progress, cancel).await?;
-    Ok(())
-}
-
 /// The databases to restore, each with its target name.
 fn select<'a>(
     databases: &'a [PgDatabase],
@@ -280,22 +265,6 @@ fn major_of(version: &str) -> u32 {
         .next()
         .and_then(|m| m.parse().ok())
         .unwrap_or(0)
-}
-
-async fn refuse_if_in_use(server: &Server, admin: &Client, target: &str) -> anyhow::Result<()> {
-    let sessions = server.sessions(admin, target).await?;
-    if sessions.is_empty() {
-        return Ok(());
-    }
-    bail!(
-        "database `{target}` is in use by {} other session(s): {}; stop them or restore with --force (which terminates them)",
-        sessions.len(),
-        sessions
-            .iter()
-            .map(Session::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    )
 }
 
 /// Restores one database under a temporary name, checks it, swaps it in. Returns whether an
@@ -359,122 +328,6 @@ async fn restore_one(
     result
 }
 
-fn temp_name(target: &str, mark: &str) -> String {
-    // PostgreSQL names are at most 63 bytes.
-    let mut base: String = target.to_owned();
-    while base.len() > 63 - mark.len() - 8 {
-        base.pop();
-    }
-    format!("{base}{mark}{:08x}", rand::random::<u32>())
-}
-
-async fn drop_leftovers(admin: &Client, target: &str) -> anyhow::Result<()> {
-    let rows = admin
-        .query(
-            "SELECT datname::text FROM pg_database WHERE datname LIKE $1 || '%'",
-            &[&format!(
-                "{}{TEMP_MARK}",
-                target.replace('_', "\\_").replace('%', "\\%")
-            )],
-        )
-        .await?;
-    for row in rows {
-        let name: String = row.get(0);
-        tracing::info!(database = %name, "dropping the leftover of an interrupted restore");
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                ident(&name)
-            ))
-            .await
-            .map_err(|e| anyhow::anyhow!("drop leftover {name}: {}", describe(&e)))?;
-    }
-    Ok(())
-}
-
-/// Where `pg_restore` reads a dump from.
-enum Dump<'a> {
-    /// A file in the scratch directory (`--jobs` needs one it can seek in).
-    Spooled(PathBuf),
-    /// Straight from the repository into its standard input (one job; nothing on disk, and
-    /// the download overlaps the restore).
-    Streamed {
-        repo: &'a Repository,
-        part: Box<ComponentManifest>,
-        progress: Arc<Progress>,
-    },
-}
-
-async fn pg_restore(
-    server: &Server,
-    database: &str,
-    dump: &Dump<'_>,
-    jobs: u32,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let mut command = server.tool("pg_restore");
-    command
-        .args(["--exit-on-error", "--no-password"])
-        .arg(format!("--dbname={}", conninfo(database)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    match dump {
-        Dump::Spooled(path) => {
-            command
-                .arg(format!("--jobs={jobs}"))
-                .arg(path)
-                .stdin(Stdio::null());
-        }
-        Dump::Streamed { .. } => {
-            command.stdin(Stdio::piped());
-        }
-    }
-    let mut child = tokio::process::Command::from(command)
-        .kill_on_drop(true)
-        .spawn()
-        .context("start pg_restore")?;
-    let stdin = child.stdin.take();
-    let mut stderr = child.stderr.take().context("pg_restore stderr")?;
-    let feed = async {
-        match (dump, stdin) {
-            (
-                Dump::Streamed {
-                    repo,
-                    part,
-                    progress,
-                },
-                Some(stdin),
-            ) => {
-                aitbc_backup_repository::restore(repo, part, stdin, progress.clone(), cancel).await
-            }
-            _ => Ok(()),
-        }
-    };
-    let errors = async {
-        let mut text = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
-        text
-    };
-    let (fed, errors, status) = tokio::select! {
-        all = async { tokio::join!(feed, errors, child.wait()) } => all,
-        _ = cancel.cancelled() => bail!("cancelled"),
-    };
-    let status = status.context("run pg_restore")?;
-    match fed {
-        // A feed that failed on its own (a damaged chunk) explains pg_restore's failure too.
-        Err(err) if !is_closed_pipe(&err) => {
-            Err(anyhow::Error::new(err).context("read the dump from the repository"))
-        }
-        // Otherwise pg_restore's own message: when it stops early the feed only sees a closed pipe.
-        _ if !status.success() => bail!("pg_restore failed ({status}): {}", errors.trim()),
-        fed => fed.context("read the dump from the repository"),
-    }
-}
-
-fn is_closed_pipe(err: &aitbc_backup_repository::RepoError) -> bool {
-    matches!(err, aitbc_backup_repository::RepoError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
 /// Compares every table's rows with the counts taken at the cut. The rows `pg_restore` loaded
 /// are read from the statistics (`n_tup_ins`: the new database saw nothing but the restore's
 /// `COPY`, and triggers are created after the data); a table whose figure differs (statistics
@@ -520,96 +373,6 @@ async fn check_counts(
     Ok(())
 }
 
-/// Puts `temp` in place of `target`: the old database is closed to new connections, its
-/// sessions checked (refused without `force`, terminated with it), renamed aside, the new one
-/// renamed in, the old one dropped.
-async fn swap(
-    server: &Server,
-    admin: &Client,
-    temp: &str,
-    target: &str,
-    force: bool,
-) -> anyhow::Result<bool> {
-    let exists = admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&target])
-        .await?
-        .is_some();
-    if !exists {
-        rename(admin, temp, target).await?;
-        return Ok(false);
-    }
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS false",
-            ident(target)
-        ))
-        .await
-        .map_err(|e| anyhow::anyhow!("close `{target}` to new connections: {}", describe(&e)))?;
-    let reopen = || async {
-        let _ = admin
-            .batch_execute(&format!(
-                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS true",
-                ident(target)
-            ))
-            .await;
-    };
-    let sessions = server.sessions(admin, target).await?;
-    if !sessions.is_empty() {
-        if !force {
-            reopen().await;
-            refuse_if_in_use(server, admin, target).await?;
-        }
-        admin
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-                &[&target],
-            )
-            .await
-            .context("terminate the sessions on the target")?;
-        tracing::warn!(database = %target, sessions = sessions.len(), "--force: terminated the sessions on the replaced database");
-    }
-    let previous = temp_name(target, PREVIOUS_MARK);
-    // Terminated backends take a moment to leave; renaming waits for that.
-    let mut attempts = 0;
-    loop {
-        match rename(admin, target, &previous).await {
-            Ok(()) => break,
-            Err(err) if attempts < 50 && err.to_string().contains("being accessed") => {
-                attempts += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(err) => {
-                reopen().await;
-                return Err(err);
-            }
-        }
-    }
-    if let Err(err) = rename(admin, temp, target).await {
-        let _ = rename(admin, &previous, target).await;
-        reopen().await;
-        return Err(err);
-    }
-    if let Err(err) = admin
-        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", ident(&previous)))
-        .await
-    {
-        tracing::warn!(database = %previous, error = %describe(&err), "the replaced database could not be dropped; drop it by hand");
-    }
-    Ok(true)
-}
-
-async fn rename(admin: &Client, from: &str, to: &str) -> anyhow::Result<()> {
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} RENAME TO {}",
-            ident(from),
-            ident(to)
-        ))
-        .await
-        .map_err(|e| anyhow::anyhow!("rename database `{from}` to `{to}`: {}", describe(&e)))
-}
-
 /// Runs the backup's `pg_dumpall --globals-only` script. Objects that already exist (the
 /// restoring role itself, roles of an earlier restore) are expected errors; others are warned.
 fn apply_globals(
@@ -638,42 +401,4 @@ fn apply_globals(
         );
     }
     Ok(())
-}
-
-/// The scratch directory for one restore: made on first use (a streamed restore without the
-/// globals never touches the disk), removed when done.
-struct Spool {
-    root: PathBuf,
-    dir: Option<PathBuf>,
-}
-
-impl Spool {
-    fn new(root: &std::path::Path) -> Spool {
-        Spool {
-            root: root.to_owned(),
-            dir: None,
-        }
-    }
-
-    /// A path for `name` inside the directory.
-    fn path(&mut self, name: &str) -> anyhow::Result<PathBuf> {
-        if let Some(dir) = &self.dir {
-            return Ok(dir.join(name));
-        }
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("create postgres.scratch_dir {}", self.root.display()))?;
-        let dir = self
-            .root
-            .join(format!("pg-restore-{:08x}", rand::random::<u32>()));
-        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(self.dir.insert(dir).join(name))
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
 }
