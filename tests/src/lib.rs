@@ -7,6 +7,8 @@
 //! - [`chain`]: the simulated blockchain node's ledger and the checks made on a chain.db; the
 //!   simulator itself is the `aitbc-node-sim` binary of this crate.
 //! - [`data`], [`repository`]: test data and repositories on every backend.
+//! - [`conformance`]: the component contract, one implementation per component, the same cases
+//!   run against each.
 //! - [`tcp_proxy`]: a TCP proxy with a byte rate and cuts, for faults on a connection.
 //!
 //! Services are started synchronously from the test's own thread (start functions block until
@@ -14,6 +16,7 @@
 
 pub mod agent;
 pub mod chain;
+pub mod conformance;
 pub mod data;
 pub mod fleet;
 pub mod mirror;

@@ -1,6 +1,7 @@
-//! The ledger component end to end: the agent's backup and restore commands against a live
-//! simulated node (both journal modes), the file cache, hostile archives (fixed and generated)
-//! and interrupted restores, and targets that would hold the repository.
+//! The ledger component end to end, beyond the contract the conformance suite checks
+//! (`conformance.rs`, in both journal modes: cuts of a live node, fenced sets, refused and trial
+//! restores): the file cache and page reuse, hostile archives (fixed and generated),
+//! interrupted restores, and targets that would hold the repository.
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,91 +27,6 @@ fn setup(dir: &Path) -> LedgerAgent {
         data_dir: dir.join("node"),
         repository,
         scratch: dir.join("scratch"),
-    }
-}
-
-fn integrity(db: &Path) -> String {
-    let conn = rusqlite::Connection::open(db).expect("open");
-    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity_check")
-}
-
-#[test]
-fn backup_of_a_live_node_restores_a_sound_chain_in_both_journal_modes() {
-    for journal in ["wal", "delete"] {
-        let dir = aitbc_backup_tests::temp_dir("ledger-live");
-        let agent = setup(dir.path());
-        let mut node = NodeSim::start(dir.path(), journal, 50, &[]);
-        assert!(
-            wait_until(Duration::from_secs(15), || node
-                .head()
-                .is_some_and(|(h, _)| h >= 100)),
-            "{}",
-            node.service.log()
-        );
-
-        // Two backups while the node writes 50 blocks/s.
-        let first = agent.ok(&["backup"]);
-        std::thread::sleep(Duration::from_millis(300));
-        let report = agent.ok(&["backup"]);
-        let height = report["height"].as_u64().expect("height");
-        let hash = report["hash"].as_str().expect("hash").to_owned();
-        assert!(
-            height > first["height"].as_u64().expect("height"),
-            "{report}"
-        );
-        let (live_height, _) = node.head().expect("node head");
-        assert!(live_height >= height, "the node is behind its own backup?");
-
-        let target = dir.path().join("restored");
-        let target_arg = target.to_str().expect("utf-8");
-        let manifest = report["manifest"].as_str().expect("manifest");
-        let restored = agent.ok(&["restore", manifest, "--target", target_arg]);
-        assert_eq!(restored["height"].as_u64(), Some(height));
-
-        // The restored chain: intact, hash-chained (hashes recomputed), head = the manifest's.
-        let db = target.join("chain/chain.db");
-        assert_eq!(integrity(&db), "ok", "{journal}");
-        let chain = check_chain(&db).expect("restored chain is sound");
-        assert_eq!((chain.height, chain.hash.clone()), (height, hash.clone()));
-        assert_eq!(chain.blocks, height + 1);
-        for h in [0, height / 2, height] {
-            let receipt = target.join(format!("receipts/{:06}/{h}.json", h / 1000));
-            assert!(receipt.is_file(), "{journal}: receipt of block {h} missing");
-        }
-        let metadata: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(target.join("metadata.json")).expect("metadata.json"),
-        )
-        .expect("metadata JSON");
-        assert_eq!(metadata["latest_block_height"].as_u64(), Some(height));
-        assert_eq!(metadata["latest_block_hash"].as_str(), Some(hash.as_str()));
-        assert_eq!(metadata["backup_name"].as_str(), Some(manifest));
-
-        // A second restore needs --force, then yields the same tree. (The checks above opened
-        // the database read-only, which leaves its -wal and -shm files behind.)
-        let skip = ["metadata.json", "chain.db-wal", "chain.db-shm"];
-        let before = tree_digest(&target, &skip);
-        let err = agent.fails(&["restore", manifest, "--target", target_arg]);
-        assert!(
-            err.contains("not empty") && err.contains("--force"),
-            "{err}"
-        );
-        agent.ok(&["restore", manifest, "--target", target_arg, "--force"]);
-        assert_eq!(
-            tree_digest(&target, &["metadata.json"]),
-            before,
-            "{journal}"
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(&target)
-            .expect("read target")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".aitbc-backup"))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
-
-        let status = node.service.stop().expect("node exit");
-        assert!(status.success(), "{}", node.service.log());
     }
 }
 
@@ -356,12 +272,9 @@ fn a_failed_or_killed_restore_leaves_the_old_data_directory() {
     let target_arg = target.to_str().expect("utf-8").to_owned();
 
     // Killed (SIGKILL) while unpacking: the old data stays.
-    let mut child = std::process::Command::new(binary("aitbc-backup-agent"))
-        .args(["restore", &manifest, "--target", &target_arg, "--force"])
-        .env("AITBC_BACKUP_COMPONENT", "ledger")
-        .env("AITBC_BACKUP_LEDGER__DATA_DIR", &agent.data_dir)
-        .env("AITBC_BACKUP_LEDGER__SCRATCH_DIR", &agent.scratch)
-        .env("AITBC_BACKUP_REPOSITORY__URL", &agent.repository)
+    let mut child = agent
+        .oneshot()
+        .command(&["restore", &manifest, "--target", &target_arg, "--force"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -393,7 +306,9 @@ fn a_failed_or_killed_restore_leaves_the_old_data_directory() {
 
     // A failed restore (a damaged chunk) leaves the old data and no staging.
     let chunks = dir.path().join("repo/chunks");
-    let victim = first_file(&chunks).expect("a chunk");
+    let shown = agent.oneshot().repo_json(&["show", &manifest]);
+    let id = shown["chunks"][0]["id"].as_str().expect("a chunk");
+    let victim = chunks.join(&id[..2]).join(id);
     let original = std::fs::read(&victim).expect("read chunk");
     let mut damaged = original.clone();
     let middle = damaged.len() / 2;
@@ -422,50 +337,13 @@ fn a_failed_or_killed_restore_leaves_the_old_data_directory() {
     );
 }
 
-fn first_file(dir: &Path) -> Option<std::path::PathBuf> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            if let Some(found) = first_file(&path) {
-                return Some(found);
-            }
-        } else {
-            return Some(path);
-        }
-    }
-    None
-}
-
 #[test]
 fn a_broken_chain_in_a_backup_is_refused_before_the_swap() {
     let dir = aitbc_backup_tests::temp_dir("ledger-broken");
     let agent = setup(dir.path());
     // A database whose block 2 names the wrong parent.
-    let db = dir.path().join("broken.db");
-    let conn = rusqlite::Connection::open(&db).expect("create");
-    conn.execute_batch(aitbc_backup_tests::chain::SCHEMA)
-        .expect("schema");
-    for (height, hash, parent) in [(0, "h0", "p"), (1, "h1", "h0"), (2, "h2", "not-h1")] {
-        conn.execute(
-            "INSERT INTO block VALUES (?1, ?2, ?3, 'v', 0, 0, 'root')",
-            rusqlite::params![height, hash, parent],
-        )
-        .expect("insert");
-    }
-    drop(conn);
-    let bytes = std::fs::read(&db).expect("read db");
-    let mut archive = raw_entry("chain/", tar::EntryType::Directory, None, b"");
-    archive.extend(raw_entry(
-        "chain/chain.db",
-        tar::EntryType::Regular,
-        None,
-        &bytes,
-    ));
+    let bytes = chain_db(&dir.path().join("broken.db"), "not-h1");
+    let mut archive = with_chain(&bytes);
     archive.extend([0u8; 1024]);
     let id = store_crafted(&agent, archive, 2, "h2");
 
@@ -489,38 +367,46 @@ fn a_broken_chain_in_a_backup_is_refused_before_the_swap() {
     );
 }
 
+/// Opens the repository at `url`.
+async fn open(url: &str) -> aitbc_backup_repository::Repository {
+    let url = aitbc_backup_repository::RepoUrl::parse(url).expect("url");
+    let storage =
+        aitbc_backup_repository::open_storage(&url, &Default::default(), Default::default())
+            .await
+            .expect("storage");
+    aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
+        .await
+        .expect("open")
+}
+
+/// Stores a tar stream as a ledger backup with the given head; returns its id.
+async fn store(
+    repo: &aitbc_backup_repository::Repository,
+    archive: Vec<u8>,
+    height: u64,
+    hash: &str,
+) -> String {
+    let request = BackupRequest {
+        name: "ledger".into(),
+        stream: "tar".into(),
+        consistency: Some(ConsistencyPoint::Ledger {
+            height,
+            hash: hash.into(),
+        }),
+        ..Default::default()
+    };
+    let progress = std::sync::Arc::new(Progress::default());
+    let cursor = std::io::Cursor::new(archive);
+    aitbc_backup_repository::backup(repo, cursor, request, progress, &CancellationToken::new())
+        .await
+        .expect("store the archive")
+        .id
+}
+
 /// Stores a crafted tar stream as a ledger backup with the given head; returns its id.
 fn store_crafted(agent: &LedgerAgent, archive: Vec<u8>, height: u64, hash: &str) -> String {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        let url = aitbc_backup_repository::RepoUrl::parse(&agent.repository).expect("url");
-        let storage =
-            aitbc_backup_repository::open_storage(&url, &Default::default(), Default::default())
-                .await
-                .expect("storage");
-        let repo =
-            aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
-                .await
-                .expect("open");
-        aitbc_backup_repository::backup(
-            &repo,
-            std::io::Cursor::new(archive),
-            BackupRequest {
-                name: "ledger".into(),
-                stream: "tar".into(),
-                consistency: Some(ConsistencyPoint::Ledger {
-                    height,
-                    hash: hash.into(),
-                }),
-                ..Default::default()
-            },
-            std::sync::Arc::new(Progress::default()),
-            &CancellationToken::new(),
-        )
-        .await
-        .expect("store the crafted archive")
-        .id
-    })
+    runtime.block_on(async { store(&open(&agent.repository).await, archive, height, hash).await })
 }
 
 #[test]
@@ -531,16 +417,8 @@ fn a_restore_into_the_repositorys_parent_is_refused_even_with_force() {
     let backup = agent.ok(&["backup"]);
     let manifest = backup["manifest"].as_str().expect("manifest");
     let repo_dir = dir.path().join("repo");
-    let listing = |path: &Path| {
-        let mut names: Vec<_> = std::fs::read_dir(path)
-            .expect("read dir")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        names.sort();
-        names
-    };
-    let parent_before = listing(dir.path());
-    let repo_before = tree_digest(&repo_dir, &[]);
+    // Everything beside and inside the repository, byte for byte.
+    let before = tree_digest(dir.path(), &[]);
     // The repository's parent (which holds it), another spelling of it, and a directory inside it.
     let inside = repo_dir.join("restored");
     let respelled = dir.path().join("node/../.");
@@ -572,8 +450,7 @@ fn a_restore_into_the_repositorys_parent_is_refused_even_with_force() {
             target.display()
         );
     }
-    assert_eq!(listing(dir.path()), parent_before);
-    assert_eq!(tree_digest(&repo_dir, &[]), repo_before);
+    assert_eq!(tree_digest(dir.path(), &[]), before);
     assert!(!inside.exists());
     let verified = std::process::Command::new(binary("aitbc-backup"))
         .args(["repo", "--repository", &agent.repository, "verify"])
@@ -589,13 +466,12 @@ fn a_restore_into_the_repositorys_parent_is_refused_even_with_force() {
     assert_eq!(report["height"], backup["height"]);
 }
 
-/// A sound chain database of three blocks, head `h2` at height 2.
-fn sound_chain(dir: &Path) -> Vec<u8> {
-    let db = dir.join("sound.db");
-    let conn = rusqlite::Connection::open(&db).expect("create");
+/// A chain database of three blocks, head `h2` at height 2, block 2 naming `parent2`.
+fn chain_db(db: &Path, parent2: &str) -> Vec<u8> {
+    let conn = rusqlite::Connection::open(db).expect("create");
     conn.execute_batch(aitbc_backup_tests::chain::SCHEMA)
         .expect("schema");
-    for (height, hash, parent) in [(0, "h0", "p"), (1, "h1", "h0"), (2, "h2", "h1")] {
+    for (height, hash, parent) in [(0, "h0", "p"), (1, "h1", "h0"), (2, "h2", parent2)] {
         conn.execute(
             "INSERT INTO block VALUES (?1, ?2, ?3, 'v', 0, 0, 'root')",
             rusqlite::params![height, hash, parent],
@@ -603,7 +479,19 @@ fn sound_chain(dir: &Path) -> Vec<u8> {
         .expect("insert");
     }
     drop(conn);
-    std::fs::read(&db).expect("read db")
+    std::fs::read(db).expect("read db")
+}
+
+/// The start of a ledger archive: `chain/` and `chain/chain.db` holding `db`.
+fn with_chain(db: &[u8]) -> Vec<u8> {
+    let mut archive = raw_entry("chain/", tar::EntryType::Directory, None, b"");
+    archive.extend(raw_entry(
+        "chain/chain.db",
+        tar::EntryType::Regular,
+        None,
+        db,
+    ));
+    archive
 }
 
 /// One repository, runtime and chain database for every generated case.
@@ -620,20 +508,8 @@ fn generated() -> &'static Generated {
         let dir = aitbc_backup_tests::temp_dir("ledger-generated");
         let repository = init_local_repository(dir.path());
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let repo = runtime.block_on(async {
-            let url = aitbc_backup_repository::RepoUrl::parse(&repository).expect("url");
-            let storage = aitbc_backup_repository::open_storage(
-                &url,
-                &Default::default(),
-                Default::default(),
-            )
-            .await
-            .expect("storage");
-            aitbc_backup_repository::Repository::open(storage, None, &CancellationToken::new())
-                .await
-                .expect("open")
-        });
-        let chain = sound_chain(dir.path());
+        let repo = runtime.block_on(open(&repository));
+        let chain = chain_db(&dir.path().join("sound.db"), "h1");
         Generated {
             _dir: dir,
             runtime,
@@ -646,35 +522,12 @@ fn generated() -> &'static Generated {
 /// The real ledger restore of `archive` (after a sound chain database) into `target`, forced.
 fn restore_generated(archive: &[u8], target: &Path) -> Result<(), String> {
     let shared = generated();
-    let mut stream = raw_entry("chain/", tar::EntryType::Directory, None, b"");
-    stream.extend(raw_entry(
-        "chain/chain.db",
-        tar::EntryType::Regular,
-        None,
-        &shared.chain,
-    ));
+    let mut stream = with_chain(&shared.chain);
     stream.extend_from_slice(archive);
     stream.extend([0u8; 1024]);
     let cancel = CancellationToken::new();
     shared.runtime.block_on(async {
-        let id = aitbc_backup_repository::backup(
-            &shared.repo,
-            std::io::Cursor::new(stream),
-            BackupRequest {
-                name: "ledger".into(),
-                stream: "tar".into(),
-                consistency: Some(ConsistencyPoint::Ledger {
-                    height: 2,
-                    hash: "h2".into(),
-                }),
-                ..Default::default()
-            },
-            std::sync::Arc::new(Progress::default()),
-            &cancel,
-        )
-        .await
-        .expect("store the generated archive")
-        .id;
+        let id = store(&shared.repo, stream, 2, "h2").await;
         let manifest = shared.repo.component(&id, &cancel).await.expect("manifest");
         let settings = aitbc_backup_agent::ledger::LedgerSettings::default();
         let options = aitbc_backup_agent::ledger::restore::RestoreOptions {

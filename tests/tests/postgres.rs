@@ -1,15 +1,18 @@
-//! The `postgres` agent component against real PostgreSQL 15 clusters: backups at a cut,
-//! restores into a fresh cluster and over a live database, fences, and bad input.
+//! The `postgres` agent component against real PostgreSQL 15 clusters, beyond the contract the
+//! conformance suite checks (`conformance.rs`: cuts, fenced cuts, refused and trial restores):
+//! a rich database restored equal to its source, a fence nobody releases, bad input, and a
+//! restore killed midway.
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aitbc_backup_agent::postgres::{PostgresSettings, cut};
 use aitbc_backup_tests::agent::{OneShot, init_local_repository};
-use aitbc_backup_tests::postgres::{Postgres, bin, spawn_client};
+use aitbc_backup_tests::conformance::postgres::{EVENTS, plain_dump, spawn_writer};
+use aitbc_backup_tests::postgres::{Postgres, bin};
 use aitbc_backup_tests::{assert_fence_held, free_port, temp_dir, wait_until};
 
 /// The agent for `pg` storing into a fresh repository under `dir`.
@@ -30,24 +33,6 @@ fn with_url(agent: &OneShot, url: &str) -> OneShot {
 /// Runs SQL through psql in `database` (several statements allowed).
 fn sql(pg: &Postgres, database: &str, script: &str) -> String {
     pg.psql(database, script)
-}
-
-/// A plain-text dump for comparing two databases (the per-run `\restrict` keys removed).
-fn plain_dump(pg: &Postgres, database: &str) -> String {
-    let out = Command::new(bin("pg_dump"))
-        .args(["--no-sync", "-d", &pg.url(database)])
-        .output()
-        .expect("run pg_dump");
-    assert!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn pgbench_init(pg: &Postgres, database: &str, scale: u32) {
@@ -159,91 +144,6 @@ fn a_rich_database_restores_into_a_fresh_cluster_equal_to_the_source() {
     );
 }
 
-/// Inserts rows into `events` one transaction at a time until stopped; each row records the
-/// transaction that wrote it. Returns the longest single insert.
-fn spawn_writer(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, Duration)> {
-    spawn_client(&url, move |client| async move {
-        let (mut rows, mut longest) = (0u64, Duration::ZERO);
-        while !stop.load(Ordering::Relaxed) {
-            let began = Instant::now();
-            client
-                .execute("INSERT INTO events DEFAULT VALUES", &[])
-                .await
-                .expect("insert");
-            longest = longest.max(began.elapsed());
-            rows += 1;
-        }
-        (rows, longest)
-    })
-}
-
-const EVENTS: &str = "CREATE TABLE events (id bigserial PRIMARY KEY, \
-                      txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
-                      at timestamptz NOT NULL DEFAULT clock_timestamp())";
-
-#[test]
-fn rows_committed_before_the_cut_are_restored_and_later_ones_are_not() {
-    let dir = temp_dir("pg-cut");
-    let pg = Postgres::start();
-    sql(&pg, "postgres", "CREATE DATABASE app");
-    pgbench_init(&pg, "app", 2);
-    sql(&pg, "app", EVENTS);
-    let agent = agent(&pg, dir.path()).with("AITBC_BACKUP_POSTGRES__DATABASES", r#"["app"]"#);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(pg.url("app"), stop.clone());
-    assert!(wait_until(Duration::from_secs(10), || {
-        sql(&pg, "app", "SELECT count(*) FROM events") != "0"
-    }));
-    let report = agent.ok(&["backup"]);
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let (written, _) = writer.join().expect("writer");
-
-    let manifest = report["manifest"].as_str().expect("id");
-    let shown = agent.repo_json(&["show", manifest]);
-    let point = &shown["consistency"];
-    assert_eq!(point["kind"], "postgres", "{shown}");
-    let snapshot = point["databases"][0]["txid_snapshot"]
-        .as_str()
-        .expect("txid snapshot")
-        .to_owned();
-    let counted = point["databases"][0]["row_counts"]["public.events"]
-        .as_u64()
-        .expect("events counted");
-
-    // Exactly the rows whose transactions the snapshot sees.
-    let visible = sql(
-        &pg,
-        "app",
-        &format!(
-            "SELECT count(*) || ' ' || coalesce(max(id), 0) FROM events \
-             WHERE pg_visible_in_snapshot(txid, '{snapshot}'::pg_snapshot)"
-        ),
-    );
-    let total: u64 = sql(&pg, "app", "SELECT count(*) FROM events")
-        .parse()
-        .expect("count");
-    assert_eq!(total, written);
-    let (before, after) = (counted, total - counted);
-    assert!(
-        before > 0 && after > 0,
-        "{before} rows before the cut, {after} after"
-    );
-
-    agent.ok(&["restore", manifest, "--database", "app", "--as", "app_copy"]);
-    let restored = sql(
-        &pg,
-        "app_copy",
-        "SELECT count(*) || ' ' || coalesce(max(id), 0) FROM events",
-    );
-    assert_eq!(restored, visible);
-    assert_eq!(
-        restored.split(' ').next(),
-        Some(counted.to_string().as_str())
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_holds_writers_no_longer_than_its_pause_even_if_never_released() {
     aitbc_backup_tls::install_crypto_provider();
@@ -259,7 +159,7 @@ async fn a_fence_holds_writers_no_longer_than_its_pause_even_if_never_released()
         ..Default::default()
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(pg.url("app"), stop.clone());
+    let writer = spawn_writer(&pg.url("app"), stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The coordinator "vanishes": nobody releases the fence.
@@ -275,7 +175,7 @@ async fn a_fence_holds_writers_no_longer_than_its_pause_even_if_never_released()
     tokio::time::sleep(pause + Duration::from_millis(1000)).await;
     let after = count(&pg);
     stop.store(true, Ordering::Relaxed);
-    let (_, longest) = writer.join().expect("writer");
+    let longest = writer.join().expect("writer");
     let held = cut.fence.take().expect("a fence").release().await;
 
     assert_fence_held((before, during, after), longest, pause);
@@ -289,27 +189,6 @@ fn count(pg: &Postgres) -> u64 {
     sql(pg, "app", "SELECT count(*) FROM events")
         .parse()
         .expect("count")
-}
-
-#[test]
-fn a_fenced_one_shot_backup_pauses_writers_only_for_the_cut() {
-    let dir = temp_dir("pg-fenced");
-    let pg = Postgres::start();
-    sql(&pg, "postgres", "CREATE DATABASE app");
-    sql(&pg, "app", EVENTS);
-    let agent = agent(&pg, dir.path())
-        .with("AITBC_BACKUP_POSTGRES__DATABASES", r#"["app"]"#)
-        .with(
-            "AITBC_BACKUP_POSTGRES__FENCE_TABLES",
-            r#"["app.public.events"]"#,
-        );
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(pg.url("app"), stop.clone());
-    let report = agent.ok(&["backup", "--fenced"]);
-    stop.store(true, Ordering::Relaxed);
-    writer.join().expect("writer");
-    let pause = report["write_pause_ms"].as_f64().expect("a pause");
-    assert!(pause > 0.0 && pause < 1000.0, "{report}");
 }
 
 #[test]
@@ -386,9 +265,10 @@ fn bad_input_gets_errors_naming_the_cause() {
     assert!(err.contains("permission denied for table secret"), "{err}");
 }
 
+/// (A target in use refused without `--force` is the suite's `refused_restore`.)
 #[test]
-fn replacing_a_database_in_use_needs_force_and_a_killed_restore_leaves_it_intact() {
-    let dir = temp_dir("pg-replace");
+fn a_killed_restore_leaves_the_database_intact_and_the_next_one_cleans_up() {
+    let dir = temp_dir("pg-killed");
     let pg = Postgres::start();
     sql(&pg, "postgres", "CREATE DATABASE app");
     pgbench_init(&pg, "app", 3);
@@ -398,38 +278,6 @@ fn replacing_a_database_in_use_needs_force_and_a_killed_restore_leaves_it_intact
         .expect("id")
         .to_owned();
     sql(&pg, "app", "DELETE FROM pgbench_accounts WHERE aid > 1000");
-
-    // Another session on the target: refused, naming it.
-    let mut busy = Command::new(bin("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-d",
-            &pg.url("app"),
-            "-c",
-            "SELECT pg_sleep(120)",
-        ])
-        .env("PGAPPNAME", "busy-report")
-        .spawn()
-        .expect("psql");
-    assert!(wait_until(Duration::from_secs(10), || {
-        sql(
-            &pg,
-            "postgres",
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'busy-report'",
-        ) == "1"
-    }));
-    let err = agent.fails(&["restore", &manifest]);
-    assert!(
-        err.contains("database `app` is in use")
-            && err.contains("busy-report")
-            && err.contains("--force"),
-        "{err}"
-    );
-    assert_eq!(
-        sql(&pg, "app", "SELECT count(*) FROM pgbench_accounts"),
-        "1000"
-    );
 
     // Killed midway: the old database is untouched.
     let mut child = agent
@@ -456,13 +304,9 @@ fn replacing_a_database_in_use_needs_force_and_a_killed_restore_leaves_it_intact
         "1000"
     );
 
-    // With --force: the session is ended, the leftover dropped, the backup in place.
+    // The next restore drops the leftover and puts the backup in place.
     let report = agent.ok(&["restore", &manifest, "--force"]);
     assert_eq!(report["databases"][0]["replaced"], true, "{report}");
-    assert!(
-        !busy.wait().expect("psql exits").success(),
-        "the busy session was terminated"
-    );
     assert_eq!(
         sql(&pg, "app", "SELECT count(*) FROM pgbench_accounts"),
         "300000"

@@ -1,5 +1,7 @@
-//! The `redis` agent component against real Redis 7 servers: replica-protocol backups,
-//! restores into running servers, fences, credentials and failures midway.
+//! The `redis` agent component against real Redis 7 servers, beyond the contract the
+//! conformance suite checks (`conformance.rs`: cuts, fenced cuts, refused and trial restores):
+//! every type restored equal to its source, a fence nobody releases, credentials, failures
+//! midway and a server started from an offline restore.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -7,10 +9,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aitbc_backup_agent::redis::{RedisSettings, backup};
 use aitbc_backup_tests::agent::{OneShot, init_local_repository};
+use aitbc_backup_tests::conformance::redis::{resp, spawn_writer};
 use aitbc_backup_tests::redis::Redis;
 use aitbc_backup_tests::{assert_fence_held, temp_dir};
 
@@ -36,14 +39,6 @@ fn at(agent: &OneShot, port: u16) -> OneShot {
     agent
         .clone()
         .with("AITBC_BACKUP_REDIS__ADDRESS", format!("127.0.0.1:{port}"))
-}
-
-/// RESP for one command.
-fn resp(out: &mut Vec<u8>, args: &[&str]) {
-    out.extend(format!("*{}\r\n", args.len()).as_bytes());
-    for arg in args {
-        out.extend(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
-    }
 }
 
 /// Loads `script` (RESP commands) with `redis-cli --pipe`.
@@ -222,62 +217,6 @@ fn every_type_restores_into_a_running_server_equal_to_the_source() {
     );
 }
 
-/// Writes `w:<n>` = n for n = 0, 1, 2, ... until stopped; returns how many were written.
-fn spawn_writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, Duration)> {
-    std::thread::spawn(move || {
-        let mut socket = TcpStream::connect(("127.0.0.1", port)).expect("writer connects");
-        let mut reply = [0u8; 5];
-        let (mut n, mut longest) = (0u64, Duration::ZERO);
-        while !stop.load(Ordering::Relaxed) {
-            let mut command = Vec::new();
-            resp(&mut command, &["SET", &format!("w:{n}"), &n.to_string()]);
-            let began = Instant::now();
-            socket.write_all(&command).expect("write");
-            socket.read_exact(&mut reply).expect("+OK");
-            longest = longest.max(began.elapsed());
-            n += 1;
-        }
-        (n, longest)
-    })
-}
-
-#[test]
-fn writes_after_the_cut_are_absent_from_the_restore() {
-    let dir = temp_dir("redis-cut");
-    let source = Redis::start();
-    every_type(&source, 100_000);
-    let agent = agent(&source, dir.path());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(source.port, stop.clone());
-    std::thread::sleep(Duration::from_millis(200));
-    let report = agent.ok(&["backup"]);
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    let (written, _) = writer.join().expect("writer");
-
-    let target = Redis::start();
-    at(&agent, target.port).ok(&["restore", report["manifest"].as_str().expect("id")]);
-    // The restore holds w:0 .. w:m-1 exactly: a prefix, cut before the last writes.
-    let restored: u64 = target
-        .cli(&["EVAL", "return #redis.call('KEYS', 'w:*')", "0"])
-        .parse()
-        .expect("count");
-    assert!(
-        restored > 0 && restored < written,
-        "{restored} of {written}"
-    );
-    assert_eq!(
-        target.cli(&["GET", &format!("w:{}", restored - 1)]),
-        (restored - 1).to_string()
-    );
-    assert_eq!(target.cli(&["EXISTS", &format!("w:{restored}")]), "0");
-    // The empty target loaded the sync from the socket; its own setting is back.
-    assert_eq!(
-        target.cli(&["CONFIG", "GET", "repl-diskless-load"]),
-        "repl-diskless-load\ndisabled"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_holds_writers_no_longer_than_its_pause_even_if_never_released() {
     let redis = Redis::start();
@@ -305,21 +244,6 @@ async fn a_fence_holds_writers_no_longer_than_its_pause_even_if_never_released()
     let (_, longest) = writer.join().expect("writer");
     drop(cut);
     assert_fence_held((before, during, after), longest, pause);
-}
-
-#[test]
-fn a_fenced_one_shot_backup_pauses_writers_only_for_the_cut() {
-    let dir = temp_dir("redis-fenced");
-    let redis = Redis::start();
-    let agent = agent(&redis, dir.path());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(redis.port, stop.clone());
-    let report = agent.ok(&["backup", "--fenced"]);
-    stop.store(true, Ordering::Relaxed);
-    let (_, longest) = writer.join().expect("writer");
-    let pause = report["write_pause_ms"].as_f64().expect("pause");
-    assert!(pause > 0.0 && pause < 1000.0, "{report}");
-    assert!(longest < Duration::from_secs(2), "{longest:?}");
 }
 
 #[test]
@@ -508,14 +432,7 @@ fn an_offline_restore_writes_a_checked_dump_rdb_a_server_starts_from() {
             .expect("target")
             .ends_with("dump.rdb")
     );
-    let err = agent.fails(&[
-        "restore",
-        &manifest,
-        "--target",
-        data.to_str().expect("utf-8"),
-    ]);
-    assert!(err.contains("--force"), "{err}");
-
+    // (A second restore there without --force is the suite's `refused_restore`.)
     let started = Redis::start_with(&[
         "--enable-debug-command",
         "yes",
