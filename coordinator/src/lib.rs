@@ -31,6 +31,8 @@ pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod stored;
+#[cfg(test)]
+mod testing;
 
 pub use config::CoordinatorConfig;
 pub use server::Coordinator;
