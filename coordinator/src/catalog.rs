@@ -14,11 +14,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
 
 use aitbc_backup_config::settings::RepositorySettings;
 use aitbc_backup_proto::model::{Component, Mode};
-use aitbc_backup_proto::{Snapshot, SnapshotComponent, SnapshotState};
 use aitbc_backup_repository::manifest::{ConsistencyPoint, SetManifest};
 use aitbc_backup_repository::sets::Attempt;
 use aitbc_backup_repository::{Damaged, DamagedKind, RepoError, Repository};
@@ -111,42 +109,6 @@ impl SetRecord {
             write_pause_ms: 0.0,
             pinned: false,
             abort_reason: attempt.reason,
-        }
-    }
-
-    pub fn to_proto(&self) -> Snapshot {
-        Snapshot {
-            id: self.id.clone(),
-            policy: self.policy.clone(),
-            created: chrono::DateTime::parse_from_rfc3339(&self.created)
-                .ok()
-                .map(|t| prost_types::Timestamp::from(SystemTime::from(t))),
-            mode: self.mode.to_proto() as i32,
-            state: match self.state {
-                SetState::Running => SnapshotState::Running,
-                SetState::Committed => SnapshotState::Committed,
-                SetState::Aborted => SnapshotState::Aborted,
-            } as i32,
-            components: self
-                .components
-                .iter()
-                .map(|c| SnapshotComponent {
-                    agent: c.agent.clone(),
-                    component: c.component.to_proto() as i32,
-                    manifest_id: c.manifest_id.clone(),
-                    consistency_json: c
-                        .consistency
-                        .as_ref()
-                        .and_then(|p| serde_json::to_string(p).ok())
-                        .unwrap_or_default(),
-                    bytes_read: c.bytes_read,
-                    bytes_stored: c.bytes_stored,
-                })
-                .collect(),
-            cut_skew_ms: self.cut_skew_ms,
-            write_pause_ms: self.write_pause_ms,
-            pinned: self.pinned,
-            abort_reason: self.abort_reason.clone(),
         }
     }
 }

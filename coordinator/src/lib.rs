@@ -7,9 +7,11 @@
 //! - [`auth`]: role checks from client certificates.
 //! - [`fleet`]: the registry of agents and their liveness (rebuilt from sessions at start).
 //! - [`session`]: the agent session service.
-//! - [`operator`]: the operator service.
+//! - [`operator`]: the operator service; [`operator::convert`] turns domain types into its
+//!   messages and errors into statuses.
 //! - [`calls`]: commands to agents and their answers.
-//! - [`snapshot`]: the snapshot-set protocol; [`restore`]: ordered restores of a set.
+//! - [`snapshot`]: the snapshot-set protocol (typed events and [`snapshot::SetError`]);
+//!   [`restore`]: ordered restores of a set.
 //! - [`catalog`]: the sets the coordinator knows, rebuilt from the repository at start;
 //!   [`stored`]: catalog loading, verification, deletion and retention of stored sets.
 //! - [`outcomes`]: the backup outcome metrics, recorded as sets end.
@@ -31,6 +33,8 @@ pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod stored;
+#[cfg(test)]
+mod testing;
 
 pub use config::CoordinatorConfig;
 pub use server::Coordinator;

@@ -1,29 +1,31 @@
 //! The operator service: what the CLI and grpcurl call. The role check happens before these
-//! handlers run (see [`crate::auth::RequireRole`]).
+//! handlers run (see [`crate::auth::RequireRole`]). Requests are validated here, on receipt
+//! ([`Component::from_proto`], [`Mode::from_proto`]); replies and errors are converted in
+//! [`convert`].
+
+pub mod convert;
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use aitbc_backup_proto::model::{Component, Mode};
 use aitbc_backup_proto::operator_server::Operator;
 use aitbc_backup_proto::{
-    Agent, AgentState, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
-    GetAgentRequest, GetSnapshotRequest, ListAgentsRequest, ListAgentsResponse,
-    ListSnapshotsRequest, ListSnapshotsResponse, PinSnapshotRequest, RestoreEvent,
-    RestoreSnapshotRequest, Snapshot, SnapshotEvent, VerifySnapshotRequest, VerifySnapshotResponse,
+    Agent, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse, GetAgentRequest,
+    GetSnapshotRequest, ListAgentsRequest, ListAgentsResponse, ListSnapshotsRequest,
+    ListSnapshotsResponse, PinSnapshotRequest, RestoreEvent, RestoreSnapshotRequest, Snapshot,
+    SnapshotEvent, VerifySnapshotRequest, VerifySnapshotResponse,
 };
 use aitbc_backup_repository::RepoError;
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::catalog::SetState;
-use crate::fleet::{AgentView, Fleet, Liveness};
+use crate::fleet::Fleet;
 use crate::restore::{RestoreRequest, Target};
 use crate::snapshot::{DEFAULT_POLICY, SetRequest, Sets};
 
@@ -79,7 +81,7 @@ impl Operator for OperatorService {
         &self,
         _request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        let agents = self.fleet.list().into_iter().map(to_proto).collect();
+        let agents = self.fleet.list().into_iter().map(convert::agent).collect();
         Ok(Response::new(ListAgentsResponse { agents }))
     }
 
@@ -90,7 +92,7 @@ impl Operator for OperatorService {
         let name = request.into_inner().name;
         self.fleet
             .get(&name)
-            .map(|view| Response::new(to_proto(view)))
+            .map(|view| Response::new(convert::agent(view)))
             .ok_or_else(|| Status::not_found(format!("no agent named `{name}` has registered")))
     }
 
@@ -112,24 +114,15 @@ impl Operator for OperatorService {
             agents: request.agents,
             mode: Mode::from_proto("mode", request.mode)?,
         };
-        let (set_id, events) = self
-            .sets
-            .start(set)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (set_id, events) = self.sets.start(set)?;
         // A set queued behind another says so from its first event.
-        let message = if events.queued_behind.is_empty() {
-            String::new()
-        } else {
-            crate::snapshot::queue::waiting_message(&events.queued_behind)
-        };
-        let started = SnapshotEvent {
-            set_id,
-            phase: "started".to_owned(),
-            message,
-            ..SnapshotEvent::default()
-        };
-        let following = futures::stream::unfold(events, |mut events| async move {
-            events.next().await.map(|event| (Ok(event), events))
+        let started = convert::started(set_id.clone(), &events.queued_behind);
+        let following = futures::stream::unfold(events, move |mut events| {
+            let set_id = set_id.clone();
+            async move {
+                let event = events.next().await?;
+                Some((Ok(convert::snapshot_event(&set_id, event)), events))
+            }
         });
         Ok(Response::new(Box::pin(
             futures::stream::once(async { Ok(started) }).chain(following),
@@ -146,7 +139,7 @@ impl Operator for OperatorService {
             .catalog
             .list()
             .iter()
-            .map(|r| r.to_proto())
+            .map(convert::snapshot)
             .collect();
         Ok(Response::new(ListSnapshotsResponse { snapshots }))
     }
@@ -160,7 +153,7 @@ impl Operator for OperatorService {
         self.sets
             .catalog
             .get(&set_id)
-            .map(|r| Response::new(r.to_proto()))
+            .map(|r| Response::new(convert::snapshot(&r)))
             .ok_or_else(|| self.unknown_set(&set_id))
     }
 
@@ -181,7 +174,7 @@ impl Operator for OperatorService {
             .update(&request.set_id, |r| r.pinned = request.pinned);
         tracing::info!(set = %request.set_id, pinned = request.pinned, "snapshot set pin changed");
         let record = self.committed(&request.set_id)?;
-        Ok(Response::new(record.to_proto()))
+        Ok(Response::new(convert::snapshot(&record)))
     }
 
     async fn delete_snapshot(
@@ -232,19 +225,18 @@ impl Operator for OperatorService {
                 },
             );
         }
+        let set_id = request.set_id;
         let restore = RestoreRequest {
-            set_id: request.set_id,
+            set_id: set_id.clone(),
             components: components("components", &request.components)?,
             targets,
             force: request.force,
             trial: request.trial,
         };
-        let (tx, rx) = mpsc::channel(16);
-        self.sets.restore(restore, tx).map_err(|e| match e {
-            crate::restore::RestoreError::NotFound(_) => Status::not_found(e.to_string()),
-            _ => Status::failed_precondition(e.to_string()),
-        })?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events = self.sets.restore(restore)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events).map(
+            move |event| Ok(convert::restore_event(&set_id, event)),
+        ))))
     }
 
     async fn verify_snapshot(
@@ -276,25 +268,4 @@ impl Operator for OperatorService {
             chunks_read: report.chunks_read as u64,
         }))
     }
-}
-
-fn to_proto(view: AgentView) -> Agent {
-    Agent {
-        name: view.name,
-        component: view.component.to_proto() as i32,
-        version: view.version,
-        host: view.host,
-        state: match view.liveness {
-            Liveness::Online => AgentState::Online,
-            Liveness::Offline => AgentState::Offline,
-        } as i32,
-        last_seen: Some(timestamp(view.last_seen)),
-        connected_since: Some(timestamp(view.connected_since)),
-        session_id: view.session_id,
-        peer_address: view.peer_address.map(|a| a.to_string()).unwrap_or_default(),
-    }
-}
-
-fn timestamp(time: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(time)
 }

@@ -33,8 +33,8 @@ pub struct Scheduler {
 impl Scheduler {
     /// Runs every policy's loop until `cancel`.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        while let Err(status) = self.sets.catalog_ready().await {
-            tracing::warn!(error = %status.message(), "scheduler waits for the catalog");
+        while let Err(err) = self.sets.catalog_ready().await {
+            tracing::warn!(error = %err, "scheduler waits for the catalog");
             if !aitbc_backup_backoff::sleep_or_cancel(CATALOG_RETRY, &cancel).await {
                 return;
             }
@@ -136,11 +136,14 @@ impl Scheduler {
                 self.sets.tasks.spawn(async move {
                     if events.committed().await && verify != VerifyAfter::None {
                         let checked = match verify {
-                            VerifyAfter::Restore => Box::pin(sets.trial_restore(&set_id)).await,
+                            VerifyAfter::Restore => Box::pin(sets.trial_restore(&set_id))
+                                .await
+                                .map(|failures| failures.iter().map(ToString::to_string).collect())
+                                .map_err(anyhow::Error::from),
                             other => {
                                 let read_data = other == VerifyAfter::ReadData;
                                 Box::pin(sets.verify(&set_id, read_data)).await.map(|report| {
-                                    report.problems.iter().map(|p| p.to_string()).collect()
+                                    report.problems.iter().map(ToString::to_string).collect::<Vec<_>>()
                                 })
                             }
                         };

@@ -111,8 +111,8 @@ impl Coordinator {
             set_tasks.spawn(async move {
                 match sets.catalog_ready().await {
                     Ok(()) => sets.refresh_repository_metrics().await,
-                    Err(status) => {
-                        tracing::warn!(error = %status.message(), "catalog not loaded yet; retried on the next operator call")
+                    Err(err) => {
+                        tracing::warn!(error = %err, "catalog not loaded yet; retried on the next operator call")
                     }
                 }
             });

@@ -11,16 +11,18 @@
 //!
 //! Sets that share an agent never overlap: a later one waits in [`queue`] until the earlier has
 //! ended, in arrival order, whether an operator or the schedule asked for it.
+//!
+//! Everything here is typed: agents get [`Order`]s and answer [`Done`] (see [`crate::calls`]),
+//! watchers get [`SetEvent`]s, an abort is a [`SetError`]; the operator service converts.
 
+pub mod error;
+pub mod event;
 pub mod queue;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aitbc_backup_proto::model::{Component, Mode};
-use aitbc_backup_proto::{
-    Abort, CommandResult, Cut, Fence, Prepare, SnapshotEvent, SnapshotState, Upload, command,
-};
+use aitbc_backup_proto::model::{Component, Done, Mode, Order, ProtocolError, Step, Uploaded};
 use aitbc_backup_repository::Repository;
 use aitbc_backup_repository::manifest::{SetComponent, SetManifest};
 use aitbc_backup_repository::sets::Attempt;
@@ -30,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use self::error::SetError;
+pub use self::event::{Phase, SetEvent};
 use crate::calls::{CallError, Calls};
 use crate::catalog::{Catalog, ComponentRecord, RepoHandle, SetRecord, SetState};
 pub use crate::config::DEFAULT_POLICY;
@@ -97,14 +101,14 @@ struct Plan {
 /// (`committed` or `aborted`, carrying the set): the stream ends after it, when the set's task
 /// drops its sender.
 pub struct SetEvents {
-    receiver: broadcast::Receiver<SnapshotEvent>,
+    receiver: broadcast::Receiver<SetEvent>,
     /// The earlier sets this one was queued behind when it started (empty: it ran at once).
     pub queued_behind: Vec<String>,
 }
 
 impl SetEvents {
     /// The next event; None once the set has ended and every event was read.
-    pub async fn next(&mut self) -> Option<SnapshotEvent> {
+    pub async fn next(&mut self) -> Option<SetEvent> {
         loop {
             match self.receiver.recv().await {
                 Ok(event) => return Some(event),
@@ -117,8 +121,10 @@ impl SetEvents {
     /// Waits for the set's end; true if it committed.
     pub async fn committed(mut self) -> bool {
         while let Some(event) = self.next().await {
-            if let Some(set) = event.snapshot {
-                return set.state == SnapshotState::Committed as i32;
+            match event {
+                SetEvent::Committed(_) => return true,
+                SetEvent::Aborted { .. } => return false,
+                _ => {}
             }
         }
         false
@@ -126,7 +132,7 @@ impl SetEvents {
 }
 
 /// A phase's results, one per agent, in plan order.
-type Results = Vec<CommandResult>;
+type Results = Vec<Done>;
 
 impl Sets {
     /// Picks the agents and starts the set; events follow on the returned receiver.
@@ -207,7 +213,7 @@ impl Sets {
     }
 
     /// Runs the set to its end, committed or aborted.
-    async fn drive(&self, plan: Plan, events: broadcast::Sender<SnapshotEvent>) {
+    async fn drive(&self, plan: Plan, events: broadcast::Sender<SetEvent>) {
         // However the set ends, the sets queued behind it may go.
         struct Leave<'a>(&'a queue::Queue, &'a str);
         impl Drop for Leave<'_> {
@@ -220,7 +226,7 @@ impl Sets {
         tracing::info!(agents = plan.agents.len(), "snapshot set started");
         let started = std::time::Instant::now();
         let outcome = tokio::select! {
-            _ = cancel.cancelled() => Err("the coordinator is shutting down".to_owned()),
+            _ = cancel.cancelled() => Err(SetError::ShuttingDown),
             outcome = self.run(&plan, &events, &cancel) => outcome,
         };
         match outcome {
@@ -231,16 +237,19 @@ impl Sets {
                     self.record_success(&record, started.elapsed());
                 }
                 tracing::info!("snapshot set committed");
-                self.emit(&events, &plan.id, "", "committed", String::new());
+                if let Some(set) = self.catalog.get(&plan.id) {
+                    let _ = events.send(SetEvent::Committed(set));
+                }
                 // After the event: whoever waits for the set does not wait for this scan.
                 self.refresh_repository_metrics().await;
             }
-            Err(reason) => {
-                tracing::warn!(%reason, "snapshot set aborted");
+            Err(error) => {
+                let reason = error.to_string();
+                tracing::warn!(%reason, agent = error.agent(), phase = error.phase().map(Phase::as_str), "snapshot set aborted");
                 for (agent, _) in &plan.agents {
-                    let abort = command::Action::Abort(Abort {
+                    let abort = Order::Abort {
                         reason: reason.clone(),
-                    });
+                    };
                     // Best effort: an agent whose session is gone aborted the set already.
                     let _ = self.calls.start(&self.fleet, agent, &plan.id, abort);
                 }
@@ -258,7 +267,12 @@ impl Sets {
                         tracing::warn!(error = %err, "could not record the aborted set");
                     }
                 }
-                self.emit(&events, &plan.id, "", "aborted", reason);
+                if let Some(set) = self.catalog.get(&plan.id) {
+                    let _ = events.send(SetEvent::Aborted {
+                        set,
+                        error: Arc::new(error),
+                    });
+                }
             }
         }
     }
@@ -281,59 +295,46 @@ impl Sets {
     async fn run(
         &self,
         plan: &Plan,
-        events: &broadcast::Sender<SnapshotEvent>,
+        events: &broadcast::Sender<SetEvent>,
         cancel: &CancellationToken,
-    ) -> Result<(), String> {
-        let repo = self.repo.get(cancel).await.map_err(|e| format!("{e:#}"))?;
+    ) -> Result<(), SetError> {
+        let repo = self.repo.get(cancel).await.map_err(SetError::Repository)?;
         repo.record_attempt(&self.attempt(plan, "running", ""), cancel)
             .await
-            .map_err(|e| format!("record the attempt: {e}"))?;
+            .map_err(SetError::RecordAttempt)?;
         let ahead = self.queue.ahead(&plan.id);
         if !ahead.is_empty() {
             tracing::info!(?ahead, "set queued behind earlier sets on the same agents");
-            self.emit(
-                events,
-                &plan.id,
-                "",
-                "queued",
-                queue::waiting_message(&ahead),
-            );
+            let _ = events.send(SetEvent::Queued { ahead });
             self.queue.wait_turn(&plan.id).await;
             tracing::info!("queued set runs");
         }
         let s = &self.settings;
-        self.phase(plan, events, s.prepare_timeout, || {
-            command::Action::Prepare(Prepare {})
-        })
-        .await?;
-        let cut = || {
-            command::Action::Cut(Cut {
-                release: false,
-                at_unix_micros: 0,
-            })
-        };
+        self.phase(plan, events, s.prepare_timeout, || Order::Prepare)
+            .await?;
         let (cuts, pause_ms) = match plan.mode {
             Mode::Fenced => {
                 let fences = self
-                    .phase(plan, events, s.cut_timeout, || {
-                        command::Action::Fence(Fence {})
-                    })
+                    .phase(plan, events, s.cut_timeout, || Order::Fence)
                     .await?;
                 // Every fence is up: each agent cuts and lets its writers go at once.
                 let cuts = self
-                    .phase(plan, events, s.cut_timeout, || {
-                        command::Action::Cut(Cut {
-                            release: true,
-                            at_unix_micros: 0,
-                        })
+                    .phase(plan, events, s.cut_timeout, || Order::Cut {
+                        release: true,
+                        at_unix_micros: None,
                     })
                     .await?;
-                let first_fence = fences
+                let first_fence = fences.iter().filter_map(Done::at_unix_micros).min();
+                let last_release = cuts
                     .iter()
-                    .map(|r| r.at_unix_micros)
-                    .filter(|&t| t > 0)
-                    .min();
-                let last_release = cuts.iter().map(|r| r.released_at_unix_micros).max();
+                    .filter_map(|done| match done {
+                        Done::Cut {
+                            released: Some(released),
+                            ..
+                        } => Some(released.at_unix_micros),
+                        _ => None,
+                    })
+                    .max();
                 let pause = match (first_fence, last_release) {
                     (Some(up), Some(down)) if down > up => (down - up) as f64 / 1e3,
                     _ => 0.0,
@@ -345,26 +346,28 @@ impl Sets {
                 let at = std::time::SystemTime::now() + s.cut_lead;
                 let at_unix_micros = at
                     .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
                     .map(|d| d.as_micros() as i64)
-                    .unwrap_or(0);
-                let timed = || {
-                    command::Action::Cut(Cut {
-                        release: false,
-                        at_unix_micros: if s.cut_lead.is_zero() {
-                            0
-                        } else {
-                            at_unix_micros
-                        },
-                    })
+                    .filter(|_| !s.cut_lead.is_zero());
+                let timed = || Order::Cut {
+                    release: false,
+                    at_unix_micros,
                 };
                 (self.phase(plan, events, s.cut_timeout, timed).await?, None)
             }
             Mode::Independent => {
                 let mut cuts = Vec::new();
                 for (agent, _) in &plan.agents {
-                    let call = self.call(plan, agent, cut())?;
-                    self.emit(events, &plan.id, agent, "cut", String::new());
-                    cuts.push(call.finish(s.cut_timeout, |_| {}).await.map_err(reason)?);
+                    let cut = Order::Cut {
+                        release: false,
+                        at_unix_micros: None,
+                    };
+                    let call = self.calls.start(&self.fleet, agent, &plan.id, cut)?;
+                    let _ = events.send(SetEvent::Step {
+                        agent: agent.clone(),
+                        step: Step::Cut,
+                    });
+                    cuts.push(call.finish(s.cut_timeout, |_| {}).await?);
                 }
                 (cuts, None)
             }
@@ -377,14 +380,12 @@ impl Sets {
         tracing::info!(skew_ms, pause_ms, "cut taken");
 
         let uploads = self
-            .phase(plan, events, s.upload_timeout, || {
-                command::Action::Upload(Upload {
-                    name: String::new(),
-                    full_scan: false,
-                })
+            .phase(plan, events, s.upload_timeout, || Order::Upload {
+                name: None,
+                full_scan: false,
             })
             .await?;
-        self.emit(events, &plan.id, "", "commit", String::new());
+        let _ = events.send(SetEvent::Commit);
         self.commit(repo, plan, &uploads, skew_ms, pause_ms, cancel)
             .await
     }
@@ -399,17 +400,17 @@ impl Sets {
         skew_ms: f64,
         pause_ms: Option<f64>,
         cancel: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), SetError> {
         let mut components = Vec::new();
-        for ((agent, _), upload) in plan.agents.iter().zip(uploads) {
+        for ((agent, _), done) in plan.agents.iter().zip(uploads) {
+            let upload = uploaded(agent, done)?;
             let manifest = repo
                 .component(&upload.manifest_id, cancel)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "agent `{agent}` reported manifest {}: {e}",
-                        upload.manifest_id
-                    )
+                .map_err(|source| SetError::Manifest {
+                    agent: agent.clone(),
+                    manifest_id: upload.manifest_id.clone(),
+                    source,
                 })?;
             self.catalog.update(&plan.id, |r| {
                 if let Some(c) = r.components.iter_mut().find(|c| &c.agent == agent) {
@@ -441,18 +442,7 @@ impl Sets {
         };
         repo.commit_set(&manifest, cancel)
             .await
-            .map_err(|e| format!("commit the set manifest: {e}"))
-    }
-
-    fn call(
-        &self,
-        plan: &Plan,
-        agent: &str,
-        action: command::Action,
-    ) -> Result<crate::calls::Call, String> {
-        self.calls
-            .start(&self.fleet, agent, &plan.id, action)
-            .map_err(reason)
+            .map_err(SetError::Commit)
     }
 
     /// Sends one step to every agent at once and waits for all of them; the first failure ends
@@ -460,70 +450,52 @@ impl Sets {
     async fn phase(
         &self,
         plan: &Plan,
-        events: &broadcast::Sender<SnapshotEvent>,
+        events: &broadcast::Sender<SetEvent>,
         deadline: Duration,
-        action: impl Fn() -> command::Action,
-    ) -> Result<Results, String> {
-        let step = action().name();
+        order: impl Fn() -> Order,
+    ) -> Result<Results, SetError> {
+        let step = order().step();
         let calls = plan
             .agents
             .iter()
-            .map(|(agent, _)| self.call(plan, agent, action()))
+            .map(|(agent, _)| self.calls.start(&self.fleet, agent, &plan.id, order()))
             .collect::<Result<Vec<_>, _>>()?;
         for (agent, _) in &plan.agents {
-            self.emit(events, &plan.id, agent, step, String::new());
+            let _ = events.send(SetEvent::Step {
+                agent: agent.clone(),
+                step,
+            });
         }
-        try_join_all(calls.into_iter().map(|call| {
+        Ok(try_join_all(calls.into_iter().map(|call| {
             let agent = call.agent().to_owned();
             call.finish(deadline, move |progress| {
-                let _ = events.send(SnapshotEvent {
-                    set_id: plan.id.clone(),
+                let _ = events.send(SetEvent::Progress {
                     agent: agent.clone(),
-                    phase: progress.phase.clone(),
-                    bytes_read: progress.bytes_read,
-                    bytes_stored: progress.bytes_stored,
-                    ..SnapshotEvent::default()
+                    step,
+                    progress,
                 });
             })
         }))
-        .await
-        .map_err(reason)
-    }
-
-    fn emit(
-        &self,
-        events: &broadcast::Sender<SnapshotEvent>,
-        set_id: &str,
-        agent: &str,
-        phase: &str,
-        message: String,
-    ) {
-        let last = matches!(phase, "committed" | "aborted");
-        let _ = events.send(SnapshotEvent {
-            set_id: set_id.to_owned(),
-            agent: agent.to_owned(),
-            phase: phase.to_owned(),
-            message,
-            snapshot: if last {
-                self.catalog.get(set_id).map(|r| r.to_proto())
-            } else {
-                None
-            },
-            ..SnapshotEvent::default()
-        });
+        .await?)
     }
 }
 
-fn reason(err: CallError) -> String {
-    err.to_string()
+/// The upload an agent reported. [`crate::calls`] reads an upload's result as one, so anything
+/// else is an invalid answer.
+fn uploaded<'a>(agent: &str, done: &'a Done) -> Result<&'a Uploaded, SetError> {
+    match done {
+        Done::Uploaded(upload) => Ok(upload),
+        other => Err(SetError::Agent(CallError::Invalid {
+            agent: agent.to_owned(),
+            step: Step::Upload,
+            error: ProtocolError::new("result", format!("is a {} result", other.step())),
+        })),
+    }
 }
 
 /// Milliseconds between the earliest and the latest agent instant of a phase.
-fn spread<'a>(results: impl Iterator<Item = &'a CommandResult>) -> f64 {
-    let instants: Vec<i64> = results
-        .map(|r| r.at_unix_micros)
-        .filter(|&t| t > 0)
-        .collect();
+fn spread<'a>(results: impl Iterator<Item = &'a Done>) -> f64 {
+    let instants: Vec<i64> = results.filter_map(Done::at_unix_micros).collect();
     match (instants.iter().min(), instants.iter().max()) {
         (Some(first), Some(last)) => (last - first) as f64 / 1e3,
         _ => 0.0,

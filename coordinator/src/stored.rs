@@ -6,31 +6,42 @@
 use aitbc_backup_repository::damaged::gc_stopped_at;
 use aitbc_backup_repository::verify::{VerifyReport, verify_set};
 
+use aitbc_backup_repository::RepoError;
+
 use crate::catalog::{SetRecord, SetState};
 use crate::snapshot::Sets;
+
+/// Why the catalog could not be rebuilt (storage unreachable, most likely; retried).
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The repository could not be opened (the message names it).
+    #[error("{0:#}")]
+    Open(anyhow::Error),
+    #[error("read the catalog: {0}")]
+    Load(RepoError),
+}
 
 impl Sets {
     /// Rebuilds the catalog from the repository once (retried on the next call if storage was
     /// unreachable).
-    pub async fn catalog_ready(&self) -> Result<(), tonic::Status> {
+    pub async fn catalog_ready(&self) -> Result<(), CatalogError> {
         self.loaded
             .get_or_try_init(|| {
                 Box::pin(async {
                     let cancel = self.shutdown.child_token();
-                    let repo = self.repo.get(&cancel).await.map_err(|e| format!("{e:#}"))?;
+                    let repo = self.repo.get(&cancel).await.map_err(CatalogError::Open)?;
                     let count = self
                         .catalog
                         .load(repo, &cancel)
                         .await
-                        .map_err(|e| format!("read the catalog: {e}"))?;
+                        .map_err(CatalogError::Load)?;
                     tracing::info!(sets = count, "catalog rebuilt from the repository");
                     self.seed_metrics();
-                    Ok::<(), String>(())
+                    Ok(())
                 })
             })
             .await
             .map(|_| ())
-            .map_err(tonic::Status::unavailable)
     }
 
     /// Verifies a committed set's data; every problem in the report names its object.

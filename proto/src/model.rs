@@ -7,6 +7,12 @@ use std::str::FromStr;
 
 use crate::{ComponentKind, ConsistencyMode, Register};
 
+mod command;
+
+pub use command::{
+    Command, Done, Order, Released, Reply, RestoreOrder, RestoreTarget, Step, Uploaded,
+};
+
 /// A message that does not follow the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -226,21 +232,6 @@ impl From<Registration> for Register {
             component: reg.component.to_proto() as i32,
             version: reg.version,
             host: reg.host,
-        }
-    }
-}
-
-impl crate::command::Action {
-    /// The step's name, as logs and errors say it.
-    pub fn name(&self) -> &'static str {
-        use crate::command::Action;
-        match self {
-            Action::Prepare(_) => "prepare",
-            Action::Fence(_) => "fence",
-            Action::Cut(_) => "cut",
-            Action::Upload(_) => "upload",
-            Action::Abort(_) => "abort",
-            Action::Restore(_) => "restore",
         }
     }
 }
