@@ -296,13 +296,25 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
             // Checked before anything is downloaded; without --force the restore also refuses a
             // file that appears meanwhile (it publishes with a hard link, not a rename).
             if let Some(path) = output
-                && !force
-                && std::fs::symlink_metadata(path).is_ok()
+                && let Ok(meta) = std::fs::symlink_metadata(path)
             {
-                bail!(
-                    "{} already exists; pass --force to replace it, or choose another --output",
-                    path.display()
-                );
+                if !force {
+                    bail!(
+                        "{} already exists; pass --force to replace it, or choose another --output",
+                        path.display()
+                    );
+                }
+                // --force replaces a regular file, nothing else: a device, a FIFO or a link
+                // would be replaced by a file (the output never reaching it), a directory lost.
+                if !meta.file_type().is_file() {
+                    bail!(
+                        "{} is not a regular file ({}); --force replaces only regular files: write \
+                         to standard output instead (`repo cat {id} > {}`)",
+                        path.display(),
+                        describe_file_type(&meta.file_type()),
+                        path.display()
+                    );
+                }
             }
             let repo = args.open(&cancel).await?;
             let manifest = repo.component(id, &cancel).await?;
@@ -514,4 +526,22 @@ fn summary(m: &aitbc_backup_repository::manifest::ComponentManifest) -> serde_js
         "new_chunks": m.stats.new_chunks,
         "new_stored_bytes": m.stats.new_stored_bytes,
     })
+}
+
+/// What kind of file a path is, for messages.
+fn describe_file_type(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
 }

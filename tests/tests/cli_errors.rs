@@ -2,6 +2,7 @@
 //! pipe, an existing output file.
 
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -83,6 +84,29 @@ fn keys_where_no_repository_is_fail_naming_the_path() {
         );
         assert!(out.stdout.is_empty(), "{command:?} printed a table");
     }
+    // A mistyped path is not created by reading it; a file is named as no directory.
+    let typo = dir.path().join("typo/deeper");
+    let out = repo_cli(
+        &format!("file://{}", typo.display()),
+        &["keys", "audit"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("holds no repository"));
+    assert!(
+        !dir.path().join("typo").exists(),
+        "reading created the path"
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let out = repo_cli(&format!("file://{}", file.display()), &["ls"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not a directory"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::remove_file(&file).expect("remove");
     // An unencrypted repository has no keys: an empty list, and a note saying why.
     let out = repo_cli(&url, &["init"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -194,4 +218,48 @@ fn cat_does_not_overwrite_a_file_without_force() {
         .collect();
     names.sort();
     assert_eq!(names, ["db.dump", "fresh.dump", "repository"]);
+
+    // --force replaces regular files only: a link, a FIFO or a directory is refused by kind
+    // and left as it was (a link to a file: the file is not written either).
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let subdir = dir.path().join("subdir");
+    std::fs::create_dir(&subdir).expect("dir");
+    for (path, kind) in [
+        (&link, "a symbolic link"),
+        (&fifo, "a FIFO"),
+        (&subdir, "a directory"),
+    ] {
+        let out = repo_cli(
+            &url,
+            &["cat", &id, "-o", path.to_str().expect("utf-8"), "--force"],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", path.display());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(kind) && err.contains("standard output"),
+            "{err}"
+        );
+    }
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .expect("fifo")
+            .file_type()
+            .is_fifo()
+    );
+    assert!(std::fs::read_dir(&subdir).expect("dir").next().is_none());
+    assert_eq!(std::fs::read(&target).expect("read"), b"the backup's bytes");
 }

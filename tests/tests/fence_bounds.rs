@@ -343,3 +343,42 @@ fn a_fence_that_cannot_be_taken_in_its_budget_aborts_the_set_naming_who_holds_th
     let next = stack.snapshot("fenced");
     assert_eq!(next["state"], "committed", "{next:#}");
 }
+
+#[test]
+fn a_postgres_fence_granted_while_its_agent_hangs_is_ended_by_the_server_in_time() {
+    let mut stack = stack();
+    let probe = Probe::postgres(&stack);
+    let (release, _, holder) = hold_postgres_lock(&stack);
+    let child = create_fenced(&stack);
+    assert!(wait_until(Duration::from_secs(30), || fence_pending(
+        &stack
+    )));
+    let asked = Instant::now();
+    // The agent hangs while its LOCK waits; the lock is granted 1 s later, and nobody on the
+    // agent's side is left to end it.
+    let agent = Pid::from_raw(stack.agent("postgres").pid() as i32);
+    kill(agent, Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = release.send(());
+    holder.join().expect("holder");
+    std::thread::sleep(MAX_PAUSE + SLACK + Duration::from_millis(500));
+    let (_, writes) = probe.stop();
+    kill(agent, Signal::SIGCONT).expect("SIGCONT");
+    let (longest, last_held) = waits(&writes, asked);
+    println!("postgres, agent hung after its LOCK: longest writer wait {longest:?}");
+    assert!(
+        writes
+            .iter()
+            .any(|(sent, _)| *sent > asked + MAX_PAUSE + SLACK),
+        "the probe kept writing after the fence"
+    );
+    if let Some(last) = last_held {
+        assert!(
+            last <= asked + MAX_PAUSE + SLACK,
+            "a writer was held {:?} after the fence was asked for (bound {MAX_PAUSE:?})",
+            last - asked
+        );
+    }
+    let set = finish(child);
+    assert_ne!(set["state"], "committed", "{set:#}");
+}

@@ -454,3 +454,86 @@ async fn a_cancelled_restore_as_on_a_lost_session_gives_the_server_back_at_once(
     });
     println!("restore cancelled mid-transfer (session lost): given back {back:?} after the cancel");
 }
+
+#[test]
+fn a_second_restore_is_refused_while_one_runs_and_a_replica_of_an_unreachable_master_needs_force() {
+    let dir = temp_dir("redis-second");
+    let (_source, agent, manifest) = backed_up(dir.path(), 150_000);
+    let target = Redis::start();
+    let (mut first, link) = start_restore(&agent, &manifest, target.port);
+    let mut probe = Probe::new(target.port);
+    // An empty server loads the RDB as it arrives: transfer or loading, the restore runs.
+    if !wait_until(BOUND, || {
+        matches!(
+            moment(&probe.info(), link.port),
+            Some(Moment::Transfer | Moment::Loading)
+        )
+    }) {
+        let _ = first.kill();
+        let out = first.wait_with_output().expect("first restore");
+        panic!("no transfer seen: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The same server under another spelling, from an agent with a state directory of its
+    // own: refused, naming the restore that runs; the running one goes on.
+    let other = agent.clone().with(
+        "AITBC_BACKUP_REDIS__STATE_DIR",
+        dir.path().join("other-state").display().to_string(),
+    );
+    let out = other
+        .command(&[
+            "restore",
+            &manifest,
+            "--target-url",
+            &format!("localhost:{}", target.port),
+        ])
+        .output()
+        .expect("second restore");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another restore into Redis") && stderr.contains("is running"),
+        "{stderr}"
+    );
+    let status = first.wait().expect("first restore");
+    assert!(status.success(), "the first restore failed");
+    assert!(given_back(&target));
+    assert_eq!(target.cli(&["DBSIZE"]), "150001");
+
+    // A replica of a master it cannot reach (as an interrupted restore from elsewhere leaves
+    // it): refused without --force, naming the master; with --force restored and left a master.
+    let dead = free_port();
+    target.cli(&["REPLICAOF", "127.0.0.1", &dead.to_string()]);
+    let restore = |force: bool| {
+        let mut args = vec![
+            "restore".to_owned(),
+            manifest.clone(),
+            "--target-url".to_owned(),
+            format!("127.0.0.1:{}", target.port),
+        ];
+        if force {
+            args.push("--force".to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        agent.command(&args).output().expect("restore")
+    };
+    let out = restore(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{dead}")) && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(target.cli(&["INFO", "replication"]).contains("role:slave"));
+    let out = restore(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert!(
+        report["warnings"].to_string().contains("left a master"),
+        "{report}"
+    );
+    assert!(given_back(&target));
+}

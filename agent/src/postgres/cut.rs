@@ -354,11 +354,20 @@ async fn raise_fence(
     .await?;
     let started = Instant::now();
     let deadline = started + max_pause;
+    let budget_ms = max_pause.as_millis().max(1);
     let locked = try_join_all(fences.iter().map(|(client, quoted)| async move {
         let tables = quoted.join(", ");
+        // What is left of the budget once the locks are granted bounds the hold on the server
+        // too, should the agent vanish or hang: the session is ended, which releases the locks.
+        // It is set by the server in the same message as the LOCK (statement_timestamp() is
+        // when that message arrived), so no round trip to the agent lies in between.
         let locked = client
             .batch_execute(&format!(
-                "BEGIN; LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE"
+                "BEGIN; LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE; \
+                 SELECT set_config('idle_in_transaction_session_timeout', \
+                   greatest(1, {budget_ms} - floor(1000 * extract(epoch FROM clock_timestamp() - \
+                   statement_timestamp())))::bigint::text || 'ms', false); \
+                 SET statement_timeout = 0"
             ))
             .await;
         if let Err(err) = locked {
@@ -370,15 +379,7 @@ async fn raise_fence(
                 describe(&err)
             );
         }
-        // What is left of the budget bounds the hold on the server too, should the agent
-        // vanish: the session is ended, which releases the locks.
-        let left = millis(deadline.saturating_duration_since(Instant::now()));
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = {left}"
-            ))
-            .await
-            .map_err(|e| anyhow::anyhow!("fence {tables}: {}", describe(&e)))
+        Ok(())
     }))
     .await;
     if let Err(err) = locked {

@@ -105,11 +105,13 @@ pub async fn restore(
     .await??;
     // The listener is bound, so the server's connection waits in its backlog until served.
     // From here on the server is borrowed: `borrowed` gives it back if this future is dropped.
-    let (mut control, borrowed) = tokio::task::spawn_blocking({
+    let (mut control, borrowed, warning) = tokio::task::spawn_blocking({
         let settings = settings.clone();
-        move || Control::attach(&settings, &advertised)
+        let force = options.force;
+        move || Control::attach(&settings, &advertised, force)
     })
     .await??;
+    warnings.extend(warning);
     let transfer = transfer(repo, manifest, master, progress, cancel).await;
     let transferred = transfer.is_ok();
     let load_timeout = settings.load_timeout;

@@ -14,6 +14,46 @@ use super::journal::{Borrowed, Record};
 use super::master::Advertised;
 use super::now_ms;
 
+/// The client name a restore's control connection carries while it lasts, so that another
+/// restore into the same server (from another agent, or under another spelling of its address)
+/// is refused while it runs.
+const RESTORE_CLIENT_NAME: &str = "aitbc-backup-restore";
+
+/// Refuses when another restore holds the server, then names this connection as one. A server
+/// that refuses `CLIENT` (an ACL without it) restores unmarked.
+fn mark_as_restoring(connection: &mut Connection, settings: &RedisSettings) -> anyhow::Result<()> {
+    let clients = match connection.call(&[b"CLIENT", b"LIST"])? {
+        Reply::Error(err) => {
+            tracing::warn!(address = %settings.address, error = %err, "CLIENT LIST refused: another restore into this server cannot be detected");
+            return Ok(());
+        }
+        reply => reply.text(),
+    };
+    let marker = format!("name={RESTORE_CLIENT_NAME} ");
+    if let Some(other) = clients.lines().find(|line| line.contains(&marker)) {
+        let field = |key: &str| {
+            other
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(key))
+                .unwrap_or("?")
+                .to_owned()
+        };
+        bail!(
+            "another restore into Redis at {} is running (its connection from {}, open for {} s); \
+             wait for it to end",
+            settings.address,
+            field("addr="),
+            field("age=")
+        );
+    }
+    if let Reply::Error(err) =
+        connection.call(&[b"CLIENT", b"SETNAME", RESTORE_CLIENT_NAME.as_bytes()])?
+    {
+        tracing::warn!(address = %settings.address, error = %err, "CLIENT SETNAME refused: another restore into this server cannot be detected");
+    }
+    Ok(())
+}
+
 /// The control connection to the server being restored.
 pub struct Control {
     connection: Connection,
@@ -26,19 +66,43 @@ impl Control {
     pub fn attach(
         settings: &RedisSettings,
         master: &Advertised,
-    ) -> anyhow::Result<(Control, Borrowed)> {
+        force: bool,
+    ) -> anyhow::Result<(Control, Borrowed, Option<String>)> {
         let mut connection = Connection::open(settings)?;
+        mark_as_restoring(&mut connection, settings)?;
         let run_id = connection
             .info("server")?
             .get("run_id")
             .cloned()
             .unwrap_or_default();
         let replication = connection.info("replication")?;
+        let mut warning = None;
         let previous_master = match replication.get("role").map(String::as_str) {
-            Some("slave") => Some((
-                replication.get("master_host").cloned().unwrap_or_default(),
-                replication.get("master_port").cloned().unwrap_or_default(),
-            )),
+            Some("slave") => {
+                let host = replication.get("master_host").cloned().unwrap_or_default();
+                let port = replication.get("master_port").cloned().unwrap_or_default();
+                // A replica of a master it cannot reach may be one an interrupted restore left
+                // pointing at its (dead) agent: made a replica of that again afterwards, the
+                // server would stay read-only for good.
+                if replication.get("master_link_status").map(String::as_str) != Some("up") {
+                    if !force {
+                        bail!(
+                            "Redis at {} is a replica of {host}:{port}, which it cannot reach \
+                             (master_link_status down): an interrupted restore may have left it \
+                             so (start the agent that restored it again), or its master is gone; \
+                             --force restores it and leaves it a master",
+                            settings.address
+                        );
+                    }
+                    warning = Some(format!(
+                        "the server was a replica of {host}:{port}, which it could not reach; \
+                         it is left a master (--force)"
+                    ));
+                    None
+                } else {
+                    Some((host, port))
+                }
+            }
             _ => None,
         };
         let mut to_change = Vec::new();
@@ -72,7 +136,7 @@ impl Control {
                 Err(back) => err.context(format!("and giving the server back failed: {back:#}")),
             });
         }
-        Ok((Control { connection }, borrowed))
+        Ok((Control { connection }, borrowed, warning))
     }
 
     /// Waits until the server has loaded the RDB (link up, no sync or load in progress), or

@@ -20,15 +20,18 @@ pub struct LocalStorage {
 }
 
 impl LocalStorage {
-    /// Uses (and creates) `root`.
+    /// Uses `root`, which the first write creates: reading a path that holds nothing (a
+    /// mistyped URL) leaves no directory behind.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|err| StorageError::Permanent {
-            op: "open",
-            path: root.display().to_string(),
-            message: err.to_string(),
-        })?;
-        Ok(LocalStorage { root })
+        match std::fs::metadata(&root) {
+            Ok(meta) if !meta.is_dir() => Err(StorageError::Permanent {
+                op: "open",
+                path: root.display().to_string(),
+                message: "is not a directory (a local repository is a directory)".into(),
+            }),
+            _ => Ok(LocalStorage { root }),
+        }
     }
 
     pub fn describe(&self) -> String {
