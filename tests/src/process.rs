@@ -145,6 +145,25 @@ fn signal_name(signal: Signal) -> &'static str {
     }
 }
 
+/// Runs `command` to its end with `stdin` written to it (nothing: an empty, closed stdin).
+/// A command that fails early closes its stdin; that is its answer, so a refused write is
+/// not an error here.
+pub fn output_with_stdin(command: &mut Command, stdin: Option<&[u8]>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {:?}: {e}", command.get_program()));
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(bytes) = stdin {
+        let _ = input.write_all(bytes);
+    }
+    drop(input);
+    child.wait_with_output().expect("wait")
+}
+
 /// True while a process with this pid exists (and is not a zombie).
 pub fn is_running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -1,35 +1,27 @@
 //! The CLI's errors and output as an operator meets them: a path with no repository, a closed
 //! pipe, an existing output file.
 
-use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 
 use aitbc_backup_repository::storage::{Backend, LocalStorage};
 use aitbc_backup_repository::{BackupRequest, ChunkerParams, Progress, Repository, Storage};
 use aitbc_backup_tests::fleet::binary;
+use aitbc_backup_tests::process::output_with_stdin;
 use aitbc_backup_tests::repository::test_limits;
 use tokio_util::sync::CancellationToken;
 
 fn repo_cli(repository: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(binary("aitbc-backup"))
-        .args(["repo", "--repository", repository])
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run aitbc-backup");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(bytes) = stdin {
-        input.write_all(bytes).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("wait")
+    output_with_stdin(
+        Command::new(binary("aitbc-backup"))
+            .args(["repo", "--repository", repository])
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default()),
+        stdin,
+    )
 }
 
 fn text(bytes: &[u8]) -> String {

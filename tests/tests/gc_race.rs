@@ -3,31 +3,23 @@
 //! interleaving, every committed manifest must verify and restore byte for byte. Counts come
 //! from `AITBC_GC_RACE_BACKUPS` (default 24; `scripts/soak.sh` runs hundreds).
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use aitbc_backup_tests::data::generate;
 use aitbc_backup_tests::fleet::binary;
+use aitbc_backup_tests::process::output_with_stdin;
 use rand::{Rng, SeedableRng};
 
 fn repo(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(binary("aitbc-backup"))
-        .args(["repo", "--repository", url])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run aitbc-backup");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(bytes) = stdin {
-        input.write_all(bytes).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("wait")
+    output_with_stdin(
+        Command::new(binary("aitbc-backup"))
+            .args(["repo", "--repository", url])
+            .args(args),
+        stdin,
+    )
 }
 
 fn ok(url: &str, args: &[&str], stdin: Option<&[u8]>) -> String {

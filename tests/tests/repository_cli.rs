@@ -1,11 +1,11 @@
 //! `aitbc-backup repo ...` as operators use it, against a local directory and s3s-fs, and with
 //! a damaged component manifest.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use aitbc_backup_tests::data::generate;
 use aitbc_backup_tests::fleet::binary;
+use aitbc_backup_tests::process::output_with_stdin;
 use aitbc_backup_tests::s3::S3Server;
 
 struct Cli {
@@ -15,24 +15,16 @@ struct Cli {
 
 impl Cli {
     fn run(&self, extra: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut child = Command::new(binary("aitbc-backup"))
-            .arg("repo")
-            .args(&self.args)
-            .args(extra)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run aitbc-backup");
-        let mut input = child.stdin.take().expect("stdin");
-        if let Some(bytes) = stdin {
-            input.write_all(bytes).expect("write stdin");
-        }
-        drop(input);
-        child.wait_with_output().expect("wait")
+        output_with_stdin(
+            Command::new(binary("aitbc-backup"))
+                .arg("repo")
+                .args(&self.args)
+                .args(extra)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
+            stdin,
+        )
     }
 
     fn ok(&self, extra: &[&str], stdin: Option<&[u8]>) -> String {

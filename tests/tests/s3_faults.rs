@@ -3,35 +3,26 @@
 //! command either succeeds with the right bytes or fails with a clear error; nothing committed
 //! is ever broken, and everything committed restores byte for byte without the proxy.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use aitbc_backup_tests::data::generate;
 use aitbc_backup_tests::fleet::binary;
+use aitbc_backup_tests::process::output_with_stdin;
 use aitbc_backup_tests::s3::S3Server;
 use aitbc_backup_tests::s3_faults::FaultProxy;
 
 fn repo(server: &S3Server, endpoint: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(binary("aitbc-backup"))
-        .arg("repo")
-        .args(["--repository", &format!("s3://{}/faults", server.bucket)])
-        .args(["--endpoint", endpoint, "--path-style"])
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(server.client_env())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run aitbc-backup");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(bytes) = stdin {
-        // A command that fails early closes its stdin; that is its answer, not ours.
-        let _ = input.write_all(bytes);
-    }
-    drop(input);
-    child.wait_with_output().expect("wait")
+    output_with_stdin(
+        Command::new(binary("aitbc-backup"))
+            .arg("repo")
+            .args(["--repository", &format!("s3://{}/faults", server.bucket)])
+            .args(["--endpoint", endpoint, "--path-style"])
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(server.client_env()),
+        stdin,
+    )
 }
 
 /// A failed command must say what failed, in one line a person can act on, and not panic.

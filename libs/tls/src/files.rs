@@ -35,11 +35,12 @@ impl Default for TlsFiles {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFilesError {
-    #[error("cannot read {what} file {path}: {source}")]
+    // The cause is in the message, so it is not also a `source` (printed twice in a chain).
+    #[error("cannot read {what} file {path}: {cause}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{what} file {path} holds no PEM {expected}")]
     NotPem {
@@ -47,10 +48,10 @@ pub enum TlsFilesError {
         path: PathBuf,
         expected: &'static str,
     },
-    #[error("certificate file {path}: {source}")]
+    #[error("certificate file {path}: {cause}")]
     Identity {
         path: PathBuf,
-        source: crate::IdentityError,
+        cause: crate::IdentityError,
     },
     #[error("{what} file {path}: {reason}")]
     Unparsable {
@@ -136,9 +137,9 @@ impl TlsFiles {
             path: self.cert.clone(),
             expected: "CERTIFICATE",
         })?;
-        crate::PeerIdentity::from_certificate_der(&der).map_err(|source| TlsFilesError::Identity {
+        crate::PeerIdentity::from_certificate_der(&der).map_err(|cause| TlsFilesError::Identity {
             path: self.cert.clone(),
-            source,
+            cause,
         })
     }
 }
@@ -184,10 +185,10 @@ fn read_pem(
     what: &'static str,
     label: &'static str,
 ) -> Result<Vec<u8>, TlsFilesError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsFilesError::Read {
+    let bytes = std::fs::read(path).map_err(|cause| TlsFilesError::Read {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let text = String::from_utf8_lossy(&bytes);
     // "PRIVATE KEY" also matches "EC PRIVATE KEY" and "RSA PRIVATE KEY".
