@@ -154,17 +154,27 @@ fn a_closed_pipe_ends_the_cli_quietly_with_141() {
             .id
     });
 
-    for (args, first) in [
-        (vec!["--json", "repo", "--repository", &url, "ls"], "["),
-        (vec!["repo", "--repository", &url, "ls"], "ID"),
-        (vec!["repo", "--repository", &url, "cat", &id], "line 0"),
+    // A listing may fit in the pipe's buffer and be written whole before `head` exits (then
+    // the CLI ends with 0); the 3 MB stream cannot, so it meets the closed pipe (141).
+    for (args, first, statuses) in [
+        (
+            vec!["--json", "repo", "--repository", &url, "ls"],
+            "[",
+            &[0, 141][..],
+        ),
+        (vec!["repo", "--repository", &url, "ls"], "ID", &[0, 141]),
+        (
+            vec!["repo", "--repository", &url, "cat", &id],
+            "line 0",
+            &[141],
+        ),
     ] {
         let (head, stderr, status) = piped_into_head(&args, dir.path());
         assert_eq!(head.lines().count(), 1, "{args:?}: {head}");
         assert!(head.starts_with(first), "{args:?}: {head}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?} said something: {stderr}");
-        assert_eq!(status, 141, "{args:?}: {stderr}");
+        assert!(statuses.contains(&status), "{args:?}: {status} {stderr}");
     }
     // Read to the end, the same listing succeeds.
     let out = repo_cli(&url, &["ls"], None);
