@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aitbc_backup_config::ConfigError;
 use aitbc_backup_proto::model::Component as Kind;
 use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::manifest::ComponentManifest;
@@ -29,10 +30,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AgentConfig;
 
+mod blocking;
+pub use blocking::{BlockingCut, BlockingPrepared, OnBlockingPool};
+
 /// What an upload committed: the component manifest and the component's report.
 pub struct Uploaded {
     pub manifest_id: String,
     pub report: serde_json::Value,
+}
+
+impl Uploaded {
+    /// The component manifest `manifest_id` and its component's `report`.
+    pub fn new(manifest_id: &str, report: impl serde::Serialize) -> anyhow::Result<Uploaded> {
+        Ok(Uploaded {
+            manifest_id: manifest_id.to_owned(),
+            report: json(report)?,
+        })
+    }
 }
 
 /// Where a restore goes.
@@ -161,10 +175,13 @@ pub trait Cut: Send + 'static {
 }
 
 /// The configured component, its settings checked. The one `match` on the component's kind.
-pub fn of(config: &Arc<AgentConfig>) -> anyhow::Result<Arc<dyn Component>> {
-    let kind = config
-        .component
-        .context("no component configured (AITBC_BACKUP_COMPONENT)")?;
+pub fn of(config: &Arc<AgentConfig>) -> Result<Arc<dyn Component>, ConfigError> {
+    let kind = config.component.ok_or_else(|| {
+        ConfigError::invalid(
+            "component",
+            "no component configured (AITBC_BACKUP_COMPONENT)",
+        )
+    })?;
     Ok(match kind {
         Kind::Postgres => {
             config.postgres.validate()?;
@@ -179,6 +196,19 @@ pub fn of(config: &Arc<AgentConfig>) -> anyhow::Result<Arc<dyn Component>> {
             Arc::new(crate::ledger::component::Ledger::new(config.clone()))
         }
     })
+}
+
+/// Refuses the PostgreSQL-only parts of a request in another component, by name.
+pub(crate) fn refuse_database_selection(
+    component: &str,
+    request: &RestoreRequest,
+) -> anyhow::Result<()> {
+    if request.database.is_some() || request.rename.is_some() || request.globals {
+        bail!(
+            "--database, --as and --globals select PostgreSQL databases; a {component} backup has none"
+        );
+    }
+    Ok(())
 }
 
 /// A whole backup in one go: prepare, (fence,) cut, release, upload. Returns the component's

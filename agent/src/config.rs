@@ -194,7 +194,10 @@ impl AgentConfig {
                 "reconnect.initial must be positive and at most reconnect.max",
             ));
         }
-        // The component's own settings are checked where it is built (`component::of`).
+        // The configured component checks its own settings where it is built.
+        if self.component.is_some() {
+            crate::component::of(&std::sync::Arc::new(self.clone()))?;
+        }
         self.repository.validate()
     }
 

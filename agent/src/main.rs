@@ -35,7 +35,8 @@ enum Command {
         #[arg(long)]
         full_scan: bool,
         /// Hold writers for an exact cut: PostgreSQL locks postgres.fence_tables, Redis runs
-        /// CLIENT PAUSE WRITE; at most postgres/redis.fence_max_pause.
+        /// CLIENT PAUSE WRITE, the ledger BEGIN IMMEDIATE on each database; at most the
+        /// component's fence_max_pause.
         #[arg(long)]
         fenced: bool,
     },

@@ -52,5 +52,9 @@ pub fn protected_dirs(config: &AgentConfig) -> Vec<Protected> {
         "WAL spool directory",
         config.postgres.wal_spool_dir(),
     ));
+    dirs.push(Protected::new(
+        "redis state directory",
+        &config.redis.state_dir,
+    ));
     dirs
 }

@@ -261,11 +261,17 @@ impl SetTask {
             }
             (Action::Restore(restore), Stage::Idle) => {
                 let nonempty = |s: String| (!s.is_empty()).then_some(s);
-                let request = RestoreRequest {
-                    target: RestoreTarget::from_parts(
+                // A trial restores into scratch targets: the targets given are ignored.
+                let target = if restore.trial {
+                    RestoreTarget::Own
+                } else {
+                    RestoreTarget::from_parts(
                         nonempty(restore.target_dir).map(Into::into),
                         nonempty(restore.target_url),
-                    )?,
+                    )?
+                };
+                let request = RestoreRequest {
+                    target,
                     force: restore.force,
                     trial: restore.trial,
                     ..RestoreRequest::default()

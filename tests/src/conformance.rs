@@ -77,6 +77,11 @@ pub trait Subject: Sized {
     fn content(&self, target: &Self::Target) -> Content;
     /// Everything `target` holds, byte for byte or row for row.
     fn state(&self, target: &Self::Target) -> String;
+    /// [`Subject::state`] without what a restore stamps with its own time (the ledger's
+    /// `metadata.json`): two restores of one backup give the same.
+    fn restored_state(&self, target: &Self::Target) -> String {
+        self.state(target)
+    }
     /// Everything the live source holds, byte for byte or row for row.
     fn source_state(&self) -> String;
     /// The component's own checks of a completed restore of backup `manifest`.
@@ -294,6 +299,15 @@ pub fn refused_restore<S: Subject>() {
     );
 
     restore_exactly(&subject, &manifest, &target, &captured, &["--force"]);
+    // Restored again over itself, the target holds the same, byte for byte or row for row.
+    let restored = subject.restored_state(&target);
+    restore_exactly(&subject, &manifest, &target, &captured, &["--force"]);
+    assert_eq!(
+        subject.restored_state(&target),
+        restored,
+        "{}: a second restore of the same backup gave another target",
+        S::NAME
+    );
 }
 
 /// `restore --trial`: the cut verified in scratch targets, the live source as it was, the

@@ -116,6 +116,10 @@ impl Stack {
                 scratch.display().to_string(),
             ),
             (
+                "AITBC_BACKUP_REDIS__STATE_DIR".into(),
+                scratch.display().to_string(),
+            ),
+            (
                 "AITBC_BACKUP_POSTGRES__SCRATCH_DIR".into(),
                 scratch.display().to_string(),
             ),

@@ -78,6 +78,37 @@ fn unknown_keys_and_bad_values_are_named() {
     let out = run("aitbc-backup-agent", &["--check-config"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("`component`"), "{}", stderr(&out));
+
+    // The configured component's own settings are checked by --check-config too.
+    for (component, key, value) in [
+        ("ledger", "AITBC_BACKUP_LEDGER__DATA_DIR", "relative/dir"),
+        (
+            "redis",
+            "AITBC_BACKUP_REDIS__ADDRESS",
+            "redis://127.0.0.1:6379",
+        ),
+        (
+            "postgres",
+            "AITBC_BACKUP_POSTGRES__URL",
+            "postgres://u:secret@127.0.0.1/db",
+        ),
+    ] {
+        let out = run(
+            "aitbc-backup-agent",
+            &["--check-config"],
+            &[
+                ("AITBC_BACKUP_COMPONENT", component.into()),
+                ("AITBC_BACKUP_REPOSITORY__URL", "file:///tmp/unused".into()),
+                (key, value.into()),
+            ],
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{component}: {err}");
+        assert!(
+            err.contains(&format!("`{component}.")),
+            "{component}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -1,8 +1,8 @@
-//! The ledger behind the component contract (see `crate::component`). SQLite blocks, so every
-//! phase runs on the blocking pool.
+//! The ledger behind the component contract (see `crate::component`). SQLite blocks, so the
+//! phases run on the blocking pool ([`OnBlockingPool`]).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::manifest::ComponentManifest;
@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{backup, restore};
 use crate::AgentConfig;
-use crate::component::{self, RestoreRequest, RestoreTarget, Uploaded, blocking, json};
+use crate::component::{
+    self, BlockingCut, BlockingPrepared, OnBlockingPool, RestoreRequest, RestoreTarget, Uploaded,
+    blocking, json,
+};
 use crate::scratch::{REPOSITORY, ScratchDir, protected_dirs};
 
 pub struct Ledger {
@@ -34,7 +37,7 @@ impl component::Component for Ledger {
         let settings = self.config.ledger.clone();
         Box::pin(async move {
             let prepared = blocking(move || backup::prepare(&settings)).await?;
-            Ok(Box::new(Prepared(prepared)) as Box<dyn component::Prepared>)
+            Ok(Box::new(OnBlockingPool(prepared)) as Box<dyn component::Prepared>)
         })
     }
 
@@ -47,6 +50,7 @@ impl component::Component for Ledger {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
+            component::refuse_database_selection("ledger", &request)?;
             let config = &self.config;
             // A restore test goes to an empty directory inside a scratch directory of its own,
             // removed afterwards.
@@ -85,65 +89,32 @@ impl component::Component for Ledger {
     }
 }
 
-struct Prepared(backup::Prepared);
+impl BlockingPrepared for backup::Prepared {
+    type Cut = backup::Cut;
 
-impl component::Prepared for Prepared {
-    fn fence(self: Box<Self>) -> BoxFuture<'static, anyhow::Result<Box<dyn component::Prepared>>> {
-        Box::pin(async move {
-            let mut prepared = self.0;
-            let prepared = blocking(move || {
-                prepared.fence()?;
-                Ok(prepared)
-            })
-            .await?;
-            Ok(Box::new(Prepared(prepared)) as Box<dyn component::Prepared>)
-        })
+    fn fence(&mut self) -> anyhow::Result<()> {
+        backup::Prepared::fence(self)
     }
 
-    /// The wait happens on the thread that cuts, so the cut follows its own timer.
-    fn cut(
-        self: Box<Self>,
-        when: Option<Instant>,
-    ) -> BoxFuture<'static, anyhow::Result<Box<dyn component::Cut>>> {
-        Box::pin(async move {
-            let prepared = self.0;
-            let cut = blocking(move || {
-                if let Some(when) = when {
-                    std::thread::sleep(when.saturating_duration_since(Instant::now()));
-                }
-                prepared.cut()
-            })
-            .await?;
-            Ok(Box::new(Cut(cut)) as Box<dyn component::Cut>)
-        })
+    fn cut(self) -> anyhow::Result<backup::Cut> {
+        backup::Prepared::cut(self)
     }
 
     /// Dropping the fences rolls their transactions back: writers go.
-    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async move { drop(self) })
-    }
+    fn abort(self) {}
 }
 
-struct Cut(backup::Cut);
-
-impl component::Cut for Cut {
+impl BlockingCut for backup::Cut {
     fn at(&self) -> Instant {
-        self.0.at
+        self.at
     }
 
-    fn release(self: Box<Self>) -> BoxFuture<'static, anyhow::Result<component::Released>> {
-        Box::pin(async move {
-            let mut cut = self.0;
-            blocking(move || {
-                let pause = cut.release();
-                Ok((Box::new(Cut(cut)) as Box<dyn component::Cut>, pause))
-            })
-            .await
-        })
+    fn release(&mut self) -> anyhow::Result<Option<Duration>> {
+        Ok(backup::Cut::release(self))
     }
 
     fn upload<'a>(
-        self: Box<Self>,
+        self,
         repo: &'a Repository,
         label: &'a Label,
         full_scan: bool,
@@ -151,11 +122,11 @@ impl component::Cut for Cut {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, anyhow::Result<Uploaded>> {
         Box::pin(async move {
-            let report = Box::pin(self.0.upload(repo, label, full_scan, progress, cancel)).await?;
-            Ok(Uploaded {
-                manifest_id: report.manifest.clone(),
-                report: json(report)?,
-            })
+            let report = Box::pin(backup::Cut::upload(
+                self, repo, label, full_scan, progress, cancel,
+            ))
+            .await?;
+            Uploaded::new(&report.manifest, report)
         })
     }
 }

@@ -181,10 +181,7 @@ impl component::Cut for Cut {
     ) -> BoxFuture<'a, anyhow::Result<Uploaded>> {
         Box::pin(async move {
             let report = Box::pin(self.0.upload(repo, label, progress, cancel)).await?;
-            Ok(Uploaded {
-                manifest_id: report.manifest.clone(),
-                report: json(report)?,
-            })
+            Uploaded::new(&report.manifest, report)
         })
     }
 }

@@ -54,8 +54,8 @@ fn chain(dir: &Path) -> Content {
 
 impl<J: Journal> Subject for LedgerSubject<J> {
     const NAME: &'static str = "ledger";
-    // The one-shot backup is always exact (a read transaction); only a set fences the node.
-    const ONE_SHOT_FENCE: bool = false;
+    // `backup --fenced` holds the node's writers with BEGIN IMMEDIATE for the cut.
+    const ONE_SHOT_FENCE: bool = true;
     const REFUSAL: &'static [&'static str] = &["is not empty", "--force"];
     type Target = PathBuf;
 
@@ -141,6 +141,10 @@ impl<J: Journal> Subject for LedgerSubject<J> {
 
     fn state(&self, target: &PathBuf) -> String {
         format!("{:?}", tree_digest(target, &[]))
+    }
+
+    fn restored_state(&self, target: &PathBuf) -> String {
+        format!("{:?}", tree_digest(target, &["metadata.json"]))
     }
 
     fn source_state(&self) -> String {

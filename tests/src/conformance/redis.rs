@@ -121,8 +121,9 @@ impl Subject for RedisSubject {
                 "AITBC_BACKUP_REDIS__ADDRESS",
                 format!("127.0.0.1:{}", redis.port),
             )
+            // Restore tests write their dump.rdb under the state directory.
             .with(
-                "AITBC_BACKUP_LEDGER__SCRATCH_DIR",
+                "AITBC_BACKUP_REDIS__STATE_DIR",
                 scratch.display().to_string(),
             );
         let stop = Arc::new(AtomicBool::new(false));
