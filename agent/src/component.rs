@@ -41,7 +41,7 @@ pub struct Uploaded {
 
 impl Uploaded {
     /// The component manifest `manifest_id` and its component's `report`.
-    pub fn new(manifest_id: &str, report: impl serde::Serialize) -> anyhow::Result<Uploaded> {
+    pub fn new(manifest_id: &str, report: &impl serde::Serialize) -> anyhow::Result<Uploaded> {
         Ok(Uploaded {
             manifest_id: manifest_id.to_owned(),
             report: json(report)?,

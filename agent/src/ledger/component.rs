@@ -126,7 +126,7 @@ impl BlockingCut for backup::Cut {
                 self, repo, label, full_scan, progress, cancel,
             ))
             .await?;
-            Uploaded::new(&report.manifest, report)
+            Uploaded::new(&report.manifest, &report)
         })
     }
 }

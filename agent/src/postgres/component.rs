@@ -181,7 +181,7 @@ impl component::Cut for Cut {
     ) -> BoxFuture<'a, anyhow::Result<Uploaded>> {
         Box::pin(async move {
             let report = Box::pin(self.0.upload(repo, label, progress, cancel)).await?;
-            Uploaded::new(&report.manifest, report)
+            Uploaded::new(&report.manifest, &report)
         })
     }
 }

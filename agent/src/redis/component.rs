@@ -136,7 +136,7 @@ impl BlockingCut for backup::Cut {
     ) -> BoxFuture<'a, anyhow::Result<Uploaded>> {
         Box::pin(async move {
             let report = Box::pin(backup::Cut::upload(self, repo, label, progress, cancel)).await?;
-            Uploaded::new(&report.manifest, report)
+            Uploaded::new(&report.manifest, &report)
         })
     }
 }
