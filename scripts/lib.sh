@@ -69,6 +69,9 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+# An interrupt ends the script at once (the cleanup above runs on exit), even when the command
+# it interrupted handled SIGINT itself and exited normally (bash would carry on).
+trap 'exit 130' INT
 
 # start_pg_server DATA_DIR PORT SOCKET_DIR LOG [postgres options...]: a postmaster in the
 # background (as the postgres user under root), its pid in PG_PIDS. No function or subshell

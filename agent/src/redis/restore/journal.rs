@@ -126,7 +126,14 @@ fn remove(path: &Path) -> anyhow::Result<()> {
 fn read(path: &Path) -> anyhow::Result<Record> {
     let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     let record: Record = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a restore journal", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{} is not a readable restore journal (damaged or cut short): give the server its \
+                 file name names back by hand if a restore left it borrowed (`REPLICAOF NO ONE`, \
+                 or its own master; `repl-diskless-load`, `replica-lazy-flush`), then remove the file",
+                path.display()
+            )
+        })?;
     if record.version != VERSION {
         bail!(
             "{} has journal version {}, this agent writes {VERSION}",
@@ -552,6 +559,22 @@ mod tests {
         assert_eq!(journals(dir.path()).expect("list"), vec![path.clone()]);
         remove(&path).expect("remove");
         assert!(journals(dir.path()).expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_journal_cut_short_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = path_for(dir.path(), "127.0.0.1:6379");
+        write_atomically(&path, &record("127.0.0.1:6379")).expect("write");
+        let whole = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &whole[..whole.len() / 2]).expect("truncate");
+        let err = format!("{:#}", read(&path).expect_err("a cut journal"));
+        assert!(
+            err.contains("restore-127.0.0.1_6379.json")
+                && err.contains("cut short")
+                && err.contains("remove the file"),
+            "{err}"
+        );
     }
 
     #[test]
