@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AgentConfig;
 
 mod blocking;
-pub use blocking::{BlockingCut, BlockingPrepared, OnBlockingPool};
+pub use blocking::{BlockingCut, BlockingPrepared, OnBlockingPool, prepare_on_blocking_pool};
 
 /// What an upload committed: the component manifest and the component's report.
 pub struct Uploaded {

@@ -23,6 +23,8 @@ pub mod redis;
 pub mod scratch;
 pub mod session;
 pub mod snapshot;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

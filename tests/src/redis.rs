@@ -104,6 +104,26 @@ impl Redis {
             .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
     }
 
+    /// Loads `script` (RESP commands) with `redis-cli --pipe`, which must report no errors.
+    pub fn pipe(&self, script: &[u8]) {
+        use std::io::Write;
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--pipe"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-cli --pipe");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script)
+            .expect("feed redis-cli");
+        let out = child.wait_with_output().expect("redis-cli --pipe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("errors: 0"), "{text}");
+    }
+
     pub fn pid(&self) -> u32 {
         self.service.pid()
     }

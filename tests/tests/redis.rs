@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -39,25 +39,6 @@ fn at(agent: &OneShot, port: u16) -> OneShot {
     agent
         .clone()
         .with("AITBC_BACKUP_REDIS__ADDRESS", format!("127.0.0.1:{port}"))
-}
-
-/// Loads `script` (RESP commands) with `redis-cli --pipe`.
-fn pipe(redis: &Redis, script: &[u8]) {
-    let mut child = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "--pipe"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("redis-cli --pipe");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script)
-        .expect("feed redis-cli");
-    let out = child.wait_with_output().expect("redis-cli --pipe");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("errors: 0"), "{text}");
 }
 
 /// `keys` keys of every type over three databases, a seventh with a time to live, plus large
@@ -121,7 +102,7 @@ fn every_type(redis: &Redis, keys: usize) {
             ">",
         ],
     );
-    pipe(redis, &script);
+    redis.pipe(&script);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -38,23 +38,7 @@ fn seed(redis: &Redis) {
             .as_bytes(),
         );
     }
-    let mut child = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "--pipe"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("redis-cli --pipe");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&script)
-        .expect("feed redis-cli");
-    let out = child.wait_with_output().expect("redis-cli --pipe");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("errors: 0"),
-        "{out:?}"
-    );
+    redis.pipe(&script);
 }
 
 /// Writes `w:last` = n for n = 1, 2, ... (about a thousand a second, so the key count and

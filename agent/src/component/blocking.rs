@@ -43,6 +43,16 @@ pub trait BlockingCut: Send + 'static {
 /// A blocking component's state behind the async contract.
 pub struct OnBlockingPool<T>(pub T);
 
+/// Prepares a blocking component on the blocking pool.
+pub fn prepare_on_blocking_pool<P: BlockingPrepared>(
+    prepare: impl FnOnce() -> anyhow::Result<P> + Send + 'static,
+) -> BoxFuture<'static, anyhow::Result<Box<dyn Prepared>>> {
+    Box::pin(async move {
+        let prepared = blocking(prepare).await?;
+        Ok(Box::new(OnBlockingPool(prepared)) as Box<dyn Prepared>)
+    })
+}
+
 impl<P: BlockingPrepared> Prepared for OnBlockingPool<P> {
     fn fence(self: Box<Self>) -> BoxFuture<'static, anyhow::Result<Box<dyn Prepared>>> {
         let mut prepared = self.0;

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::{backup, restore};
 use crate::AgentConfig;
 use crate::component::{
-    self, BlockingCut, BlockingPrepared, OnBlockingPool, RestoreRequest, RestoreTarget, Uploaded,
-    blocking, json,
+    self, BlockingCut, BlockingPrepared, RestoreRequest, RestoreTarget, Uploaded, json,
+    prepare_on_blocking_pool,
 };
 use crate::scratch::ScratchDir;
 
@@ -35,10 +35,7 @@ impl component::Component for Redis {
         _set_id: Option<&'a str>,
     ) -> BoxFuture<'a, anyhow::Result<Box<dyn component::Prepared>>> {
         let settings = self.config.redis.clone();
-        Box::pin(async move {
-            let prepared = blocking(move || backup::prepare(&settings)).await?;
-            Ok(Box::new(OnBlockingPool(prepared)) as Box<dyn component::Prepared>)
-        })
+        prepare_on_blocking_pool(move || backup::prepare(&settings))
     }
 
     fn restore<'a>(

@@ -6,10 +6,7 @@ use std::time::{Duration, Instant};
 
 use aitbc_backup_proto::{AgentMessage, Command, agent_message, command};
 use aitbc_backup_repository::backup::Label;
-use aitbc_backup_repository::chunker::ChunkerParams;
 use aitbc_backup_repository::manifest::ComponentManifest;
-use aitbc_backup_repository::open::{RepoUrl, S3Options, open_storage};
-use aitbc_backup_repository::storage::StorageLimits;
 use aitbc_backup_repository::{Progress, Repository};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -109,27 +106,23 @@ impl component::Cut for TestCut {
     }
 }
 
-/// A config whose repository is a new local one.
-async fn config(dir: &std::path::Path) -> Arc<AgentConfig> {
-    let url = format!("file://{}", dir.display());
-    let storage = open_storage(
-        &RepoUrl::parse(&url).expect("url"),
-        &S3Options::default(),
-        StorageLimits::default(),
-    )
-    .await
-    .expect("storage");
-    Repository::init(
-        storage,
-        ChunkerParams::default(),
-        None,
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("init");
+/// An executor over the test component, its config's repository a new local one in `dir`;
+/// the receiver of its messages.
+async fn start_executor(
+    dir: &std::path::Path,
+    log: &Log,
+) -> (Executor, mpsc::Receiver<AgentMessage>) {
+    let (url, _) = crate::testing::local_repository(dir).await;
     let mut config = AgentConfig::default();
     config.repository.url = url;
-    Arc::new(config)
+    let (tx, out) = mpsc::channel(16);
+    let executor = Executor::new(
+        Arc::new(config),
+        Arc::new(TestComponent(log.clone())),
+        tx,
+        CancellationToken::new(),
+    );
+    (executor, out)
 }
 
 fn send(executor: &mut Executor, id: &str, action: command::Action) {
@@ -157,13 +150,7 @@ async fn next(out: &mut mpsc::Receiver<AgentMessage>) -> (String, String, u64) {
 async fn the_executor_drives_a_component_through_the_contract_in_order() {
     let dir = tempfile::tempdir().expect("dir");
     let log = Log::default();
-    let (tx, mut out) = mpsc::channel(16);
-    let mut executor = Executor::new(
-        config(dir.path()).await,
-        Arc::new(TestComponent(log.clone())),
-        tx,
-        CancellationToken::new(),
-    );
+    let (mut executor, mut out) = start_executor(dir.path(), &log).await;
     use aitbc_backup_proto::{Cut, Fence, Prepare, Upload};
     send(&mut executor, "1", command::Action::Prepare(Prepare {}));
     assert_eq!(next(&mut out).await.1, "");
@@ -205,13 +192,7 @@ async fn the_executor_drives_a_component_through_the_contract_in_order() {
 async fn a_set_ended_early_lets_fenced_writers_go_and_commands_out_of_order_are_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let log = Log::default();
-    let (tx, mut out) = mpsc::channel(16);
-    let mut executor = Executor::new(
-        config(dir.path()).await,
-        Arc::new(TestComponent(log.clone())),
-        tx,
-        CancellationToken::new(),
-    );
+    let (mut executor, mut out) = start_executor(dir.path(), &log).await;
     use aitbc_backup_proto::{Fence, Prepare, Upload};
     // Upload before anything is cut: refused, naming where the set stands.
     send(
@@ -226,13 +207,7 @@ async fn a_set_ended_early_lets_fenced_writers_go_and_commands_out_of_order_are_
     assert!(error.contains("`upload` is not possible now"), "{error}");
 
     // A fenced set whose session ends before the cut: the fence is given up.
-    let (tx, mut out) = mpsc::channel(16);
-    let mut executor = Executor::new(
-        config(&dir.path().join("second")).await,
-        Arc::new(TestComponent(log.clone())),
-        tx,
-        CancellationToken::new(),
-    );
+    let (mut executor, mut out) = start_executor(&dir.path().join("second"), &log).await;
     send(&mut executor, "2", command::Action::Prepare(Prepare {}));
     assert_eq!(next(&mut out).await.1, "");
     send(&mut executor, "3", command::Action::Fence(Fence {}));

@@ -7,9 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aitbc_backup_repository::backup::Label;
-use aitbc_backup_repository::{
-    ChunkerParams, Progress, RepoUrl, Repository, S3Options, StorageLimits, open_storage,
-};
+use aitbc_backup_repository::{Progress, Repository};
 use tokio_util::sync::CancellationToken;
 
 use super::super::config::LedgerSettings;
@@ -105,18 +103,7 @@ impl Drop for Node {
 }
 
 async fn repository(root: &Path) -> Repository {
-    let url = RepoUrl::parse(&format!("file://{}", root.join("repo").display())).expect("url");
-    let storage = open_storage(&url, &S3Options::default(), StorageLimits::default())
-        .await
-        .expect("storage");
-    Repository::init(
-        storage,
-        ChunkerParams::default(),
-        None,
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("init")
+    crate::testing::local_repository(&root.join("repo")).await.1
 }
 
 /// The stored chain database, written to `dest`.
