@@ -1,10 +1,14 @@
 //! `aitbc-backup repo ...`: direct repository access, no coordinator needed. This is also the
 //! disaster-recovery path: everything needed to read backups is the repository URL and a key.
 
+mod check;
+mod init;
 mod keys;
 mod wal;
 
 use crate::output::{errln, outln};
+use check::{run_extend_locks, run_gc, run_verify};
+use init::{InitArgs, run_init};
 use keys::{KeysCommand, run_keys};
 use wal::{WalCommand, run_wal};
 
@@ -14,8 +18,8 @@ use std::time::Duration;
 
 use aitbc_backup_repository::storage::StorageLimits;
 use aitbc_backup_repository::{
-    BackupRequest, ChunkerParams, Damaged, DamagedKind, KeySecret, Progress, RepoSettings, RepoUrl,
-    Repository, S3Options, Storage, damaged, gc, open, verify,
+    BackupRequest, Damaged, DamagedKind, KeySecret, Progress, RepoSettings, RepoUrl, Repository,
+    S3Options, Storage, open,
 };
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -57,17 +61,20 @@ pub struct RepoArgs {
     /// Parallel chunk downloads (0: 4 for a local directory, 16 for S3).
     #[arg(long, default_value_t = 0)]
     download_concurrency: usize,
+    /// Read the repository as it was at this time (RFC 3339, e.g. 2026-12-07T10:15:03Z):
+    /// every listing and read picks the object versions current then. Read-only; needs an S3
+    /// bucket with versioning (a repository with an object lock has it).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    as_of: Option<std::time::SystemTime>,
     #[command(subcommand)]
     command: RepoCommand,
 }
 
 #[derive(clap::Subcommand)]
 enum RepoCommand {
-    /// Create a repository (encrypted with --encrypt and a passphrase or key file).
-    Init {
-        #[arg(long)]
-        encrypt: bool,
-    },
+    /// Create a repository (encrypted with --encrypt and a passphrase or key file; every
+    /// object locked with --object-lock).
+    Init(InitArgs),
     /// Back up standard input as a stream named NAME; prints the manifest id.
     Put {
         name: String,
@@ -97,6 +104,8 @@ enum RepoCommand {
         #[arg(long)]
         read_data: bool,
     },
+    /// Extend the Object Locks of everything kept backups need (gc does it too).
+    ExtendLocks,
     /// Remove chunks no manifest references, once unreferenced for the grace period.
     Gc {
         #[arg(long)]
@@ -187,7 +196,11 @@ impl RepoArgs {
             path_style: self.path_style,
             sse,
         };
-        Ok(open::open_storage(&url, &s3, StorageLimits::default()).await?)
+        let storage = open::open_storage(&url, &s3, StorageLimits::default()).await?;
+        Ok(match self.as_of {
+            Some(time) => storage.as_of(time),
+            None => storage,
+        })
     }
 
     fn secret(&self) -> anyhow::Result<Option<KeySecret>> {
@@ -231,34 +244,7 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
         }
     });
     match &args.command {
-        RepoCommand::Init { encrypt } => {
-            let secret = args.secret()?;
-            if *encrypt && secret.is_none() {
-                bail!("--encrypt needs --passphrase-file, --key-file or AITBC_CLI_PASSPHRASE");
-            }
-            let secret = if *encrypt { secret } else { None };
-            let repo = Repository::init(
-                args.storage().await?,
-                ChunkerParams::default(),
-                secret.as_ref(),
-                &cancel,
-            )
-            .await?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(repo.config())?)?;
-            } else {
-                outln!(
-                    "initialized repository {} at {}{}",
-                    repo.config().id,
-                    repo.storage().describe(),
-                    if repo.config().encrypted {
-                        " (encrypted)"
-                    } else {
-                        ""
-                    }
-                )?;
-            }
-        }
+        RepoCommand::Init(init) => run_init(&args, init, json, &cancel).await?,
         RepoCommand::Put { name, stream } => {
             let repo = args.open(&cancel).await?;
             let progress = Arc::new(Progress::default());
@@ -420,68 +406,15 @@ pub async fn run(args: RepoArgs, json: bool) -> anyhow::Result<()> {
         }
         RepoCommand::Verify { read_data } => {
             let repo = args.open(&cancel).await?;
-            let report = verify::verify(&repo, *read_data, &cancel).await?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                outln!(
-                    "checked {} manifests, {} chunks{}",
-                    report.manifests,
-                    report.chunks,
-                    if *read_data {
-                        format!(", read {}", report.chunks_read)
-                    } else {
-                        String::new()
-                    }
-                )?;
-                for problem in &report.problems {
-                    outln!(
-                        "{}: {} (used by {})",
-                        problem.object,
-                        problem.problem,
-                        problem.manifests.join(", ")
-                    )?;
-                }
-            }
-            if !report.ok() {
-                bail!("verify failed: {} problem(s)", report.problems.len());
-            }
+            run_verify(&repo, *read_data, json, &cancel).await?
+        }
+        RepoCommand::ExtendLocks => {
+            let repo = args.open(&cancel).await?;
+            run_extend_locks(&repo, json, &cancel).await?
         }
         RepoCommand::Gc { dry_run, grace } => {
             let repo = args.open(&cancel).await?;
-            let report = gc::gc(&repo, *grace, *dry_run, &cancel)
-                .await
-                .map_err(|err| match damaged::gc_stopped_at(&err) {
-                    Some(message) => anyhow::anyhow!(message),
-                    None => err.into(),
-                })?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                outln!(
-                    "{} manifests, {} chunks: {} referenced, {} unreferenced ({} within the grace period); {} {} chunks, {} bytes",
-                    report.manifests,
-                    report.chunks,
-                    report.referenced,
-                    report.unreferenced,
-                    report.in_grace,
-                    if *dry_run { "would delete" } else { "deleted" },
-                    report.deleted_chunks,
-                    report.deleted_bytes
-                )?;
-                if report.writers_in_flight > 0 {
-                    outln!(
-                        "{} backup(s) or WAL upload(s) in flight: nothing deleted; run gc again when they are done",
-                        report.writers_in_flight
-                    )?;
-                }
-                if report.stale_locks_removed > 0 {
-                    outln!(
-                        "removed {} stale lock(s) of backups or GC runs that died",
-                        report.stale_locks_removed
-                    )?;
-                }
-            }
+            run_gc(&repo, *grace, *dry_run, json, &cancel).await?
         }
         RepoCommand::Forget { id } => {
             let repo = args.open(&cancel).await?;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
+use crate::immutable::{LockReport, PurgeReport, Removal};
 use crate::layout;
 use crate::locks::SweepLock;
 use crate::repo::Repository;
@@ -46,6 +47,39 @@ pub struct GcReport {
     /// Locks of dead writers removed.
     pub stale_locks_removed: usize,
     pub dry_run: bool,
+    /// Unreferenced chunks past their grace still under Object Lock: left for a later run.
+    pub locked: usize,
+    /// Object Lock extension of what the kept manifests need (locked repositories).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locks: Option<LockReport>,
+    /// Versions of deleted objects removed once unlocked (locked repositories).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purged: Option<PurgeReport>,
+}
+
+/// Every chunk a manifest (component or archived WAL) references, and how many manifests
+/// there are. A manifest that cannot be read stops the mark: deleting on partial knowledge
+/// loses data. One removed since the listing (a `forget` meanwhile) references nothing.
+pub async fn mark(
+    repo: &Repository,
+    cancel: &CancellationToken,
+) -> Result<(HashSet<String>, usize), RepoError> {
+    let mut referenced = HashSet::new();
+    let mut manifests = 0;
+    for id in repo.component_ids(cancel).await? {
+        let manifest = match repo.component(&id, cancel).await {
+            Ok(manifest) => manifest,
+            Err(RepoError::NoSuchManifest(_)) => continue,
+            Err(err) => return Err(err),
+        };
+        manifests += 1;
+        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
+    }
+    for manifest in crate::wal::manifests(repo, cancel).await? {
+        manifests += 1;
+        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
+    }
+    Ok((referenced, manifests))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -87,7 +121,6 @@ async fn collect(
     let cutoff = epoch_secs(now).saturating_sub(grace.as_secs());
     // Chunks first, manifests second: a chunk stored after this listing is never a candidate.
     let chunks = repo.storage.list(layout::CHUNKS, cancel).await?;
-    let mut referenced = HashSet::new();
     let mut report = GcReport {
         dry_run,
         chunks: chunks.len(),
@@ -100,22 +133,12 @@ async fn collect(
             report.stale_locks_removed += 1;
         }
     }
-    for id in repo.component_ids(cancel).await? {
-        // A manifest that cannot be read stops GC: deleting on partial knowledge loses data.
-        // One removed since the listing (a `forget` meanwhile) references nothing any more.
-        let manifest = match repo.component(&id, cancel).await {
-            Ok(manifest) => manifest,
-            Err(RepoError::NoSuchManifest(_)) => continue,
-            Err(err) => return Err(err),
-        };
-        report.manifests += 1;
-        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
-    }
-    for manifest in crate::wal::manifests(repo, cancel).await? {
-        report.manifests += 1;
-        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
-    }
+    let (referenced, manifests) = mark(repo, cancel).await?;
+    report.manifests = manifests;
     report.referenced = referenced.len();
+    if repo.config.object_lock.is_some() && !dry_run {
+        report.locks = Some(crate::immutable::extend_locks(repo, &referenced, cancel).await?);
+    }
 
     let mut condemned_at: HashMap<String, u64> = HashMap::new();
     // (list object, when it was written), kept to remove expired lists at the end.
@@ -161,15 +184,22 @@ async fn collect(
             if report.deleted_chunks.is_multiple_of(CONFIRM_EVERY) {
                 lock.confirm(cancel).await?;
             }
-            repo.storage.delete(&object.path, cancel).await?;
-            report.deleted_chunks += 1;
-            report.deleted_bytes += object.size;
+            match crate::immutable::remove_versions(repo, &object.path, cancel).await? {
+                Removal::Removed => {
+                    report.deleted_chunks += 1;
+                    report.deleted_bytes += object.size;
+                }
+                Removal::Locked(_) => report.locked += 1,
+            }
         } else {
             report.in_grace += 1;
         }
     }
     if dry_run {
         return Ok(report);
+    }
+    if repo.config.object_lock.is_some() && may_delete {
+        report.purged = Some(crate::immutable::purge_deleted(repo, &referenced, cancel).await?);
     }
     // With a zero grace and deletion allowed, everything condemnable was just deleted.
     let all_deleted = grace.is_zero() && may_delete;

@@ -13,6 +13,8 @@ pub const GC_CONDEMNED: &str = "gc/";
 /// Writers in flight and sweeps in progress (see [`crate::locks`]).
 pub const WRITER_LOCKS: &str = "locks/writers/";
 pub const SWEEP_LOCKS: &str = "locks/sweeps/";
+/// Which object versions' Object Locks run until when (see [`crate::immutable`]).
+pub const LOCK_INDEX: &str = "locks/extended/";
 pub const PINS: &str = "pins/";
 pub const ATTEMPTS: &str = "attempts/";
 /// Archived PostgreSQL WAL (see [`crate::wal`]).
@@ -77,4 +79,15 @@ pub fn is_manifest_id(id: &str) -> bool {
 /// The id of a component or set manifest from its key.
 pub fn manifest_id_of(path: &RemotePath) -> Option<&str> {
     path.file_name().strip_suffix(".json")
+}
+
+/// Whether objects at `path` are written under the repository's Object Lock: the data and
+/// everything that describes it (config, keys, audit, chunks, manifests, archived WAL). Locks,
+/// GC lists, pins and attempt records change by design and are never locked.
+pub fn is_lockable(path: &RemotePath) -> bool {
+    let key = path.as_str();
+    key == CONFIG
+        || [KEYS, REVOKED_KEYS, AUDIT, CHUNKS, "manifests/", "wal/"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
 }

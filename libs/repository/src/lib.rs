@@ -8,6 +8,8 @@
 //! - [`verify`], [`gc`], [`locks`]: integrity checks, garbage collection and the locks that
 //!   keep it from deleting what a backup in flight relies on.
 //! - [`damaged`]: manifests that cannot be read, named and skipped by listings.
+//! - [`immutable`]: S3 Object Lock: the bucket check, lock extension, reads that fall back to
+//!   the newest older version that verifies.
 //! - [`keys`], [`crypto`]: key management and encryption.
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
 
@@ -19,6 +21,7 @@ pub mod damaged;
 pub mod digest;
 mod error;
 pub mod gc;
+pub mod immutable;
 pub mod keys;
 pub mod layout;
 pub mod locks;
@@ -40,6 +43,6 @@ pub use damaged::{Damaged, DamagedKind, Scanned};
 pub use error::RepoError;
 pub use keys::KeySecret;
 pub use open::{RepoUrl, S3Options, open_storage};
-pub use repo::{RepoSettings, Repository};
+pub use repo::{ObjectLock, RepoSettings, Repository};
 pub use restore::{part, restore, restore_to_file, restore_to_new_file, restore_with};
 pub use storage::{Storage, StorageError, StorageLimits};

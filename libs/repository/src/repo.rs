@@ -13,7 +13,7 @@ use crate::keys::{self, KeySecret};
 use crate::layout;
 use crate::manifest::{self, COMPONENT_FORMAT, ComponentManifest, SET_FORMAT, SetManifest};
 use crate::path::RemotePath;
-use crate::storage::{PutMode, Storage, StorageError};
+use crate::storage::{LockMode, LockPolicy, PutMode, Storage, StorageError};
 
 pub const REPOSITORY_FORMAT: &str = "aitbc-backup/repository";
 pub const REPOSITORY_VERSION: u32 = 1;
@@ -27,6 +27,58 @@ pub struct RepoConfig {
     pub created: String,
     pub chunker: ChunkerParams,
     pub encrypted: bool,
+    /// S3 Object Lock of every chunk, manifest and key object (see [`crate::immutable`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// A repository's Object Lock, recorded by `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    /// Every object is locked this long from its write, and kept objects again from each
+    /// extension.
+    pub days: u32,
+    /// A kept object's lock is extended once less than this is left (seconds); the
+    /// coordinator extends at least twice within it.
+    pub margin_secs: u64,
+}
+
+impl ObjectLock {
+    pub fn policy(&self) -> LockPolicy {
+        LockPolicy {
+            mode: self.mode,
+            days: self.days,
+        }
+    }
+
+    pub fn margin(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.margin_secs)
+    }
+
+    /// A lock of `days` with the default margin: a quarter of the period, at most 7 days.
+    pub fn new(mode: LockMode, days: u32) -> ObjectLock {
+        let quarter = u64::from(days) * 24 * 3600 / 4;
+        ObjectLock {
+            mode,
+            days,
+            margin_secs: quarter.min(7 * 24 * 3600),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.days == 0 || self.days > 36500 {
+            return Err(format!("{} days is not 1..=36500", self.days));
+        }
+        if self.margin_secs == 0 || self.margin_secs >= u64::from(self.days) * 24 * 3600 {
+            return Err(format!(
+                "the margin ({} s) must be more than 0 and less than the lock period ({} days)",
+                self.margin_secs, self.days
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Tuning of backups and restores.
@@ -104,6 +156,8 @@ pub struct Repository {
     pub(crate) config: RepoConfig,
     pub(crate) keys: Option<DataKeys>,
     pub(crate) settings: RepoSettings,
+    /// Objects read from an older version because the current one did not verify.
+    pub(crate) overwritten: crate::immutable::Overwritten,
 }
 
 impl Repository {
@@ -114,6 +168,24 @@ impl Repository {
         secret: Option<&KeySecret>,
         cancel: &CancellationToken,
     ) -> Result<Repository, RepoError> {
+        Repository::init_locked(storage, chunker, secret, None, cancel).await
+    }
+
+    /// [`Repository::init`] with an Object Lock on every object written from the first: the
+    /// bucket must have versioning and Object Lock enabled.
+    pub async fn init_locked(
+        storage: Storage,
+        chunker: ChunkerParams,
+        secret: Option<&KeySecret>,
+        object_lock: Option<ObjectLock>,
+        cancel: &CancellationToken,
+    ) -> Result<Repository, RepoError> {
+        if let Some(lock) = &object_lock {
+            lock.validate()
+                .map_err(|e| RepoError::BadConfig(format!("object lock: {e}")))?;
+            crate::immutable::check_bucket(&storage, cancel).await?;
+        }
+        let storage = storage.with_lock(object_lock.map(|l| l.policy()));
         let config = RepoConfig {
             format: REPOSITORY_FORMAT.to_owned(),
             version: REPOSITORY_VERSION,
@@ -121,6 +193,7 @@ impl Repository {
             created: now_rfc3339(),
             chunker,
             encrypted: secret.is_some(),
+            object_lock,
         };
         let body =
             serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig(e.to_string()))?;
@@ -152,6 +225,7 @@ impl Repository {
             config,
             keys,
             settings: RepoSettings::default(),
+            overwritten: Default::default(),
         })
     }
 
@@ -162,6 +236,7 @@ impl Repository {
         cancel: &CancellationToken,
     ) -> Result<Repository, RepoError> {
         let config = read_config(&storage, cancel).await?;
+        let storage = storage.with_lock(config.object_lock.map(|l| l.policy()));
         let keys = if config.encrypted {
             let secret = secret.ok_or(RepoError::KeyRequired)?;
             let (master, _) = keys::open_master(&storage, secret, cancel).await?;
@@ -174,6 +249,7 @@ impl Repository {
             config,
             keys,
             settings: RepoSettings::default(),
+            overwritten: Default::default(),
         })
     }
 
@@ -384,29 +460,31 @@ impl Repository {
             return Err(RepoError::NoSuchManifest(id.to_owned()));
         }
         let path = path_of(id);
-        let stored = match self.storage.get(&path, cancel).await {
-            Ok(bytes) => bytes,
-            Err(StorageError::NotFound(_)) => return Err(RepoError::NoSuchManifest(id.to_owned())),
-            Err(err) => return Err(err.into()),
+        let missing = || RepoError::NoSuchManifest(id.to_owned());
+        let decode = |stored: Bytes| {
+            let plain = self.open_manifest(&path, &stored)?;
+            let manifest: T =
+                manifest::decode(format, &plain).map_err(|source| RepoError::Manifest {
+                    object: path.to_string(),
+                    source,
+                })?;
+            // A sound manifest under another's name (a copy, a replay) would make one backup
+            // read as another and hide the first from GC's mark: it is damage.
+            if manifest.id() != id {
+                return Err(RepoError::Corrupt {
+                    object: path.to_string(),
+                    reason: format!(
+                        "it holds manifest {}, not {id} (a copy of another manifest)",
+                        manifest.id()
+                    ),
+                });
+            }
+            Ok(manifest)
         };
-        let plain = self.open_manifest(&path, &stored)?;
-        let manifest: T =
-            manifest::decode(format, &plain).map_err(|source| RepoError::Manifest {
-                object: path.to_string(),
-                source,
-            })?;
-        // A sound manifest under another's name (a copy, a replay) would make one backup read
-        // as another and hide the first from GC's mark: it is damage.
-        if manifest.id() != id {
-            return Err(RepoError::Corrupt {
-                object: path.to_string(),
-                reason: format!(
-                    "it holds manifest {}, not {id} (a copy of another manifest)",
-                    manifest.id()
-                ),
-            });
-        }
-        Ok(manifest)
+        self.read_verified(&path, missing, cancel, |stored| {
+            std::future::ready(decode(stored))
+        })
+        .await
     }
 
     /// Ids of every component manifest, oldest first.
@@ -459,16 +537,18 @@ impl Repository {
         path: &RemotePath,
         cancel: &CancellationToken,
     ) -> Result<ComponentManifest, RepoError> {
-        let stored = match self.storage.get(path, cancel).await {
-            Ok(bytes) => bytes,
-            Err(StorageError::NotFound(_)) => return Err(RepoError::Missing(path.to_string())),
-            Err(err) => return Err(err.into()),
+        let missing = || RepoError::Missing(path.to_string());
+        let decode = |stored: Bytes| {
+            let plain = self.open_manifest(path, &stored)?;
+            manifest::decode(COMPONENT_FORMAT, &plain).map_err(|source| RepoError::Manifest {
+                object: path.to_string(),
+                source,
+            })
         };
-        let plain = self.open_manifest(path, &stored)?;
-        manifest::decode(COMPONENT_FORMAT, &plain).map_err(|source| RepoError::Manifest {
-            object: path.to_string(),
-            source,
+        self.read_verified(path, missing, cancel, |stored| {
+            std::future::ready(decode(stored))
         })
+        .await
     }
 
     /// Deletes a component manifest (its chunks become garbage for GC).

@@ -19,7 +19,6 @@ use crate::error::RepoError;
 use crate::layout;
 use crate::manifest::{ChunkRef, ComponentManifest};
 use crate::repo::Repository;
-use crate::storage::StorageError;
 
 /// Writes the stream of `manifest` into `writer`. On error the writer has received a prefix of
 /// the stream at most; use [`restore_to_file`] where a partial result must never be visible.
@@ -219,16 +218,7 @@ async fn fetch(
     if cancel.is_cancelled() {
         return Err(RepoError::Cancelled);
     }
-    let object = layout::chunk(&chunk.id);
-    let stored = match repo.storage.get(&object, cancel).await {
-        Ok(bytes) => bytes,
-        Err(StorageError::NotFound(_)) => return Err(RepoError::Missing(object.to_string())),
-        Err(err) => return Err(err.into()),
-    };
-    let (repo, id, raw_len) = (repo.clone(), chunk.id.clone(), chunk.raw_len);
-    tokio::task::spawn_blocking(move || repo.decode_chunk(&id, raw_len, stored))
-        .await
-        .map_err(|e| RepoError::Io(std::io::Error::other(e)))?
+    repo.read_chunk(&chunk.id, chunk.raw_len, cancel).await
 }
 
 /// What restoring one reference takes.

@@ -8,6 +8,7 @@
 mod faulty;
 mod local;
 mod s3;
+mod versions;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub use faulty::{FaultConfig, FaultyStorage};
 pub use local::LocalStorage;
 pub use s3::{S3Settings, S3Storage, ServerSideEncryption};
+pub use versions::{BucketLockStatus, LockMode, LockPolicy, ObjectVersion, Retention};
 
 use crate::path::RemotePath;
 
@@ -56,6 +58,9 @@ pub enum StorageError {
     },
     #[error("cancelled")]
     Cancelled,
+    /// A version the bucket's Object Lock keeps until `until`.
+    #[error("object {path} is locked until {}", chrono::DateTime::<chrono::Utc>::from(*until).to_rfc3339())]
+    Locked { path: RemotePath, until: SystemTime },
     /// Failures worth retrying: 5xx, throttling, resets, I/O hiccups.
     #[error("{op} {path}: {message}")]
     Transient {
@@ -86,6 +91,7 @@ impl StorageError {
             self,
             StorageError::NotFound(_)
                 | StorageError::AlreadyExists(_)
+                | StorageError::Locked { .. }
                 | StorageError::Permanent { .. }
                 | StorageError::Cancelled
                 | StorageError::Exhausted { .. }
@@ -101,11 +107,18 @@ pub enum Backend {
 }
 
 impl Backend {
-    async fn put(&self, path: &RemotePath, body: Bytes, mode: PutMode) -> Result<(), StorageError> {
+    /// Puts `body`; `retention` locks it (S3 only: a local repository never has a lock).
+    async fn put(
+        &self,
+        path: &RemotePath,
+        body: Bytes,
+        mode: PutMode,
+        retention: Option<Retention>,
+    ) -> Result<(), StorageError> {
         match self {
             Backend::Local(b) => b.put(path, body, mode).await,
-            Backend::S3(b) => b.put(path, body, mode).await,
-            Backend::Faulty(b) => b.put(path, body, mode).await,
+            Backend::S3(b) => b.put(path, body, mode, retention).await,
+            Backend::Faulty(b) => b.put(path, body, mode, retention).await,
         }
     }
 
@@ -191,6 +204,10 @@ pub struct Storage {
     limits: StorageLimits,
     reads: Arc<Semaphore>,
     writes: Arc<Semaphore>,
+    /// The lock of every lockable object put (see [`versions`]).
+    lock: Option<LockPolicy>,
+    /// A read-only view of the bucket at a time (see [`Storage::as_of`]).
+    as_of: Option<Arc<versions::AsOf>>,
 }
 
 impl Storage {
@@ -200,6 +217,8 @@ impl Storage {
             writes: Arc::new(Semaphore::new(limits.max_concurrent_writes)),
             backend: Arc::new(backend),
             limits,
+            lock: None,
+            as_of: None,
         }
     }
 
@@ -279,8 +298,13 @@ impl Storage {
     ) -> Result<(), StorageError> {
         // A retried create may find the object its own lost-response attempt wrote; callers
         // that care (manifest commits) compare contents on AlreadyExists.
+        self.refuse_in_as_of("put", path.as_str())?;
+        let retention = self
+            .lock
+            .filter(|_| crate::layout::is_lockable(path))
+            .map(|policy| policy.retention_from(SystemTime::now()));
         self.call("put", path.as_str(), true, cancel, || {
-            self.backend.put(path, body.clone(), mode)
+            self.backend.put(path, body.clone(), mode, retention)
         })
         .await
     }
@@ -290,6 +314,9 @@ impl Storage {
         path: &RemotePath,
         cancel: &CancellationToken,
     ) -> Result<Bytes, StorageError> {
+        if let Some(as_of) = &self.as_of {
+            return self.get_as_of(as_of, path, cancel).await;
+        }
         self.call("get", path.as_str(), false, cancel, || {
             self.backend.get(path)
         })
@@ -301,6 +328,9 @@ impl Storage {
         path: &RemotePath,
         cancel: &CancellationToken,
     ) -> Result<ObjectMeta, StorageError> {
+        if let Some(as_of) = &self.as_of {
+            return self.head_as_of(as_of, path, cancel).await;
+        }
         self.call("head", path.as_str(), false, cancel, || {
             self.backend.head(path)
         })
@@ -313,6 +343,9 @@ impl Storage {
         prefix: &str,
         cancel: &CancellationToken,
     ) -> Result<Vec<ObjectMeta>, StorageError> {
+        if let Some(as_of) = &self.as_of {
+            return self.list_as_of(as_of, prefix, cancel).await;
+        }
         let mut objects = self
             .call("list", prefix, false, cancel, || self.backend.list(prefix))
             .await?;
@@ -326,6 +359,7 @@ impl Storage {
         path: &RemotePath,
         cancel: &CancellationToken,
     ) -> Result<(), StorageError> {
+        self.refuse_in_as_of("delete", path.as_str())?;
         match self
             .call("delete", path.as_str(), true, cancel, || {
                 self.backend.delete(path)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Backend, ObjectMeta, PutMode, StorageError};
+use super::{Backend, ObjectMeta, PutMode, Retention, StorageError};
 use crate::path::RemotePath;
 
 #[derive(Debug, Clone, Default)]
@@ -108,11 +108,12 @@ impl FaultyStorage {
         path: &RemotePath,
         body: Bytes,
         mode: PutMode,
+        retention: Option<Retention>,
     ) -> Result<(), StorageError> {
         self.run(
             "put",
             path.as_str(),
-            Box::pin(self.inner.put(path, body, mode)),
+            Box::pin(self.inner.put(path, body, mode, retention)),
         )
         .await
     }

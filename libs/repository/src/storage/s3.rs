@@ -17,8 +17,10 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{ObjectMeta, PutMode, StorageError};
+use super::{ObjectMeta, PutMode, Retention, StorageError};
 use crate::path::RemotePath;
+
+mod lock;
 
 /// Server-side encryption requested on every put.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +124,10 @@ impl S3Storage {
         path: &RemotePath,
         body: Bytes,
         mode: PutMode,
+        retention: Option<Retention>,
     ) -> Result<(), StorageError> {
         if body.len() > self.settings.multipart_threshold {
-            return self.put_multipart(path, body, mode).await;
+            return self.put_multipart(path, body, mode, retention).await;
         }
         let mut request = self
             .client
@@ -134,6 +137,11 @@ impl S3Storage {
             .body(ByteStream::from(body));
         if mode == PutMode::Create {
             request = request.if_none_match("*");
+        }
+        if let Some(retention) = retention {
+            request = request
+                .object_lock_mode(lock::put_mode(retention.mode))
+                .object_lock_retain_until_date(lock::date(retention.until));
         }
         request = match &self.settings.sse {
             None => request,
@@ -164,6 +172,7 @@ impl S3Storage {
         path: &RemotePath,
         body: Bytes,
         mode: PutMode,
+        retention: Option<Retention>,
     ) -> Result<(), StorageError> {
         let key = self.key(path.as_str());
         let mut create = self
@@ -171,6 +180,11 @@ impl S3Storage {
             .create_multipart_upload()
             .bucket(&self.settings.bucket)
             .key(&key);
+        if let Some(retention) = retention {
+            create = create
+                .object_lock_mode(lock::put_mode(retention.mode))
+                .object_lock_retain_until_date(lock::date(retention.until));
+        }
         create = match &self.settings.sse {
             None => create,
             Some(ServerSideEncryption::Aes256) => {

@@ -1,0 +1,579 @@
+//! Immutability with S3 Object Lock.
+//!
+//! A repository initialized with an [`ObjectLock`] writes every [lockable](layout::is_lockable)
+//! object (config, keys, audit, chunks, manifests, archived WAL) with a retention of `days` in
+//! the lock's mode, on a bucket with versioning and Object Lock (checked by [`check_bucket`]).
+//! Then no credential this system hands out can destroy a committed backup while it is locked:
+//! a put only adds a version, a plain delete only adds a delete marker, and the versions
+//! themselves cannot be removed until their date.
+//!
+//! - **Locks follow retention** ([`extend_locks`]): every object a kept backup needs (the
+//!   chunks its manifests reference, the manifests not deleted, keys, audit, config) is locked
+//!   again for `days` once less than the lock's margin is left. What is extended, and until
+//!   when, is kept in an index (`locks/extended/`), so a run costs requests only for the
+//!   objects that need it; a sample of the index is checked against the bucket every run, and
+//!   a lock is read from the bucket before it is extended, so a lost or forged index costs
+//!   requests, never a shortened lock.
+//! - **Reads that verify** ([`Repository::read_verified`]): chunks are content-addressed and
+//!   manifests carry checksums, so a current version that is missing or does not verify (an
+//!   overwrite or a delete marker by a writer) gives way to the newest older version that does.
+//!   Such objects are remembered and `verify` reports them.
+//! - **GC and retention** delete what is unlocked and skip, count and report what is locked
+//!   ([`remove_versions`], [`purge_deleted`]); they never fail on a lock.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::RepoError;
+use crate::layout;
+use crate::path::RemotePath;
+use crate::repo::{ObjectLock, Repository};
+use crate::storage::{ObjectVersion, PutMode, Retention, Storage, StorageError};
+
+/// Lock requests in flight at once.
+const CONCURRENCY: usize = 16;
+/// Index entries checked against the bucket each run.
+const SAMPLE: usize = 8;
+
+/// Objects whose current version did not verify and were read from an older one.
+#[derive(Clone, Default)]
+pub struct Overwritten(Arc<Mutex<BTreeSet<String>>>);
+
+impl Overwritten {
+    fn record(&self, object: &RemotePath) {
+        if let Ok(mut set) = self.0.lock() {
+            set.insert(object.to_string());
+        }
+    }
+
+    /// Every object recorded so far, sorted.
+    pub fn list(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Refuses a bucket that cannot keep locked versions, naming what is missing.
+pub async fn check_bucket(storage: &Storage, cancel: &CancellationToken) -> Result<(), RepoError> {
+    let bucket = storage.describe();
+    let status = match storage.bucket_lock_status(cancel).await {
+        Ok(status) => status,
+        Err(StorageError::Permanent { message, .. })
+            if message.contains("keeps no object versions") =>
+        {
+            return Err(RepoError::BadConfig(format!(
+                "an object lock needs an S3 bucket with Object Lock enabled; {bucket} is not one"
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if !status.object_lock {
+        return Err(RepoError::BadConfig(format!(
+            "bucket {bucket} does not have Object Lock enabled{}; an object lock is configured, \
+             so every object must be locked. Create the bucket with Object Lock \
+             (`aws s3api create-bucket --object-lock-enabled-for-bucket ...`) or configure no lock",
+            if status.versioning {
+                ""
+            } else {
+                " (nor versioning)"
+            }
+        )));
+    }
+    if !status.versioning {
+        return Err(RepoError::BadConfig(format!(
+            "bucket {bucket} has Object Lock but versioning is not enabled"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a read error means the object's content is damaged or gone (so an older version
+/// may hold the true one), not that the read itself failed.
+fn is_damage(err: &RepoError) -> bool {
+    matches!(
+        err,
+        RepoError::Corrupt { .. }
+            | RepoError::Manifest { .. }
+            | RepoError::Missing(_)
+            | RepoError::NoSuchManifest(_)
+    )
+}
+
+impl Repository {
+    /// Whether the bucket keeps versions that reads may fall back to.
+    fn keeps_versions(&self) -> bool {
+        self.config.object_lock.is_some() || self.storage.as_of_time().is_some()
+    }
+
+    /// Objects read from an older version so far (see [`Repository::read_verified`]).
+    pub fn overwritten(&self) -> Vec<String> {
+        self.overwritten.list()
+    }
+
+    /// Reads `path` and decodes it with `decode`, which verifies it. In a repository whose
+    /// bucket keeps versions, a current version that is missing or does not verify gives way
+    /// to the newest older version that does; `missing()` is the error when none is there.
+    pub(crate) async fn read_verified<T, F, Fut>(
+        &self,
+        path: &RemotePath,
+        missing: impl Fn() -> RepoError,
+        cancel: &CancellationToken,
+        decode: F,
+    ) -> Result<T, RepoError>
+    where
+        F: Fn(Bytes) -> Fut,
+        Fut: Future<Output = Result<T, RepoError>>,
+    {
+        let first = match self.storage.get(path, cancel).await {
+            Ok(bytes) => decode(bytes).await,
+            Err(StorageError::NotFound(_)) => Err(missing()),
+            Err(err) => return Err(err.into()),
+        };
+        let err = match first {
+            Ok(value) => return Ok(value),
+            Err(err) if self.keeps_versions() && is_damage(&err) => err,
+            Err(err) => return Err(err),
+        };
+        for version in self.storage.versions_of(path, cancel).await? {
+            if version.delete_marker {
+                continue;
+            }
+            let bytes = match self
+                .storage
+                .get_version(path, &version.version_id, cancel)
+                .await
+            {
+                Ok(bytes) => bytes,
+                Err(StorageError::NotFound(_)) => continue,
+                Err(err) => return Err(err.into()),
+            };
+            if let Ok(value) = decode(bytes).await {
+                tracing::warn!(
+                    object = %path,
+                    version = %version.version_id,
+                    error = %err,
+                    "the current version does not verify; read the newest older version that does"
+                );
+                self.overwritten.record(path);
+                return Ok(value);
+            }
+        }
+        Err(err)
+    }
+
+    /// Downloads, decodes and checks one chunk (decoding on the blocking pool).
+    pub(crate) async fn read_chunk(
+        &self,
+        id: &str,
+        raw_len: u32,
+        cancel: &CancellationToken,
+    ) -> Result<Bytes, RepoError> {
+        let object = layout::chunk(id);
+        let missing = || RepoError::Missing(object.to_string());
+        self.read_verified(&object, missing, cancel, |stored| {
+            let (repo, id) = (self.clone(), id.to_owned());
+            async move {
+                tokio::task::spawn_blocking(move || repo.decode_chunk(&id, raw_len, stored))
+                    .await
+                    .map_err(|e| RepoError::Io(std::io::Error::other(e)))?
+            }
+        })
+        .await
+    }
+}
+
+/// What removing every version of an object did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    /// At least one version is still locked (until the latest such date); the others went.
+    Locked(SystemTime),
+}
+
+/// Removes an object for good. Without a lock that is a plain delete; with one, every version
+/// and delete marker is removed, and a locked version is left in place and reported.
+pub async fn remove_versions(
+    repo: &Repository,
+    path: &RemotePath,
+    cancel: &CancellationToken,
+) -> Result<Removal, RepoError> {
+    if repo.config.object_lock.is_none() {
+        repo.storage.delete(path, cancel).await?;
+        return Ok(Removal::Removed);
+    }
+    let versions = repo.storage.versions_of(path, cancel).await?;
+    remove_listed(repo, path, &versions.iter().collect::<Vec<_>>(), cancel).await
+}
+
+/// Removes the listed versions of one key: the data versions first, then, only if none of
+/// them is still locked, the delete markers (removing a marker in front of a locked version
+/// would bring a deleted object back).
+async fn remove_listed(
+    repo: &Repository,
+    path: &RemotePath,
+    versions: &[&ObjectVersion],
+    cancel: &CancellationToken,
+) -> Result<Removal, RepoError> {
+    let period = repo
+        .config
+        .object_lock
+        .map(|l| l.policy().period())
+        .unwrap_or_default();
+    let now = SystemTime::now();
+    let mut locked: Option<SystemTime> = None;
+    let (markers, data): (Vec<&ObjectVersion>, Vec<&ObjectVersion>) =
+        versions.iter().partition(|v| v.delete_marker);
+    for version in data {
+        // Still inside the lock every object gets at its write: no request needed.
+        let until = version.modified + period;
+        let result = if until > now {
+            Err(StorageError::Locked {
+                path: path.clone(),
+                until,
+            })
+        } else {
+            repo.storage
+                .delete_version(path, &version.version_id, cancel)
+                .await
+        };
+        match result {
+            Ok(()) => {}
+            Err(StorageError::Locked { until, .. }) => {
+                locked = Some(locked.map_or(until, |l| l.max(until)));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    if let Some(until) = locked {
+        return Ok(Removal::Locked(until));
+    }
+    for marker in markers {
+        repo.storage
+            .delete_version(path, &marker.version_id, cancel)
+            .await?;
+    }
+    Ok(Removal::Removed)
+}
+
+/// What [`purge_deleted`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PurgeReport {
+    /// Versions of deleted objects removed for good.
+    pub versions_removed: usize,
+    /// Deleted objects whose versions are still locked, left for a later run.
+    pub locked: usize,
+}
+
+/// Removes the versions of deleted manifests and chunks (those whose current version is a
+/// delete marker: sets removed by retention, chunks removed by GC) once their locks have
+/// expired. Chunks in `referenced` are never touched, whatever their current version: a
+/// referenced chunk with a delete marker was deleted by someone else, and its older versions
+/// are what reads fall back to.
+pub async fn purge_deleted(
+    repo: &Repository,
+    referenced: &HashSet<String>,
+    cancel: &CancellationToken,
+) -> Result<PurgeReport, RepoError> {
+    let mut report = PurgeReport::default();
+    for prefix in [layout::CHUNKS, "manifests/", "wal/"] {
+        let versions = repo.storage.versions(prefix, cancel).await?;
+        for (path, versions) in by_key(&versions) {
+            let deleted = versions.iter().any(|v| v.latest && v.delete_marker);
+            if !deleted || (prefix == layout::CHUNKS && referenced.contains(path.file_name())) {
+                continue;
+            }
+            let data = versions.iter().filter(|v| !v.delete_marker).count();
+            match remove_listed(repo, path, &versions, cancel).await? {
+                Removal::Removed => report.versions_removed += data,
+                Removal::Locked(_) => report.locked += 1,
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// `versions` (sorted by key, newest first) grouped by key.
+fn by_key(versions: &[ObjectVersion]) -> Vec<(&RemotePath, Vec<&ObjectVersion>)> {
+    let mut out: Vec<(&RemotePath, Vec<&ObjectVersion>)> = Vec::new();
+    for version in versions {
+        match out.last_mut() {
+            Some((path, group)) if *path == &version.path => group.push(version),
+            _ => out.push((&version.path, vec![version])),
+        }
+    }
+    out
+}
+
+/// What [`extend_locks`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LockReport {
+    /// Versions of kept objects (the chunks kept manifests reference, live manifests, keys,
+    /// audit records, the config).
+    pub kept_versions: usize,
+    /// Of those, versions whose lock had less than the margin left by the index.
+    pub candidates: usize,
+    /// Locks extended.
+    pub extended: usize,
+    /// Candidates whose lock, read from the bucket, was long enough already.
+    pub already_locked: usize,
+    /// Requests made to the bucket for locks (reads and extensions; listings not counted).
+    pub requests: usize,
+    /// The index disagreed with the bucket: every kept version was a candidate.
+    pub index_distrusted: bool,
+    /// Seconds since the Unix epoch until which every extended lock now runs.
+    pub until: u64,
+}
+
+/// One index entry: a version's lock runs until `until` (seconds since the Unix epoch).
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    key: String,
+    version: String,
+    until: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Index {
+    entries: Vec<Entry>,
+}
+
+fn epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn from_epoch(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Reads every index object: the latest known lock of each version, and each object's latest
+/// date (objects whose entries have all expired are removed by the run).
+async fn read_index(
+    repo: &Repository,
+    cancel: &CancellationToken,
+) -> Result<(HashMap<(String, String), u64>, Vec<(RemotePath, u64)>), RepoError> {
+    let mut known: HashMap<(String, String), u64> = HashMap::new();
+    let mut objects = Vec::new();
+    for meta in repo.storage.list(layout::LOCK_INDEX, cancel).await? {
+        let bytes = repo.storage.get(&meta.path, cancel).await?;
+        // A damaged index object is ignored: it costs requests, never a lock.
+        let Some(index) = zstd::decode_all(&bytes[..])
+            .ok()
+            .and_then(|plain| serde_json::from_slice::<Index>(&plain).ok())
+        else {
+            tracing::warn!(object = %meta.path, "lock index object unreadable; ignored");
+            objects.push((meta.path, 0));
+            continue;
+        };
+        let latest = index.entries.iter().map(|e| e.until).max().unwrap_or(0);
+        for entry in index.entries {
+            let slot = known.entry((entry.key, entry.version)).or_insert(0);
+            *slot = (*slot).max(entry.until);
+        }
+        objects.push((meta.path, latest));
+    }
+    Ok((known, objects))
+}
+
+/// The versions of every object kept backups need: the chunks in `referenced`, and every
+/// manifest, archived WAL file, key, audit record and the config not deleted.
+async fn kept_versions(
+    repo: &Repository,
+    referenced: &HashSet<String>,
+    cancel: &CancellationToken,
+) -> Result<Vec<ObjectVersion>, RepoError> {
+    let mut kept = Vec::new();
+    let prefixes = [
+        layout::CHUNKS,
+        "manifests/",
+        "wal/",
+        layout::KEYS,
+        layout::REVOKED_KEYS,
+        layout::AUDIT,
+        layout::CONFIG,
+    ];
+    for prefix in prefixes {
+        let versions = repo.storage.versions(prefix, cancel).await?;
+        for (path, versions) in by_key(&versions) {
+            if !layout::is_lockable(path) {
+                continue;
+            }
+            let keep = if prefix == layout::CHUNKS {
+                referenced.contains(path.file_name())
+            } else {
+                !versions.iter().any(|v| v.latest && v.delete_marker)
+            };
+            if keep {
+                kept.extend(versions.into_iter().filter(|v| !v.delete_marker).cloned());
+            }
+        }
+    }
+    Ok(kept)
+}
+
+/// Extends the locks of everything kept backups need (see the module documentation): each
+/// kept version whose lock ends within the lock's margin is locked again for the lock's
+/// period from now. Never shortens a lock: the bucket's date is read before each extension.
+pub async fn extend_locks(
+    repo: &Repository,
+    referenced: &HashSet<String>,
+    cancel: &CancellationToken,
+) -> Result<LockReport, RepoError> {
+    let lock: ObjectLock = repo.config.object_lock.ok_or_else(|| {
+        RepoError::BadConfig("the repository has no object lock to extend".into())
+    })?;
+    let now = SystemTime::now();
+    let needed = epoch(now + lock.margin());
+    let target = now + lock.policy().period();
+    let kept = kept_versions(repo, referenced, cancel).await?;
+    let (index, index_objects) = read_index(repo, cancel).await?;
+    let mut report = LockReport {
+        kept_versions: kept.len(),
+        until: epoch(target),
+        ..Default::default()
+    };
+    let initial = |v: &ObjectVersion| epoch(v.modified + lock.policy().period());
+    let known = |v: &ObjectVersion| {
+        let indexed = index
+            .get(&(v.path.to_string(), v.version_id.clone()))
+            .copied()
+            .unwrap_or(0);
+        initial(v).max(indexed)
+    };
+
+    // The index is trusted only as far as the bucket agrees with a sample of it.
+    let from_index: Vec<&ObjectVersion> = kept
+        .iter()
+        .filter(|v| known(v) >= needed && known(v) > initial(v))
+        .collect();
+    for &v in sample(&from_index, SAMPLE).iter() {
+        report.requests += 1;
+        let actual = repo
+            .storage
+            .retention(&v.path, &v.version_id, cancel)
+            .await?
+            .map_or(0, |r| epoch(r.until));
+        if actual < known(v) {
+            tracing::warn!(object = %v.path, version = %v.version_id, "the lock index claims a longer lock than the bucket holds; checking every kept object");
+            report.index_distrusted = true;
+            break;
+        }
+    }
+    let candidates: Vec<&ObjectVersion> = kept
+        .iter()
+        .filter(|v| {
+            let believed = if report.index_distrusted {
+                initial(v)
+            } else {
+                known(v)
+            };
+            believed < needed
+        })
+        .collect();
+    report.candidates = candidates.len();
+
+    let mut results = futures::stream::iter(candidates)
+        .map(|v| extend_one(repo, v, lock, needed, target, cancel))
+        .buffer_unordered(CONCURRENCY);
+    let mut entries = Vec::new();
+    while let Some(result) = results.next().await {
+        let (entry, extended) = result?;
+        report.requests += 1 + usize::from(extended);
+        if extended {
+            report.extended += 1;
+        } else {
+            report.already_locked += 1;
+        }
+        entries.push(entry);
+    }
+    drop(results);
+
+    if !entries.is_empty() {
+        let plain = serde_json::to_vec(&Index { entries })
+            .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
+        let body = zstd::encode_all(&plain[..], 3)?;
+        repo.storage
+            .put(
+                &layout::timestamped(layout::LOCK_INDEX),
+                Bytes::from(body),
+                PutMode::Create,
+                cancel,
+            )
+            .await?;
+    }
+    // Index objects whose every entry has expired say nothing any more.
+    for (path, latest) in index_objects {
+        if latest < epoch(now) {
+            repo.storage.delete(&path, cancel).await?;
+        }
+    }
+    Ok(report)
+}
+
+/// Reads one version's lock and extends it to `target` unless it already runs past `needed`;
+/// returns its index entry and whether it was extended.
+async fn extend_one(
+    repo: &Repository,
+    version: &ObjectVersion,
+    lock: ObjectLock,
+    needed: u64,
+    target: SystemTime,
+    cancel: &CancellationToken,
+) -> Result<(Entry, bool), RepoError> {
+    let current = repo
+        .storage
+        .retention(&version.path, &version.version_id, cancel)
+        .await?;
+    let entry = |until: SystemTime| Entry {
+        key: version.path.to_string(),
+        version: version.version_id.clone(),
+        until: epoch(until),
+    };
+    if let Some(current) = current
+        && epoch(current.until) >= needed
+    {
+        return Ok((entry(current.until), false));
+    }
+    // A compliance lock stays compliance (the bucket refuses to weaken it).
+    let mode = match current {
+        Some(Retention { mode, .. }) if mode == crate::storage::LockMode::Compliance => mode,
+        _ => lock.mode,
+    };
+    let until = current.map_or(target, |c| c.until.max(target));
+    repo.storage
+        .set_retention(
+            &version.path,
+            &version.version_id,
+            Retention { mode, until },
+            cancel,
+        )
+        .await?;
+    Ok((entry(until), true))
+}
+
+/// Up to `n` items of `items`, spread evenly (deterministic, so a test can reason about it,
+/// and still covering old and new entries alike).
+fn sample<'a, T>(items: &[&'a T], n: usize) -> Vec<&'a T> {
+    if items.len() <= n {
+        return items.to_vec();
+    }
+    let offset = rand::random::<u32>() as usize % (items.len() / n);
+    (0..n)
+        .map(|i| items[i * items.len() / n + offset])
+        .collect()
+}
+
+/// The lock a version written at `modified` gets at its write (for tests and reports).
+pub fn initial_until(lock: &ObjectLock, modified: SystemTime) -> SystemTime {
+    from_epoch(epoch(modified + lock.policy().period()))
+}
