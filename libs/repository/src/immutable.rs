@@ -482,8 +482,10 @@ pub async fn extend_locks(
         .collect();
     report.candidates = candidates.len();
 
+    // Owned versions: a stream closure over borrowed ones is not `Send` for every lifetime.
+    let candidates: Vec<ObjectVersion> = candidates.into_iter().cloned().collect();
     let mut results = futures::stream::iter(candidates)
-        .map(|v| extend_one(repo, v, lock, needed, target, cancel))
+        .map(|v| async move { extend_one(repo, &v, lock, needed, target, cancel).await })
         .buffer_unordered(CONCURRENCY);
     let mut entries = Vec::new();
     while let Some(result) = results.next().await {

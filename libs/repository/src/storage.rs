@@ -315,7 +315,7 @@ impl Storage {
         cancel: &CancellationToken,
     ) -> Result<Bytes, StorageError> {
         if let Some(as_of) = &self.as_of {
-            return self.get_as_of(as_of, path, cancel).await;
+            return Box::pin(self.get_as_of(as_of, path, cancel)).await;
         }
         self.call("get", path.as_str(), false, cancel, || {
             self.backend.get(path)
@@ -329,7 +329,7 @@ impl Storage {
         cancel: &CancellationToken,
     ) -> Result<ObjectMeta, StorageError> {
         if let Some(as_of) = &self.as_of {
-            return self.head_as_of(as_of, path, cancel).await;
+            return Box::pin(self.head_as_of(as_of, path, cancel)).await;
         }
         self.call("head", path.as_str(), false, cancel, || {
             self.backend.head(path)
@@ -344,7 +344,7 @@ impl Storage {
         cancel: &CancellationToken,
     ) -> Result<Vec<ObjectMeta>, StorageError> {
         if let Some(as_of) = &self.as_of {
-            return self.list_as_of(as_of, prefix, cancel).await;
+            return Box::pin(self.list_as_of(as_of, prefix, cancel)).await;
         }
         let mut objects = self
             .call("list", prefix, false, cancel, || self.backend.list(prefix))
