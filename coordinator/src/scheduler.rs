@@ -2,7 +2,9 @@
 //! the policy's previous one (the firing is skipped and counted); a run that shares agents with
 //! another set running (an operator's, another policy's) is queued behind it like any set. A run missed while the
 //! coordinator was down (the schedule fired between the policy's newest set and now) runs once
-//! at start. After each run, the policy's verification (if any), its retention, then GC.
+//! at start. After each run, the policy's verification (if any), its retention, then GC, then
+//! (with an Object Lock) the extension of the locks kept sets need, which also runs on its own
+//! timer ([`crate::stored::lock_upkeep`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,6 +178,10 @@ impl Scheduler {
                         Err(err) => {
                             tracing::warn!(policy = %name, error = %format!("{err:#}"), "retention failed; retried after the next run")
                         }
+                    }
+                    // A new set may reuse chunks whose first lock is running out.
+                    if let Err(err) = Box::pin(sets.extend_locks()).await {
+                        tracing::error!(error = %format!("{err:#}"), "extending object locks failed; retried by the upkeep");
                     }
                 });
                 true

@@ -117,6 +117,10 @@ impl Coordinator {
                 }
             });
         }
+        set_tasks.spawn(crate::stored::lock_upkeep(
+            sets.clone(),
+            shutdown.child_token(),
+        ));
         if config.schedule.enabled {
             let scheduler = Arc::new(Scheduler {
                 sets: sets.clone(),

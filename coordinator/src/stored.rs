@@ -112,4 +112,71 @@ impl Sets {
         }
         Ok(deleted)
     }
+
+    /// Extends the Object Locks of everything the kept sets need (see
+    /// `aitbc_backup_repository::immutable`); None when the repository has no lock.
+    pub async fn extend_locks(
+        &self,
+    ) -> anyhow::Result<Option<aitbc_backup_repository::immutable::LockReport>> {
+        let cancel = self.shutdown.child_token();
+        let repo = self.repo.get(&cancel).await?;
+        if repo.config().object_lock.is_none() {
+            return Ok(None);
+        }
+        let (referenced, _) = Box::pin(aitbc_backup_repository::gc::mark(repo, &cancel)).await?;
+        let report = Box::pin(aitbc_backup_repository::immutable::extend_locks(
+            repo,
+            &referenced,
+            &cancel,
+        ))
+        .await?;
+        tracing::info!(
+            kept_versions = report.kept_versions,
+            extended = report.extended,
+            requests = report.requests,
+            index_distrusted = report.index_distrusted,
+            "object locks extended"
+        );
+        Ok(Some(report))
+    }
+
+    /// How often [`Sets::extend_locks`] runs on its own: four times within the lock's margin
+    /// (so a missed run or two still leaves every kept object locked), between a minute and
+    /// six hours. None when the repository has no lock.
+    pub async fn lock_upkeep_interval(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        let cancel = self.shutdown.child_token();
+        let repo = self.repo.get(&cancel).await?;
+        Ok(repo.config().object_lock.map(|lock| {
+            (lock.margin() / 4).clamp(
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(6 * 3600),
+            )
+        }))
+    }
+}
+
+/// Keeps what the kept sets need under Object Lock, on a timer, whether or not schedules run
+/// (repositories without a lock: returns at once).
+pub async fn lock_upkeep(sets: std::sync::Arc<Sets>, cancel: tokio_util::sync::CancellationToken) {
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+    let interval = loop {
+        match sets.lock_upkeep_interval().await {
+            Ok(Some(interval)) => break interval,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "lock upkeep waits for the repository");
+                if !aitbc_backup_backoff::sleep_or_cancel(RETRY, &cancel).await {
+                    return;
+                }
+            }
+        }
+    };
+    loop {
+        if let Err(err) = Box::pin(sets.extend_locks()).await {
+            tracing::error!(error = %format!("{err:#}"), "extending object locks failed; retried in {interval:?}");
+        }
+        if !aitbc_backup_backoff::sleep_or_cancel(interval, &cancel).await {
+            return;
+        }
+    }
 }

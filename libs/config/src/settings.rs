@@ -61,6 +61,21 @@ pub struct RepositorySettings {
     /// Smooth upload throughput limit in bytes per second (0: unlimited), so a backup never
     /// saturates the pod's link.
     pub limit_upload_bytes_per_sec: u64,
+    /// The S3 Object Lock the repository must have been initialized with
+    /// (`aitbc-backup repo init --object-lock MODE --lock-days DAYS`); a daemon refuses to
+    /// open a repository without it, so no writer is ever pointed at unlocked storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLockSettings>,
+}
+
+/// `[repository.object_lock]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectLockSettings {
+    /// `governance` or `compliance`.
+    pub mode: String,
+    /// Days every object stays locked (the repository's recorded lock must be at least this).
+    pub days: u32,
 }
 
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
@@ -99,6 +114,7 @@ impl Default for RepositorySettings {
             limit_upload_bytes_per_sec: 0,
             upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
             download_concurrency: DEFAULT_DOWNLOAD_CONCURRENCY,
+            object_lock: None,
         }
     }
 }
@@ -170,6 +186,28 @@ impl RepositorySettings {
                 "repository.url",
                 format!("`{url}` is neither file:///absolute/path nor s3://bucket[/prefix]"),
             ));
+        }
+        if let Some(lock) = &self.object_lock {
+            if !["governance", "compliance"].contains(&lock.mode.as_str()) {
+                return Err(ConfigError::invalid(
+                    "repository.object_lock.mode",
+                    format!("`{}` is neither governance nor compliance", lock.mode),
+                ));
+            }
+            if !(1..=36500).contains(&lock.days) {
+                return Err(ConfigError::invalid(
+                    "repository.object_lock.days",
+                    format!("{} is out of range 1..=36500", lock.days),
+                ));
+            }
+            if !url.starts_with("s3://") {
+                return Err(ConfigError::invalid(
+                    "repository.object_lock",
+                    format!(
+                        "`{url}` is not an S3 bucket: only S3 Object Lock keeps objects locked"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -116,15 +116,41 @@ pub async fn open_configured(
         .passphrase
         .as_ref()
         .map(|p| crate::KeySecret::Passphrase(p.expose().to_owned()));
-    Ok(crate::Repository::open(storage, secret.as_ref(), cancel)
-        .await?
-        .with_settings(crate::RepoSettings {
-            compression_level: settings.compression_level,
-            upload_concurrency: settings.upload_concurrency.max(1),
-            download_concurrency: settings.download_concurrency,
-            limit_upload_bytes_per_sec: Some(settings.limit_upload_bytes_per_sec)
-                .filter(|&limit| limit > 0),
-        }))
+    let repo = crate::Repository::open(storage, secret.as_ref(), cancel).await?;
+    if let Some(expected) = &settings.object_lock {
+        check_recorded_lock(&repo, expected)?;
+    }
+    Ok(repo.with_settings(crate::RepoSettings {
+        compression_level: settings.compression_level,
+        upload_concurrency: settings.upload_concurrency.max(1),
+        download_concurrency: settings.download_concurrency,
+        limit_upload_bytes_per_sec: Some(settings.limit_upload_bytes_per_sec)
+            .filter(|&limit| limit > 0),
+    }))
+}
+
+/// Refuses a repository whose recorded Object Lock is missing or weaker than configured.
+fn check_recorded_lock(
+    repo: &crate::Repository,
+    expected: &aitbc_backup_config::settings::ObjectLockSettings,
+) -> Result<(), crate::RepoError> {
+    let recorded = repo.config().object_lock;
+    let matches = recorded
+        .is_some_and(|lock| lock.mode.to_string() == expected.mode && lock.days >= expected.days);
+    if matches {
+        return Ok(());
+    }
+    Err(crate::RepoError::BadConfig(format!(
+        "repository.object_lock: {} lock of {} days is configured, but the repository at {} \
+         records {}; a repository gets its lock at `aitbc-backup repo init --object-lock`",
+        expected.mode,
+        expected.days,
+        repo.storage().describe(),
+        match recorded {
+            Some(lock) => format!("a {} lock of {} days", lock.mode, lock.days),
+            None => "none".to_owned(),
+        }
+    )))
 }
 
 /// Default per-request timeout: generous for 4 MiB chunks on slow links.
