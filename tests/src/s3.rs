@@ -111,6 +111,38 @@ impl S3Server {
         server
     }
 
+    /// Creates `bucket` with versioning and Object Lock enabled (moto).
+    pub fn create_locked_bucket(&self, bucket: &str) {
+        let out = self.aws(&[
+            "s3api",
+            "create-bucket",
+            "--bucket",
+            bucket,
+            "--object-lock-enabled-for-bucket",
+        ]);
+        assert!(
+            out.status.success(),
+            "create locked bucket: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Environment for the product's daemons and CLI to reach a repository on this server.
+    pub fn repository_env(&self) -> Vec<(String, String)> {
+        let mut env = self.client_env();
+        env.extend([
+            (
+                "AITBC_BACKUP_REPOSITORY__S3_ENDPOINT".into(),
+                self.endpoint(),
+            ),
+            (
+                "AITBC_BACKUP_REPOSITORY__S3_PATH_STYLE".into(),
+                "true".into(),
+            ),
+        ]);
+        env
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

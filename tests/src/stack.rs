@@ -40,8 +40,40 @@ impl Stack {
         agent_env: &[(&str, &str)],
     ) -> Stack {
         let dir = crate::temp_dir("stack");
-        let pki = Pki::new();
         let repository = init_local_repository(dir.path());
+        Stack::start_in(
+            dir,
+            repository,
+            rate,
+            coordinator_env,
+            redis_args,
+            agent_env,
+        )
+    }
+
+    /// [`Stack::start`] on an initialized `repository` (an S3 URL, say), which the coordinator
+    /// and every agent reach with `repository_env` (endpoint, credentials, expected lock).
+    pub fn start_on(repository: &str, repository_env: &[(&str, &str)], rate: u32) -> Stack {
+        let dir = crate::temp_dir("stack");
+        Stack::start_in(
+            dir,
+            repository.to_owned(),
+            rate,
+            repository_env,
+            &[],
+            repository_env,
+        )
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        repository: String,
+        rate: u32,
+        coordinator_env: &[(&str, &str)],
+        redis_args: &[&str],
+        agent_env: &[(&str, &str)],
+    ) -> Stack {
+        let pki = Pki::new();
         let pg = Postgres::start();
         pg.psql("postgres", &format!("CREATE DATABASE {MIRROR_DB}"));
         let mut args = vec!["--repl-diskless-sync-delay", "0"];

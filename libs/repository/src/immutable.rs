@@ -41,6 +41,9 @@ use crate::storage::{ObjectVersion, PutMode, Retention, Storage, StorageError};
 const CONCURRENCY: usize = 16;
 /// Index entries checked against the bucket each run.
 const SAMPLE: usize = 8;
+/// How much shorter than `period` from its stamp a version's first lock is assumed to be
+/// (request time, retries, clock skew between writer and bucket).
+const INITIAL_SLACK: Duration = Duration::from_secs(300);
 
 /// Objects whose current version did not verify and were read from an older one.
 #[derive(Clone, Default)]
@@ -352,10 +355,6 @@ fn epoch(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn from_epoch(secs: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-}
-
 /// Reads every index object: the latest known lock of each version, and each object's latest
 /// date (objects whose entries have all expired are removed by the run).
 async fn read_index(
@@ -433,7 +432,8 @@ pub async fn extend_locks(
         RepoError::BadConfig("the repository has no object lock to extend".into())
     })?;
     let now = SystemTime::now();
-    let needed = epoch(now + lock.margin());
+    // Rounded up: every kept version ends up locked past `now + margin`, fractions included.
+    let needed = epoch(now + lock.margin()) + 1;
     let target = now + lock.policy().period();
     let kept = kept_versions(repo, referenced, cancel).await?;
     let (index, index_objects) = read_index(repo, cancel).await?;
@@ -442,7 +442,13 @@ pub async fn extend_locks(
         until: epoch(target),
         ..Default::default()
     };
-    let initial = |v: &ObjectVersion| epoch(v.modified + lock.policy().period());
+    // A version's first lock runs `period` from the writer's clock when it sent the put; the
+    // bucket stamps the version when it stored it, a little later (and on another clock), so
+    // the estimate is taken `INITIAL_SLACK` short: a version near its date is read, not
+    // assumed locked.
+    let initial = |v: &ObjectVersion| {
+        epoch(v.modified + lock.policy().period()).saturating_sub(INITIAL_SLACK.as_secs())
+    };
     let known = |v: &ObjectVersion| {
         let indexed = index
             .get(&(v.path.to_string(), v.version_id.clone()))
@@ -573,9 +579,4 @@ fn sample<'a, T>(items: &[&'a T], n: usize) -> Vec<&'a T> {
     (0..n)
         .map(|i| items[i * items.len() / n + offset])
         .collect()
-}
-
-/// The lock a version written at `modified` gets at its write (for tests and reports).
-pub fn initial_until(lock: &ObjectLock, modified: SystemTime) -> SystemTime {
-    from_epoch(epoch(modified + lock.policy().period()))
 }

@@ -299,11 +299,10 @@ impl Storage {
         // A retried create may find the object its own lost-response attempt wrote; callers
         // that care (manifest commits) compare contents on AlreadyExists.
         self.refuse_in_as_of("put", path.as_str())?;
-        let retention = self
-            .lock
-            .filter(|_| crate::layout::is_lockable(path))
-            .map(|policy| policy.retention_from(SystemTime::now()));
+        // The lock date is taken per attempt, so a retried put is locked from when it was sent.
+        let policy = self.lock.filter(|_| crate::layout::is_lockable(path));
         self.call("put", path.as_str(), true, cancel, || {
+            let retention = policy.map(|policy| policy.retention_from(SystemTime::now()));
             self.backend.put(path, body.clone(), mode, retention)
         })
         .await
