@@ -451,7 +451,7 @@ fn an_attacker_with_write_access_cannot_destroy_committed_sets() {
     );
     let warnings = stderr(&verified);
     assert!(
-        warnings.contains(&components[1].trim_start_matches("platform/"))
+        warnings.contains(components[1].trim_start_matches("platform/"))
             && warnings.contains(chunks[0].trim_start_matches("platform/")),
         "verify did not report the overwritten objects: {warnings}"
     );
