@@ -11,6 +11,8 @@
 #                                              (and | gzip); restore live vs restart with dump.rdb
 #   scripts/bench.sh pitr [--scale N]          pgbench scale 50 with WAL archiving: base backup and
 #                                              point-in-time restore vs pgBackRest 2.45 (zst, 2 procs)
+#   scripts/bench.sh locks [CHUNKS]            Object Lock upkeep: requests and time to extend the
+#                                              locks of CHUNKS kept chunks (default 100000) on moto
 #   scripts/bench.sh sets [--sets N]           snapshot sets: cut skew of N coordinated sets, fenced
 #                                              write pause with ~1 GB in Redis, a full set (~1 GB per
 #                                              component) and its ordered restore vs the old scripts
@@ -98,6 +100,23 @@ bench_sets() {
   python3 bench/sets.py --bin "$BIN" --work "${AITBC_BENCH_DIR:-/tmp/aitbc-bench-sets}" "$@"
 }
 
+bench_locks() {
+  local chunks="${1:-100000}"
+  bash scripts/setup.sh
+  local tools="${AITBC_TOOLS_DIR:-$HOME/.local/share/aitbc-backup/tools}"
+  local port; port=$(free_port)
+  "$tools/venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$WORK/moto.log" 2>&1 &
+  PIDS+=("$!")
+  export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 \
+    AWS_EC2_METADATA_DISABLED=true
+  for _ in $(seq 50); do
+    "$tools/venv/bin/aws" --endpoint-url "http://127.0.0.1:$port" s3api create-bucket \
+      --bucket locks --object-lock-enabled-for-bucket >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  "$BIN/aitbc-backup-lock-bench" "http://127.0.0.1:$port" locks "$chunks"
+}
+
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
   repository) shift || true; bench_repository "$@" ;;
@@ -106,5 +125,6 @@ case "$scenario" in
   redis) shift || true; bench_redis "$@" ;;
   sets) shift || true; bench_sets "$@" ;;
   pitr) shift || true; bench_pitr "$@" ;;
+  locks) shift || true; bench_locks "$@" ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac

@@ -16,7 +16,9 @@ use crate::path::RemotePath;
 use crate::storage::{LockMode, LockPolicy, PutMode, Storage, StorageError};
 
 pub const REPOSITORY_FORMAT: &str = "aitbc-backup/repository";
-pub const REPOSITORY_VERSION: u32 = 1;
+/// The newest config version this program reads: 2 is a repository with an Object Lock
+/// (so that programs that predate locks refuse to write unlocked objects into it), 1 without.
+pub const REPOSITORY_VERSION: u32 = 2;
 
 /// The `config` object: plaintext, created once by `init`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,7 +190,7 @@ impl Repository {
         let storage = storage.with_lock(object_lock.map(|l| l.policy()));
         let config = RepoConfig {
             format: REPOSITORY_FORMAT.to_owned(),
-            version: REPOSITORY_VERSION,
+            version: if object_lock.is_some() { 2 } else { 1 },
             id: hex::encode(rand::random::<[u8; 16]>()),
             created: now_rfc3339(),
             chunker,
