@@ -134,6 +134,29 @@ fn init_refuses_storage_that_cannot_lock() {
     ]);
     let head: serde_json::Value = serde_json::from_slice(&head.stdout).expect("head JSON");
     assert_eq!(head["ObjectLockMode"], "COMPLIANCE", "{head:#}");
+    // Version 2: a program that predates locks refuses the repository instead of writing
+    // unlocked objects into it.
+    let config = get_json(&server, "r/config");
+    assert_eq!(config["version"], 2, "{config:#}");
+    assert_eq!(config["object_lock"]["mode"], "compliance", "{config:#}");
+    assert_eq!(config["object_lock"]["days"], 2, "{config:#}");
+}
+
+/// The JSON object at `key` of the locked bucket.
+fn get_json(server: &S3Server, key: &str) -> serde_json::Value {
+    let dir = aitbc_backup_tests::temp_dir("get");
+    let path = dir.path().join("object");
+    let out = server.aws(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        LOCKED,
+        "--key",
+        key,
+        &path.display().to_string(),
+    ]);
+    assert!(out.status.success(), "get {key}: {}", stderr(&out));
+    serde_json::from_slice(&std::fs::read(&path).expect("read object")).expect("JSON object")
 }
 
 /// Each version's lock date, read from the bucket.
