@@ -7,7 +7,9 @@ use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 use aitbc_backup_repository::manifest::ComponentManifest;
-use aitbc_backup_repository::storage::{Backend, LockMode, ObjectVersion, S3Settings, S3Storage};
+use aitbc_backup_repository::storage::{
+    Backend, LockMode, ObjectVersion, PutMode, S3Settings, S3Storage,
+};
 use aitbc_backup_repository::{
     ChunkerParams, ObjectLock, Repository, Storage, gc, immutable, layout, verify,
 };
@@ -256,6 +258,43 @@ async fn locks_follow_retention() {
     immutable::extend_locks(&repo, &referenced, &cancel)
         .await
         .expect("extend");
+    check_kept_locked(&repo, lock, started, &cancel).await;
+
+    // A forged index claiming every version locked for decades costs requests, not locks.
+    let mut entries = Vec::new();
+    for prefix in [layout::CHUNKS, "manifests/"] {
+        for v in repo
+            .storage()
+            .versions(prefix, &cancel)
+            .await
+            .expect("versions")
+        {
+            entries.push(
+                serde_json::json!({"key": v.path.to_string(), "version": v.version_id,
+                "until": 4_000_000_000u64}),
+            );
+        }
+    }
+    let forged = zstd::encode_all(
+        &serde_json::to_vec(&serde_json::json!({ "entries": entries })).expect("JSON")[..],
+        3,
+    )
+    .expect("zstd");
+    repo.storage()
+        .put(
+            &layout::timestamped(layout::LOCK_INDEX),
+            forged.into(),
+            PutMode::Create,
+            &cancel,
+        )
+        .await
+        .expect("forge the index");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let started = SystemTime::now();
+    let report = immutable::extend_locks(&repo, &referenced, &cancel)
+        .await
+        .expect("extend");
+    assert!(report.index_distrusted, "{report:?}");
     check_kept_locked(&repo, lock, started, &cancel).await;
     for (id, data) in &kept {
         let manifest = repo.component(id, &cancel).await.expect("kept manifest");
