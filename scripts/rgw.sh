@@ -9,7 +9,7 @@
 # Runs in the foreground: writes DIR/ready (ENDPOINT=...) once radosgw answers and an S3 user
 # with RGW_ACCESS_KEY / RGW_SECRET_KEY exists; on SIGTERM or SIGINT stops the daemons and
 # exits 0; exits 1 if a daemon dies. Each daemon also gets SIGTERM if this script dies
-# (setpriv --pdeathsig), so nothing outlives it. Start-up takes 3-5 s. Logs in DIR/log.
+# (setpriv --pdeathsig), so nothing outlives it. Start-up takes 1-4 s. Logs in DIR/log.
 #
 # Known radosgw (16.2) behaviour: If-None-Match: * is not enforced on versioned buckets, and
 # lock headers on CreateMultipartUpload are ignored (the object is stored unlocked).
@@ -36,7 +36,8 @@ mkdir -p "$DIR"/{mon,osd/0,rgw,run,log}
 # Single-node settings: one copy of everything, no authentication between daemons (the S3 user
 # still signs its requests), small placement groups. `ms mon client mode = crc`: without it the
 # clients try secure mode with a monitor that has no keys and hang. The short paxos intervals
-# make pool and user creation take milliseconds, not seconds.
+# make pool and user creation take milliseconds, not seconds. `mon data avail crit = 0`: the
+# monitor otherwise refuses to start on a disk less than 1 % free (its data here is a few MB).
 cat >"$CONF" <<EOF
 [global]
 fsid = $FSID
@@ -64,8 +65,8 @@ osd crush chooseleaf type = 0
 mon allow pool size one = true
 mon warn on pool no redundancy = false
 mon max pg per osd = 1000
-mon data avail warn = 2
-mon data avail crit = 1
+mon data avail warn = 0
+mon data avail crit = 0
 [mon]
 mon data = $DIR/mon/\$id
 paxos propose interval = 0.05
@@ -84,9 +85,10 @@ rgw data = $DIR/rgw
 rgw dynamic resharding = false
 rgw enable usage log = false
 EOF
-CEPH=(ceph -c "$CONF" --connect-timeout 20)
+CEPH=(ceph -c "$CONF" --connect-timeout 3)
 
 PIDS=()
+declare -A NAME_OF
 stop() {  # newest first: radosgw, OSD, monitor
   local i pid
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
@@ -98,16 +100,34 @@ stop() {  # newest first: radosgw, OSD, monitor
   done
   PIDS=()
 }
-fail() { log "$*; logs in $DIR/log"; stop; exit 1; }
+fail() {  # the newest lines of every log go to stderr: DIR is usually gone when anyone looks
+  log "$*"
+  tail -n 5 "$DIR"/log/* >&2 || true
+  stop
+  exit 1
+}
 trap 'stop; log stopped; exit 0' TERM INT
 run() {  # NAME CMD...: a daemon in the background, killed if this script dies
   setpriv --pdeathsig=TERM -- "$@" -f >"$DIR/log/$1.out" 2>&1 &
   PIDS+=($!)
+  NAME_OF[$!]=$1
 }
-until_true() {  # TRIES CMD...: retries CMD every 0.2 s
-  local tries=$1; shift
-  for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  return 1
+alive() {  # fails the run if a daemon has exited (an errno, e.g. 28 for a full disk)
+  local pid status
+  for pid in "${PIDS[@]}"; do
+    kill -0 "$pid" 2>/dev/null && continue
+    status=0
+    wait "$pid" || status=$?
+    fail "${NAME_OF[$pid]} exited with status $status"
+  done
+}
+until_true() {  # SECONDS CMD...: retries CMD every 0.2 s; gives up when a daemon dies
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    alive
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
 }
 
 started=$SECONDS
@@ -117,7 +137,7 @@ monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$MON_PORT]" "$DIR/run
 ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/run/monmap" >"$DIR/log/mkfs-mon.out" 2>&1 \
   || fail "monitor mkfs failed"
 run ceph-mon -c "$CONF" -i a
-until_true 150 "${CEPH[@]}" -s || fail "the monitor does not answer"
+until_true 30 "${CEPH[@]}" -s || fail "the monitor does not answer"
 
 OSD_UUID=$(cat /proc/sys/kernel/random/uuid)
 "${CEPH[@]}" osd new "$OSD_UUID" >/dev/null || fail "osd new failed"
@@ -125,11 +145,11 @@ ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$OSD_UUID" >"$DIR/log/mkfs-osd.out" 
   || fail "OSD mkfs failed"
 run ceph-osd -c "$CONF" -i 0
 osd_up() { "${CEPH[@]}" osd dump | grep -q '^osd.0 up'; }
-until_true 300 osd_up || fail "the OSD does not come up"
+until_true 60 osd_up || fail "the OSD does not come up"
 
 run radosgw -c "$CONF" -n client.rgw
 rgw_up() { : 2>/dev/null </dev/tcp/127.0.0.1/"$PORT"; }
-until_true 600 rgw_up || fail "radosgw does not answer on port $PORT"
+until_true 60 rgw_up || fail "radosgw does not answer on port $PORT"
 radosgw-admin -c "$CONF" user create --uid=test --display-name=test \
   --access-key="$ACCESS_KEY" --secret-key="$SECRET_KEY" >"$DIR/log/user.json" 2>&1 \
   || fail "creating the S3 user failed"
@@ -138,9 +158,7 @@ log "ready on 127.0.0.1:$PORT after $((SECONDS - started)) s"
 
 # Supervise: a dead daemon ends the run (the test then fails on refused connections).
 while :; do
-  for pid in "${PIDS[@]}"; do
-    kill -0 "$pid" 2>/dev/null || fail "daemon $pid exited"
-  done
+  alive
   sleep 1 &
   wait $! || true
 done

@@ -113,7 +113,7 @@ impl S3Server {
     }
 
     /// Ceph radosgw on a one-node cluster in memory (`scripts/rgw.sh`), with [`BUCKET`]
-    /// created with Object Lock (and so versioning) enabled. Starts in 3-5 s.
+    /// created with Object Lock (and so versioning) enabled. Starts in 1-4 s.
     pub fn rgw() -> S3Server {
         let dir = crate::temp_dir("rgw");
         let port = crate::free_port();
