@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the tests, the demo and the benchmark need on a fresh Debian machine.
+# Installs everything the tests, the demo and the benchmark need on a fresh Debian machine
+# (apt: PostgreSQL 15, Redis, SQLite, promtool, Ceph's monitor, OSD and radosgw).
 # Idempotent: every step checks first and skips what is already present.
 #
 # Tools that are not Debian packages go into $AITBC_TOOLS_DIR (default
@@ -28,6 +29,11 @@ install_apt_packages() {
   command -v sqlite3 >/dev/null || missing+=("sqlite3")
   command -v promtool >/dev/null || missing+=("prometheus")  # promtool: alert rule and metrics checks
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=("python3-venv")
+  # Ceph radosgw for the Object Lock tests (scripts/rgw.sh): ~70 MB download, about a minute.
+  command -v ceph-mon >/dev/null || missing+=("ceph-mon")
+  command -v ceph-osd >/dev/null || missing+=("ceph-osd")
+  command -v radosgw >/dev/null || missing+=("radosgw")
+  command -v radosgw-admin >/dev/null || missing+=("ceph-common")
   if [ ${#missing[@]} -eq 0 ]; then
     log "apt packages present"
     return

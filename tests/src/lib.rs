@@ -2,7 +2,7 @@
 //!
 //! - [`process`]: a child process that is always stopped (SIGTERM or the service's own stop
 //!   signal, wait, then SIGKILL) when its guard drops, including when a test panics.
-//! - [`postgres`], [`redis`], [`s3`]: PostgreSQL 15, Redis 7, s3s-fs and moto.
+//! - [`postgres`], [`redis`], [`s3`]: PostgreSQL 15, Redis 7, s3s-fs, moto and Ceph radosgw.
 //! - [`fleet`]: a dev PKI and the aitbc-backup binaries (coordinator, agents, CLI).
 //! - [`chain`]: the simulated blockchain node's ledger and the checks made on a chain.db; the
 //!   simulator itself is the `aitbc-node-sim` binary of this crate.

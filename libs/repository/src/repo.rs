@@ -199,6 +199,14 @@ impl Repository {
         };
         let body =
             serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        // The create-only put below is the guarantee, but Ceph radosgw (16.2) ignores
+        // If-None-Match on a versioned bucket (every locked one) and would store a second
+        // config over the first; so look first. Two inits racing there are not caught.
+        match storage.head(&layout::config(), cancel).await {
+            Ok(_) => return Err(RepoError::AlreadyInitialized(storage.describe())),
+            Err(StorageError::NotFound(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
         match storage
             .put(
                 &layout::config(),

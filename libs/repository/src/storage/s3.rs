@@ -31,6 +31,9 @@ pub enum ServerSideEncryption {
     Kms { key_id: Option<String> },
 }
 
+/// The largest object S3 accepts in one PutObject.
+const MAX_SINGLE_PUT: usize = 5 << 30;
+
 #[derive(Debug, Clone)]
 pub struct S3Settings {
     pub bucket: String,
@@ -126,7 +129,14 @@ impl S3Storage {
         mode: PutMode,
         retention: Option<Retention>,
     ) -> Result<(), StorageError> {
-        if body.len() > self.settings.multipart_threshold {
+        // A locked object goes up in one PutObject whatever its size (up to S3's 5 GiB limit
+        // for one request; bodies are in memory anyway): Ceph radosgw (16.2, Debian bookworm)
+        // ignores the Object Lock headers of CreateMultipartUpload and stores the object
+        // unlocked, deletable by anyone with delete rights until the next lock extension.
+        // Locking it with PutObjectRetention after the upload would leave that window open
+        // between the two requests, and for good if the second one fails.
+        let single_put_only = retention.is_some() && body.len() <= MAX_SINGLE_PUT;
+        if body.len() > self.settings.multipart_threshold && !single_put_only {
             return self.put_multipart(path, body, mode, retention).await;
         }
         let mut request = self
