@@ -64,12 +64,12 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({"what": "backup", "chunks": manifest.stats.chunks,
             "seconds": started.elapsed().as_secs_f64()})
     );
-    let (referenced, _) = gc::mark(&repo, &cancel).await?;
+    let marked = gc::mark(&repo, false, &cancel).await?;
     let started = Instant::now();
-    let report = immutable::extend_locks(&repo, &referenced, &cancel).await?;
+    let report = immutable::extend_locks(&repo, &marked, &cancel).await?;
     println!(
         "{}",
-        serde_json::json!({"what": "extend, every version due", "chunks": referenced.len(),
+        serde_json::json!({"what": "extend, every version due", "chunks": marked.chunks.len(),
             "report": report, "seconds": started.elapsed().as_secs_f64()})
     );
     // The same repository with the default 7-day margin: nothing is due. The config is a
@@ -87,10 +87,10 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let repo = Repository::open(open(endpoint, bucket, &prefix).await, None, &cancel).await?;
     let started = Instant::now();
-    let report = immutable::extend_locks(&repo, &referenced, &cancel).await?;
+    let report = immutable::extend_locks(&repo, &marked, &cancel).await?;
     println!(
         "{}",
-        serde_json::json!({"what": "extend, nothing due", "chunks": referenced.len(),
+        serde_json::json!({"what": "extend, nothing due", "chunks": marked.chunks.len(),
             "report": report, "seconds": started.elapsed().as_secs_f64()})
     );
     Ok(())

@@ -123,18 +123,18 @@ impl Sets {
         if repo.config().object_lock.is_none() {
             return Ok(None);
         }
-        let (referenced, _) = Box::pin(aitbc_backup_repository::gc::mark(repo, &cancel)).await?;
+        // Lenient: a manifest that cannot be read stops deletions, never the extension of
+        // what is known.
+        let marked = Box::pin(aitbc_backup_repository::gc::mark(repo, false, &cancel)).await?;
         let report = Box::pin(aitbc_backup_repository::immutable::extend_locks(
-            repo,
-            &referenced,
-            &cancel,
+            repo, &marked, &cancel,
         ))
         .await?;
         tracing::info!(
             kept_versions = report.kept_versions,
             extended = report.extended,
             requests = report.requests,
-            index_distrusted = report.index_distrusted,
+            manifests_skipped = report.manifests_skipped,
             "object locks extended"
         );
         Ok(Some(report))

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::Output;
 use std::time::{Duration, SystemTime};
 
-use aitbc_backup_repository::manifest::ComponentManifest;
+use aitbc_backup_repository::manifest::{ComponentManifest, SetComponent, SetManifest};
 use aitbc_backup_repository::storage::{
     Backend, LockMode, ObjectVersion, PutMode, S3Settings, S3Storage,
 };
@@ -254,48 +254,63 @@ async fn locks_follow_retention() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..2500))).await;
     }
     let started = SystemTime::now();
-    let (referenced, _) = gc::mark(&repo, &cancel).await.expect("mark");
-    immutable::extend_locks(&repo, &referenced, &cancel)
+    let marked = gc::mark(&repo, false, &cancel).await.expect("mark");
+    immutable::extend_locks(&repo, &marked, &cancel)
         .await
         .expect("extend");
     check_kept_locked(&repo, lock, started, &cancel).await;
 
-    // A forged index claiming every version locked for decades costs requests, not locks.
-    let mut entries = Vec::new();
-    for prefix in [layout::CHUNKS, "manifests/"] {
-        for v in repo
-            .storage()
-            .versions(prefix, &cancel)
-            .await
-            .expect("versions")
-        {
-            entries.push(
-                serde_json::json!({"key": v.path.to_string(), "version": v.version_id,
-                "until": 4_000_000_000u64}),
-            );
-        }
-    }
-    let forged = zstd::encode_all(
-        &serde_json::to_vec(&serde_json::json!({ "entries": entries })).expect("JSON")[..],
-        3,
-    )
-    .expect("zstd");
+    // A set names a kept backup; a writer puts a delete marker in front of that backup's
+    // manifest (the set still needs it and its chunks locked) and plants a garbage manifest
+    // (which must not stop the extension of the rest).
+    let victim = kept.keys().next().cloned().expect("a kept backup");
+    let set = SetManifest {
+        id: layout::new_manifest_id(),
+        created: chrono::Utc::now().to_rfc3339(),
+        policy: String::new(),
+        mode: "independent".into(),
+        components: vec![SetComponent {
+            name: "prop".into(),
+            manifest_id: victim.clone(),
+            consistency: None,
+        }],
+        cut_skew_ms: 0.0,
+        write_pause_ms: 0.0,
+        pinned: false,
+    };
+    repo.commit_set(&set, &cancel).await.expect("commit set");
+    repo.storage()
+        .delete(&layout::component_manifest(&victim), &cancel)
+        .await
+        .expect("delete marker");
     repo.storage()
         .put(
-            &layout::timestamped(layout::LOCK_INDEX),
-            forged.into(),
+            &layout::component_manifest("20261207T000000000Z-deadbeef"),
+            "garbage".into(),
             PutMode::Create,
             &cancel,
         )
         .await
-        .expect("forge the index");
+        .expect("plant a manifest");
     tokio::time::sleep(Duration::from_secs(7)).await;
     let started = SystemTime::now();
-    let report = immutable::extend_locks(&repo, &referenced, &cancel)
+    let marked = gc::mark(&repo, false, &cancel).await.expect("lenient mark");
+    assert!(
+        marked.components.contains(&victim),
+        "the set's manifest was not marked"
+    );
+    assert_eq!(marked.skipped, 1, "the planted manifest");
+    let report = immutable::extend_locks(&repo, &marked, &cancel)
         .await
         .expect("extend");
-    assert!(report.index_distrusted, "{report:?}");
+    assert_eq!(report.manifests_skipped, 1);
     check_kept_locked(&repo, lock, started, &cancel).await;
+    // GC stops at the planted manifest (deleting on partial knowledge loses data).
+    let stopped = gc::gc(&repo, Duration::ZERO, false, &cancel).await;
+    assert!(stopped.is_err(), "GC went on past a damaged manifest");
+    repo.delete_component("20261207T000000000Z-deadbeef", &cancel)
+        .await
+        .expect("forget the planted manifest");
     for (id, data) in &kept {
         let manifest = repo.component(id, &cancel).await.expect("kept manifest");
         let mut restored = Vec::new();
@@ -318,36 +333,43 @@ async fn locks_follow_retention() {
     assert!(report.ok(), "{:?}", report.problems);
 }
 
-/// Every version of every chunk a manifest references, and of every manifest not deleted, is
-/// locked at least until `started` + the margin.
+/// The first version of every chunk a kept manifest references, of every component manifest
+/// the mark reads (a set may name one behind a delete marker) and of every set manifest not
+/// deleted is locked at least until `started` + the margin.
 async fn check_kept_locked(
     repo: &Repository,
     lock: ObjectLock,
     started: SystemTime,
     cancel: &CancellationToken,
 ) {
-    let (referenced, _) = gc::mark(repo, cancel).await.expect("mark");
+    let marked = gc::mark(repo, false, cancel).await.expect("mark");
     let storage = repo.storage();
     let mut needed = Vec::new();
-    for v in storage
-        .versions(layout::CHUNKS, cancel)
-        .await
-        .expect("versions")
-    {
-        if referenced.contains(v.path.file_name()) {
-            needed.push(v);
+    for prefix in [
+        layout::CHUNKS,
+        layout::COMPONENT_MANIFESTS,
+        layout::SET_MANIFESTS,
+    ] {
+        let versions = storage.versions(prefix, cancel).await.expect("versions");
+        let mut keys: Vec<_> = versions.iter().map(|v| v.path.clone()).collect();
+        keys.dedup();
+        for key in keys {
+            let of_key: Vec<&ObjectVersion> = versions.iter().filter(|v| v.path == key).collect();
+            let deleted = of_key.iter().any(|v| v.latest && v.delete_marker);
+            let name = key.file_name();
+            let id = name.strip_suffix(".json").unwrap_or(name);
+            let kept = match prefix {
+                layout::CHUNKS => marked.chunks.contains(name),
+                layout::COMPONENT_MANIFESTS => marked.components.contains(id),
+                _ => !deleted,
+            };
+            if let Some(first) = of_key.iter().rev().find(|v| !v.delete_marker)
+                && kept
+            {
+                needed.push((*first).clone());
+            }
         }
     }
-    let manifests = storage
-        .versions("manifests/", cancel)
-        .await
-        .expect("versions");
-    let deleted: HashSet<_> = manifests
-        .iter()
-        .filter(|v| v.latest && v.delete_marker)
-        .map(|v| v.path.clone())
-        .collect();
-    needed.extend(manifests.into_iter().filter(|v| !deleted.contains(&v.path)));
     let floor = started + lock.margin();
     for (object, until) in lock_dates(storage, &needed, cancel).await {
         assert!(

@@ -56,8 +56,8 @@ pub(super) async fn run_extend_locks(
     json: bool,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let (referenced, _) = gc::mark(repo, cancel).await?;
-    let report = immutable::extend_locks(repo, &referenced, cancel).await?;
+    let marked = gc::mark(repo, false, cancel).await?;
+    let report = immutable::extend_locks(repo, &marked, cancel).await?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
@@ -67,10 +67,13 @@ pub(super) async fn run_extend_locks(
             report.extended,
             report.already_locked,
             report.requests,
-            if report.index_distrusted {
-                "; the lock index disagreed with the bucket, every object was checked"
+            if report.manifests_skipped > 0 {
+                format!(
+                    "; {} manifest(s) could not be read and were skipped (see `repo verify`)",
+                    report.manifests_skipped
+                )
             } else {
-                ""
+                String::new()
             }
         )?;
     }

@@ -37,7 +37,9 @@ pub(super) async fn run_keys(
     json: bool,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let storage = args.storage().await?;
+    // Key and audit objects of a locked repository are written locked like the rest.
+    let storage =
+        aitbc_backup_repository::repo::with_recorded_lock(args.storage().await?, cancel).await?;
     let current = || {
         args.secret()?
             .context("a passphrase or key file is needed for key operations")

@@ -57,29 +57,76 @@ pub struct GcReport {
     pub purged: Option<PurgeReport>,
 }
 
-/// Every chunk a manifest (component or archived WAL) references, and how many manifests
-/// there are. A manifest that cannot be read stops the mark: deleting on partial knowledge
-/// loses data. One removed since the listing (a `forget` meanwhile) references nothing.
+/// What the kept backups need: the result of GC's mark.
+#[derive(Debug, Default)]
+pub struct Marked {
+    /// Every chunk a component or archived-WAL manifest references.
+    pub chunks: HashSet<String>,
+    /// Component manifests read: the listed ones, and those a set names that the listing
+    /// lacks (behind a delete marker, read from their older version where the bucket keeps
+    /// versions: a set still needs them).
+    pub components: HashSet<String>,
+    pub manifests: usize,
+    /// Manifests that could not be read (only when marking leniently).
+    pub skipped: usize,
+}
+
+/// Marks what the kept backups need. `strict`: a manifest that cannot be read stops the mark
+/// (GC: deleting on partial knowledge loses data); otherwise it is skipped and counted (lock
+/// extension: extending what is known is always safe). One removed since the listing (a
+/// `forget` meanwhile) references nothing.
 pub async fn mark(
     repo: &Repository,
+    strict: bool,
     cancel: &CancellationToken,
-) -> Result<(HashSet<String>, usize), RepoError> {
-    let mut referenced = HashSet::new();
-    let mut manifests = 0;
-    for id in repo.component_ids(cancel).await? {
+) -> Result<Marked, RepoError> {
+    let mut marked = Marked::default();
+    let mut ids = repo.component_ids(cancel).await?;
+    for set_id in repo.set_ids(cancel).await? {
+        match repo.set(&set_id, cancel).await {
+            Ok(set) => ids.extend(set.components.into_iter().map(|c| c.manifest_id)),
+            Err(RepoError::NoSuchManifest(_)) => {}
+            // A damaged set manifest names nothing GC could keep anyway.
+            Err(err)
+                if !strict
+                    || crate::damaged::Damaged::from_error(
+                        crate::damaged::DamagedKind::SetManifest,
+                        &set_id,
+                        &err,
+                    )
+                    .is_some() =>
+            {
+                marked.skipped += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    for id in ids {
         let manifest = match repo.component(&id, cancel).await {
             Ok(manifest) => manifest,
             Err(RepoError::NoSuchManifest(_)) => continue,
+            Err(err) if !strict => {
+                tracing::warn!(manifest = %id, error = %err, "manifest skipped by the mark");
+                marked.skipped += 1;
+                continue;
+            }
             Err(err) => return Err(err),
         };
-        manifests += 1;
-        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
+        marked.manifests += 1;
+        marked.components.insert(id);
+        marked
+            .chunks
+            .extend(manifest.chunks.into_iter().map(|c| c.id));
     }
     for manifest in crate::wal::manifests(repo, cancel).await? {
-        manifests += 1;
-        referenced.extend(manifest.chunks.into_iter().map(|c| c.id));
+        marked.manifests += 1;
+        marked
+            .chunks
+            .extend(manifest.chunks.into_iter().map(|c| c.id));
     }
-    Ok((referenced, manifests))
+    Ok(marked)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -133,12 +180,13 @@ async fn collect(
             report.stale_locks_removed += 1;
         }
     }
-    let (referenced, manifests) = mark(repo, cancel).await?;
-    report.manifests = manifests;
-    report.referenced = referenced.len();
+    let marked = mark(repo, true, cancel).await?;
+    report.manifests = marked.manifests;
+    report.referenced = marked.chunks.len();
     if repo.config.object_lock.is_some() && !dry_run {
-        report.locks = Some(crate::immutable::extend_locks(repo, &referenced, cancel).await?);
+        report.locks = Some(crate::immutable::extend_locks(repo, &marked, cancel).await?);
     }
+    let referenced = marked.chunks;
 
     let mut condemned_at: HashMap<String, u64> = HashMap::new();
     // (list object, when it was written), kept to remove expired lists at the end.

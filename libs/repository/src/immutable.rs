@@ -28,19 +28,18 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RepoError;
+use crate::gc::Marked;
 use crate::layout;
 use crate::path::RemotePath;
 use crate::repo::{ObjectLock, Repository};
-use crate::storage::{ObjectVersion, PutMode, Retention, Storage, StorageError};
+use crate::storage::{ObjectVersion, Retention, Storage, StorageError};
 
 /// Lock requests in flight at once.
 const CONCURRENCY: usize = 16;
-/// Index entries checked against the bucket each run.
-const SAMPLE: usize = 8;
 /// How much shorter than `period` from its stamp a version's first lock is assumed to be
 /// (request time, retries, clock skew between writer and bucket).
 const INITIAL_SLACK: Duration = Duration::from_secs(300);
@@ -136,7 +135,7 @@ impl Repository {
         F: Fn(Bytes) -> Fut,
         Fut: Future<Output = Result<T, RepoError>>,
     {
-        let first = match self.storage.get(path, cancel).await {
+        let first = match Box::pin(self.storage.get(path, cancel)).await {
             Ok(bytes) => decode(bytes).await,
             Err(StorageError::NotFound(_)) => Err(missing()),
             Err(err) => return Err(err.into()),
@@ -146,10 +145,14 @@ impl Repository {
             Err(err) if self.keeps_versions() && is_damage(&err) => err,
             Err(err) => return Err(err),
         };
-        for version in self.storage.versions_of(path, cancel).await? {
-            if version.delete_marker {
-                continue;
-            }
+        // The first version first: it is the one this system wrote (objects are created once),
+        // so an object overwritten many times costs one more read, not one per version.
+        let mut versions = Box::pin(self.storage.versions_of(path, cancel)).await?;
+        versions.retain(|v| !v.delete_marker);
+        if let Some(first) = versions.pop() {
+            versions.insert(0, first);
+        }
+        for version in versions {
             let bytes = match self
                 .storage
                 .get_version(path, &version.version_id, cancel)
@@ -164,7 +167,7 @@ impl Repository {
                     object = %path,
                     version = %version.version_id,
                     error = %err,
-                    "the current version does not verify; read the newest older version that does"
+                    "the current version is missing or does not verify; read an older version that does"
                 );
                 self.overwritten.record(path);
                 return Ok(value);
@@ -229,6 +232,7 @@ async fn remove_listed(
     let period = repo
         .config
         .object_lock
+        .filter(|_| layout::is_lockable(path))
         .map(|l| l.policy().period())
         .unwrap_or_default();
     let now = SystemTime::now();
@@ -287,7 +291,19 @@ pub async fn purge_deleted(
     cancel: &CancellationToken,
 ) -> Result<PurgeReport, RepoError> {
     let mut report = PurgeReport::default();
-    for prefix in [layout::CHUNKS, "manifests/", "wal/"] {
+    // The unlocked prefixes too: every backup leaves its writer lock's version and delete
+    // marker behind in a versioned bucket.
+    let prefixes = [
+        layout::CHUNKS,
+        "manifests/",
+        "wal/",
+        layout::WRITER_LOCKS,
+        layout::SWEEP_LOCKS,
+        layout::GC_CONDEMNED,
+        layout::PINS,
+        layout::ATTEMPTS,
+    ];
+    for prefix in prefixes {
         let versions = repo.storage.versions(prefix, cancel).await?;
         for (path, versions) in by_key(&versions) {
             let deleted = versions.iter().any(|v| v.latest && v.delete_marker);
@@ -305,7 +321,7 @@ pub async fn purge_deleted(
 }
 
 /// `versions` (sorted by key, newest first) grouped by key.
-fn by_key(versions: &[ObjectVersion]) -> Vec<(&RemotePath, Vec<&ObjectVersion>)> {
+pub(crate) fn by_key(versions: &[ObjectVersion]) -> Vec<(&RemotePath, Vec<&ObjectVersion>)> {
     let mut out: Vec<(&RemotePath, Vec<&ObjectVersion>)> = Vec::new();
     for version in versions {
         match out.last_mut() {
@@ -319,10 +335,10 @@ fn by_key(versions: &[ObjectVersion]) -> Vec<(&RemotePath, Vec<&ObjectVersion>)>
 /// What [`extend_locks`] did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LockReport {
-    /// Versions of kept objects (the chunks kept manifests reference, live manifests, keys,
-    /// audit records, the config).
+    /// Kept objects (the chunks kept manifests reference, the manifests kept sets need, keys,
+    /// audit records, the config): one version each, the first (see [`extend_locks`]).
     pub kept_versions: usize,
-    /// Of those, versions whose lock had less than the margin left by the index.
+    /// Of those, versions whose lock may end within the margin (by what this process knows).
     pub candidates: usize,
     /// Locks extended.
     pub extended: usize,
@@ -330,23 +346,32 @@ pub struct LockReport {
     pub already_locked: usize,
     /// Requests made to the bucket for locks (reads and extensions; listings not counted).
     pub requests: usize,
-    /// The index disagreed with the bucket: every kept version was a candidate.
-    pub index_distrusted: bool,
+    /// Manifests the mark could not read (skipped: their chunks are not known).
+    pub manifests_skipped: usize,
     /// Seconds since the Unix epoch until which every extended lock now runs.
     pub until: u64,
 }
 
-/// One index entry: a version's lock runs until `until` (seconds since the Unix epoch).
-#[derive(Serialize, Deserialize)]
-struct Entry {
-    key: String,
-    version: String,
-    until: u64,
-}
+/// The lock dates this process has read or set, by (key, version): so that a version is read
+/// from the bucket at most once per extension. Kept in memory only: an object in the bucket
+/// could be forged by anyone with write access, and a forged date would exempt a version from
+/// extension.
+#[derive(Clone, Default)]
+pub struct LockDates(Arc<Mutex<HashMap<(String, String), u64>>>);
 
-#[derive(Serialize, Deserialize)]
-struct Index {
-    entries: Vec<Entry>,
+impl LockDates {
+    fn get(&self, v: &ObjectVersion) -> Option<u64> {
+        let dates = self.0.lock().ok()?;
+        dates
+            .get(&(v.path.to_string(), v.version_id.clone()))
+            .copied()
+    }
+
+    fn set(&self, v: &ObjectVersion, until: u64) {
+        if let Ok(mut dates) = self.0.lock() {
+            dates.insert((v.path.to_string(), v.version_id.clone()), until);
+        }
+    }
 }
 
 fn epoch(t: SystemTime) -> u64 {
@@ -355,46 +380,30 @@ fn epoch(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads every index object: the latest known lock of each version, and each object's latest
-/// date (objects whose entries have all expired are removed by the run).
-async fn read_index(
-    repo: &Repository,
-    cancel: &CancellationToken,
-) -> Result<(HashMap<(String, String), u64>, Vec<(RemotePath, u64)>), RepoError> {
-    let mut known: HashMap<(String, String), u64> = HashMap::new();
-    let mut objects = Vec::new();
-    for meta in repo.storage.list(layout::LOCK_INDEX, cancel).await? {
-        let bytes = repo.storage.get(&meta.path, cancel).await?;
-        // A damaged index object is ignored: it costs requests, never a lock.
-        let Some(index) = zstd::decode_all(&bytes[..])
-            .ok()
-            .and_then(|plain| serde_json::from_slice::<Index>(&plain).ok())
-        else {
-            tracing::warn!(object = %meta.path, "lock index object unreadable; ignored");
-            objects.push((meta.path, 0));
-            continue;
-        };
-        let latest = index.entries.iter().map(|e| e.until).max().unwrap_or(0);
-        for entry in index.entries {
-            let slot = known.entry((entry.key, entry.version)).or_insert(0);
-            *slot = (*slot).max(entry.until);
-        }
-        objects.push((meta.path, latest));
-    }
-    Ok((known, objects))
-}
-
-/// The versions of every object kept backups need: the chunks in `referenced`, and every
-/// manifest, archived WAL file, key, audit record and the config not deleted.
+/// The kept objects, one version each: the first data version of every chunk the mark
+/// found referenced, of every component manifest it read, and of every set manifest, archived
+/// WAL file and audit record whose current version is not a delete marker, every key not
+/// revoked, and the config. The first version is the one this system wrote (chunks and
+/// manifests are created once, create-only; a writer cannot predict the id of a manifest), so a
+/// later version is someone else's and is not kept locked at the repository's expense.
 async fn kept_versions(
     repo: &Repository,
-    referenced: &HashSet<String>,
+    marked: &Marked,
     cancel: &CancellationToken,
 ) -> Result<Vec<ObjectVersion>, RepoError> {
+    let revoked: HashSet<String> = repo
+        .storage
+        .versions(layout::REVOKED_KEYS, cancel)
+        .await?
+        .into_iter()
+        .filter(|v| !v.delete_marker)
+        .filter_map(|v| v.path.file_name().strip_suffix(".json").map(str::to_owned))
+        .collect();
     let mut kept = Vec::new();
     let prefixes = [
         layout::CHUNKS,
-        "manifests/",
+        layout::COMPONENT_MANIFESTS,
+        layout::SET_MANIFESTS,
         "wal/",
         layout::KEYS,
         layout::REVOKED_KEYS,
@@ -407,13 +416,23 @@ async fn kept_versions(
             if !layout::is_lockable(path) {
                 continue;
             }
-            let keep = if prefix == layout::CHUNKS {
-                referenced.contains(path.file_name())
-            } else {
-                !versions.iter().any(|v| v.latest && v.delete_marker)
+            let deleted = versions.iter().any(|v| v.latest && v.delete_marker);
+            let name = path.file_name();
+            let id = name.strip_suffix(".json").unwrap_or(name);
+            let keep = match prefix {
+                layout::CHUNKS => marked.chunks.contains(name),
+                layout::COMPONENT_MANIFESTS => marked.components.contains(id) || !deleted,
+                // A key is deleted when it is revoked; one deleted without its tombstone was
+                // deleted by someone else and still opens the repository.
+                layout::KEYS => !revoked.contains(id),
+                layout::CONFIG => path.as_str() == layout::CONFIG,
+                layout::REVOKED_KEYS | layout::AUDIT => true,
+                _ => !deleted,
             };
-            if keep {
-                kept.extend(versions.into_iter().filter(|v| !v.delete_marker).cloned());
+            if let Some(first) = versions.iter().rev().find(|v| !v.delete_marker)
+                && keep
+            {
+                kept.push((*first).clone());
             }
         }
     }
@@ -421,11 +440,13 @@ async fn kept_versions(
 }
 
 /// Extends the locks of everything kept backups need (see the module documentation): each
-/// kept version whose lock ends within the lock's margin is locked again for the lock's
-/// period from now. Never shortens a lock: the bucket's date is read before each extension.
+/// kept version whose lock may end within the lock's margin is read from the bucket and, if
+/// it does, locked again for the lock's period from now. Never shortens a lock. What a version
+/// was first locked for is taken from its stamp (the period, less `INITIAL_SLACK`); what this
+/// process read or set since, from the repository's [`LockDates`].
 pub async fn extend_locks(
     repo: &Repository,
-    referenced: &HashSet<String>,
+    marked: &Marked,
     cancel: &CancellationToken,
 ) -> Result<LockReport, RepoError> {
     let lock: ObjectLock = repo.config.object_lock.ok_or_else(|| {
@@ -435,13 +456,7 @@ pub async fn extend_locks(
     // Rounded up: every kept version ends up locked past `now + margin`, fractions included.
     let needed = epoch(now + lock.margin()) + 1;
     let target = now + lock.policy().period();
-    let kept = kept_versions(repo, referenced, cancel).await?;
-    let (index, index_objects) = read_index(repo, cancel).await?;
-    let mut report = LockReport {
-        kept_versions: kept.len(),
-        until: epoch(target),
-        ..Default::default()
-    };
+    let kept = kept_versions(repo, marked, cancel).await?;
     // A version's first lock runs `period` from the writer's clock when it sent the put; the
     // bucket stamps the version when it stored it, a little later (and on another clock), so
     // the estimate is taken `INITIAL_SLACK` short: a version near its date is read, not
@@ -449,87 +464,41 @@ pub async fn extend_locks(
     let initial = |v: &ObjectVersion| {
         epoch(v.modified + lock.policy().period()).saturating_sub(INITIAL_SLACK.as_secs())
     };
-    let known = |v: &ObjectVersion| {
-        let indexed = index
-            .get(&(v.path.to_string(), v.version_id.clone()))
-            .copied()
-            .unwrap_or(0);
-        initial(v).max(indexed)
-    };
-
-    // The index is trusted only as far as the bucket agrees with a sample of it.
-    let from_index: Vec<&ObjectVersion> = kept
-        .iter()
-        .filter(|v| known(v) >= needed && known(v) > initial(v))
-        .collect();
-    for &v in sample(&from_index, SAMPLE).iter() {
-        report.requests += 1;
-        let actual = repo
-            .storage
-            .retention(&v.path, &v.version_id, cancel)
-            .await?
-            .map_or(0, |r| epoch(r.until));
-        if actual < known(v) {
-            tracing::warn!(object = %v.path, version = %v.version_id, "the lock index claims a longer lock than the bucket holds; checking every kept object");
-            report.index_distrusted = true;
-            break;
-        }
-    }
-    let candidates: Vec<&ObjectVersion> = kept
-        .iter()
-        .filter(|v| {
-            let believed = if report.index_distrusted {
-                initial(v)
-            } else {
-                known(v)
-            };
-            believed < needed
-        })
-        .collect();
-    report.candidates = candidates.len();
-
+    let dates = &repo.lock_dates;
     // Owned versions: a stream closure over borrowed ones is not `Send` for every lifetime.
-    let candidates: Vec<ObjectVersion> = candidates.into_iter().cloned().collect();
+    let candidates: Vec<ObjectVersion> = kept
+        .iter()
+        .filter(|v| dates.get(v).unwrap_or(0).max(initial(v)) < needed)
+        .cloned()
+        .collect();
+    let mut report = LockReport {
+        kept_versions: kept.len(),
+        candidates: candidates.len(),
+        manifests_skipped: marked.skipped,
+        until: epoch(target),
+        ..Default::default()
+    };
     let mut results = futures::stream::iter(candidates)
-        .map(|v| async move { extend_one(repo, &v, lock, needed, target, cancel).await })
+        .map(|v| async move {
+            let result = extend_one(repo, &v, lock, needed, target, cancel).await;
+            (v, result)
+        })
         .buffer_unordered(CONCURRENCY);
-    let mut entries = Vec::new();
-    while let Some(result) = results.next().await {
-        let (entry, extended) = result?;
+    while let Some((version, result)) = results.next().await {
+        let (until, extended) = result?;
+        dates.set(&version, until);
         report.requests += 1 + usize::from(extended);
         if extended {
             report.extended += 1;
         } else {
             report.already_locked += 1;
         }
-        entries.push(entry);
-    }
-    drop(results);
-
-    if !entries.is_empty() {
-        let plain = serde_json::to_vec(&Index { entries })
-            .map_err(|e| RepoError::Io(std::io::Error::other(e)))?;
-        let body = zstd::encode_all(&plain[..], 3)?;
-        repo.storage
-            .put(
-                &layout::timestamped(layout::LOCK_INDEX),
-                Bytes::from(body),
-                PutMode::Create,
-                cancel,
-            )
-            .await?;
-    }
-    // Index objects whose every entry has expired say nothing any more.
-    for (path, latest) in index_objects {
-        if latest < epoch(now) {
-            repo.storage.delete(&path, cancel).await?;
-        }
     }
     Ok(report)
 }
 
 /// Reads one version's lock and extends it to `target` unless it already runs past `needed`;
-/// returns its index entry and whether it was extended.
+/// returns its date (seconds since the Unix epoch) and whether it was extended.
 async fn extend_one(
     repo: &Repository,
     version: &ObjectVersion,
@@ -537,20 +506,15 @@ async fn extend_one(
     needed: u64,
     target: SystemTime,
     cancel: &CancellationToken,
-) -> Result<(Entry, bool), RepoError> {
+) -> Result<(u64, bool), RepoError> {
     let current = repo
         .storage
         .retention(&version.path, &version.version_id, cancel)
         .await?;
-    let entry = |until: SystemTime| Entry {
-        key: version.path.to_string(),
-        version: version.version_id.clone(),
-        until: epoch(until),
-    };
     if let Some(current) = current
         && epoch(current.until) >= needed
     {
-        return Ok((entry(current.until), false));
+        return Ok((epoch(current.until), false));
     }
     // A compliance lock stays compliance (the bucket refuses to weaken it).
     let mode = match current {
@@ -566,17 +530,5 @@ async fn extend_one(
             cancel,
         )
         .await?;
-    Ok((entry(until), true))
-}
-
-/// Up to `n` items of `items`, spread evenly (deterministic, so a test can reason about it,
-/// and still covering old and new entries alike).
-fn sample<'a, T>(items: &[&'a T], n: usize) -> Vec<&'a T> {
-    if items.len() <= n {
-        return items.to_vec();
-    }
-    let offset = rand::random::<u32>() as usize % (items.len() / n);
-    (0..n)
-        .map(|i| items[i * items.len() / n + offset])
-        .collect()
+    Ok((epoch(until), true))
 }

@@ -64,14 +64,58 @@ async fn read_keys(
     prefix: &str,
     cancel: &CancellationToken,
 ) -> Result<Vec<KeyObject>, RepoError> {
+    if storage.lock().is_some() {
+        return read_locked_keys(storage, prefix, cancel).await;
+    }
     let mut out = Vec::new();
     for meta in storage.list(prefix, cancel).await? {
         let bytes = storage.get(&meta.path, cancel).await?;
-        let key: KeyObject = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
-            object: meta.path.to_string(),
-            reason: e.to_string(),
-        })?;
-        out.push(key);
+        out.push(parse_key(&meta.path, &bytes)?);
+    }
+    Ok(out)
+}
+
+fn parse_key(path: &crate::path::RemotePath, bytes: &[u8]) -> Result<KeyObject, RepoError> {
+    serde_json::from_slice(bytes).map_err(|e| RepoError::Corrupt {
+        object: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// [`read_keys`] in a repository with an Object Lock: a key object is created once, so its
+/// first version is the key and later versions were put by someone else; and a key deleted
+/// without its revocation tombstone was deleted by someone else, and still counts.
+async fn read_locked_keys(
+    storage: &Storage,
+    prefix: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<KeyObject>, RepoError> {
+    let revoked: Vec<String> = if prefix == layout::KEYS {
+        storage
+            .versions(layout::REVOKED_KEYS, cancel)
+            .await?
+            .into_iter()
+            .filter(|v| !v.delete_marker)
+            .map(|v| v.path.file_name().to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let versions = storage.versions(prefix, cancel).await?;
+    let mut out = Vec::new();
+    for (path, group) in crate::immutable::by_key(&versions) {
+        let deleted = group.iter().any(|v| v.latest && v.delete_marker);
+        if deleted && (prefix != layout::KEYS || revoked.iter().any(|r| r == path.file_name())) {
+            continue;
+        }
+        let Some(first) = group.iter().rev().find(|v| !v.delete_marker) else {
+            continue;
+        };
+        if group.len() > 1 {
+            tracing::warn!(object = %path, versions = group.len(), "a key object was replaced or deleted; its first version is used");
+        }
+        let bytes = storage.get_version(path, &first.version_id, cancel).await?;
+        out.push(parse_key(path, &bytes)?);
     }
     Ok(out)
 }

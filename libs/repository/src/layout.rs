@@ -13,8 +13,6 @@ pub const GC_CONDEMNED: &str = "gc/";
 /// Writers in flight and sweeps in progress (see [`crate::locks`]).
 pub const WRITER_LOCKS: &str = "locks/writers/";
 pub const SWEEP_LOCKS: &str = "locks/sweeps/";
-/// Which object versions' Object Locks run until when (see [`crate::immutable`]).
-pub const LOCK_INDEX: &str = "locks/extended/";
 pub const PINS: &str = "pins/";
 pub const ATTEMPTS: &str = "attempts/";
 /// Archived PostgreSQL WAL (see [`crate::wal`]).

@@ -160,6 +160,8 @@ pub struct Repository {
     pub(crate) settings: RepoSettings,
     /// Objects read from an older version because the current one did not verify.
     pub(crate) overwritten: crate::immutable::Overwritten,
+    /// Lock dates read or set by this process (see [`crate::immutable::extend_locks`]).
+    pub(crate) lock_dates: crate::immutable::LockDates,
 }
 
 impl Repository {
@@ -207,6 +209,19 @@ impl Repository {
             Err(StorageError::NotFound(_)) => {}
             Err(err) => return Err(err.into()),
         }
+        // A config behind a delete marker is still a repository: init over it would put an
+        // unlocked one in front of locked data.
+        if config_versions(&storage, cancel)
+            .await
+            .iter()
+            .any(|v| !v.delete_marker)
+        {
+            return Err(RepoError::AlreadyInitialized(format!(
+                "{} (its config object was deleted; its old versions remain: open it with \
+                 --as-of, do not init over it)",
+                storage.describe()
+            )));
+        }
         match storage
             .put(
                 &layout::config(),
@@ -236,6 +251,7 @@ impl Repository {
             keys,
             settings: RepoSettings::default(),
             overwritten: Default::default(),
+            lock_dates: Default::default(),
         })
     }
 
@@ -260,6 +276,7 @@ impl Repository {
             keys,
             settings: RepoSettings::default(),
             overwritten: Default::default(),
+            lock_dates: Default::default(),
         })
     }
 
@@ -577,16 +594,57 @@ impl Repository {
     }
 }
 
+/// `storage` writing under the Object Lock its repository records, for tools that write
+/// without opening the repository (key management). Unchanged where there is no repository
+/// (the tool reports that itself) or no lock.
+pub async fn with_recorded_lock(
+    storage: Storage,
+    cancel: &CancellationToken,
+) -> Result<Storage, RepoError> {
+    match read_config(&storage, cancel).await {
+        Ok(config) => Ok(storage.with_lock(config.object_lock.map(|l| l.policy()))),
+        Err(RepoError::NotInitialized(_)) => Ok(storage),
+        Err(err) => Err(err),
+    }
+}
+
+/// The versions of the `config` object, newest first; none where the backend keeps no
+/// versions (a local directory, an S3 server without ListObjectVersions).
+async fn config_versions(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Vec<crate::storage::ObjectVersion> {
+    Box::pin(storage.versions_of(&layout::config(), cancel))
+        .await
+        .unwrap_or_default()
+}
+
+/// Reads the repository config. `init` creates it once, create-only, so where the bucket
+/// keeps versions the first version is the config and any later one (or a delete marker) was
+/// put by someone else: the first is used, with a warning. So a writer cannot unlock, weaken
+/// or remove a repository's lock, or change its chunker, by replacing the config.
 pub(crate) async fn read_config(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<RepoConfig, RepoError> {
-    let bytes = match storage.get(&layout::config(), cancel).await {
-        Ok(bytes) => bytes,
-        Err(StorageError::NotFound(_)) => {
-            return Err(RepoError::NotInitialized(storage.describe()));
+    let versions = config_versions(storage, cancel).await;
+    let data: Vec<_> = versions.iter().filter(|v| !v.delete_marker).collect();
+    let bytes = match data.last() {
+        Some(first) if versions.len() > 1 => {
+            tracing::warn!(
+                versions = versions.len(),
+                version = %first.version_id,
+                "the repository config was replaced or deleted after init; its first version is used"
+            );
+            Box::pin(storage.get_version(&layout::config(), &first.version_id, cancel)).await?
         }
-        Err(err) => return Err(err.into()),
+        _ => match Box::pin(storage.get(&layout::config(), cancel)).await {
+            Ok(bytes) => bytes,
+            Err(StorageError::NotFound(_)) => {
+                return Err(RepoError::NotInitialized(storage.describe()));
+            }
+            Err(err) => return Err(err.into()),
+        },
     };
     let config: RepoConfig =
         serde_json::from_slice(&bytes).map_err(|e| RepoError::BadConfig(e.to_string()))?;

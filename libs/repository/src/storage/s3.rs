@@ -423,6 +423,8 @@ where
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => {
             let message = format!("{} {code}: {detail}", status.unwrap_or(0));
             match status {
+                // 501 NotImplemented (an S3 server without the operation) is no hiccup.
+                Some(501) => permanent(message),
                 Some(429) | Some(500..=599) => transient(message),
                 Some(409) if code == "ConditionalRequestConflict" => transient(message),
                 _ if code == "SlowDown" || code == "RequestTimeout" => transient(message),
