@@ -146,6 +146,11 @@ fn init_refuses_storage_that_cannot_lock() {
 
 /// The JSON object at `key` of the locked bucket.
 fn get_json(server: &S3Server, key: &str) -> serde_json::Value {
+    serde_json::from_slice(&get_bytes(server, key)).expect("JSON object")
+}
+
+/// The object at `key` of the locked bucket.
+fn get_bytes(server: &S3Server, key: &str) -> Vec<u8> {
     let dir = aitbc_backup_tests::temp_dir("get");
     let path = dir.path().join("object");
     let out = server.aws(&[
@@ -158,7 +163,7 @@ fn get_json(server: &S3Server, key: &str) -> serde_json::Value {
         &path.display().to_string(),
     ]);
     assert!(out.status.success(), "get {key}: {}", stderr(&out));
-    serde_json::from_slice(&std::fs::read(&path).expect("read object")).expect("JSON object")
+    std::fs::read(&path).expect("read object")
 }
 
 /// Each version's lock date, read from the bucket.
@@ -577,4 +582,164 @@ fn an_attacker_with_write_access_cannot_destroy_committed_sets() {
         &["--as-of", &before_attack, "verify", "--read-data"],
     );
     assert!(as_of.status.success(), "{}", stderr(&as_of));
+}
+
+/// Someone with write access replaces and deletes the config and the key objects of an
+/// encrypted locked repository: it still opens with its keys, still writes locked objects,
+/// and cannot be initialized over.
+#[test]
+fn replacing_config_and_keys_changes_nothing() {
+    let server = S3Server::moto();
+    server.create_locked_bucket(LOCKED);
+    let dir = aitbc_backup_tests::temp_dir("keys");
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::write(&old, "first passphrase").expect("write");
+    std::fs::write(&new, "second passphrase").expect("write");
+    let url = format!("s3://{LOCKED}/enc");
+    let with = |pass: &std::path::Path, args: &[&str]| {
+        let mut all = vec!["--passphrase-file", pass.to_str().expect("utf-8")];
+        all.extend_from_slice(args);
+        repo_cli(&server, &url, &all)
+    };
+    let ok = |out: Output| {
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(with(
+        &old,
+        &[
+            "init",
+            "--encrypt",
+            "--object-lock",
+            "governance",
+            "--lock-days",
+            "1",
+        ],
+    ));
+    let rotated = ok(with(
+        &old,
+        &[
+            "--json",
+            "keys",
+            "rotate",
+            "--new-passphrase-file",
+            new.to_str().expect("utf-8"),
+        ],
+    ));
+    // Every key, tombstone and audit record is locked.
+    for prefix in ["enc/keys/", "enc/keys-revoked/", "enc/audit/"] {
+        let found = keys(&server, prefix);
+        assert!(!found.is_empty(), "nothing under {prefix}: {rotated}");
+        for key in found {
+            let head = server.aws(&["s3api", "head-object", "--bucket", LOCKED, "--key", &key]);
+            let head: serde_json::Value = serde_json::from_slice(&head.stdout).expect("head");
+            assert_eq!(
+                head["ObjectLockMode"], "GOVERNANCE",
+                "{key} is not locked: {head:#}"
+            );
+        }
+    }
+    // The attacker replaces the active key with junk, then deletes it, and replaces the config
+    // with an unlocked, unencrypted one.
+    let active = keys(&server, "enc/keys/").pop().expect("the active key");
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, "{}").expect("write");
+    let unlocked = dir.path().join("unlocked");
+    std::fs::write(
+        &unlocked,
+        r#"{"format": "aitbc-backup/repository", "version": 1, "id": "00", "created": "x",
+            "chunker": {"min_size": 524288, "avg_size": 1048576, "max_size": 4194304},
+            "encrypted": false}"#,
+    )
+    .expect("write");
+    for (key, body) in [(active.as_str(), &junk), ("enc/config", &unlocked)] {
+        let out = server.aws(&[
+            "s3api",
+            "put-object",
+            "--bucket",
+            LOCKED,
+            "--key",
+            key,
+            "--body",
+            body.to_str().expect("utf-8"),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = server.aws(&[
+        "s3api",
+        "delete-object",
+        "--bucket",
+        LOCKED,
+        "--key",
+        &active,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The new key still opens it, and a backup written now is locked and encrypted.
+    let data = dir.path().join("data");
+    std::fs::write(&data, vec![7u8; 300_000]).expect("write");
+    let put = std::process::Command::new(binary("aitbc-backup"))
+        .args([
+            "repo",
+            "--repository",
+            &url,
+            "--endpoint",
+            &server.endpoint(),
+            "--path-style",
+        ])
+        .args([
+            "--passphrase-file",
+            new.to_str().expect("utf-8"),
+            "put",
+            "after",
+        ])
+        .stdin(std::fs::File::open(&data).expect("open"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(server.client_env())
+        .output()
+        .expect("put");
+    let id = String::from_utf8_lossy(&put.stdout).trim().to_owned();
+    assert!(put.status.success(), "{}", stderr(&put));
+    let manifest = format!("enc/manifests/components/{id}.json");
+    let head = server.aws(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        LOCKED,
+        "--key",
+        &manifest,
+    ]);
+    let head: serde_json::Value = serde_json::from_slice(&head.stdout).expect("head");
+    assert_eq!(head["ObjectLockMode"], "GOVERNANCE", "{head:#}");
+    let body = get_bytes(&server, &manifest);
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&body).is_err(),
+        "the manifest was written unencrypted"
+    );
+    let verify = with(&new, &["verify", "--read-data"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    // The old key stays revoked; the config deleted outright is not an empty bucket.
+    let out = with(&old, &["ls"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+    let out = server.aws(&[
+        "s3api",
+        "delete-object",
+        "--bucket",
+        LOCKED,
+        "--key",
+        "enc/config",
+    ]);
+    assert!(out.status.success());
+    let out = with(
+        &new,
+        &["init", "--object-lock", "governance", "--lock-days", "1"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already holds a repository"),
+        "{}",
+        stderr(&out)
+    );
+    ok(with(&new, &["ls"]));
 }
