@@ -64,7 +64,7 @@ pub struct RepoArgs {
     /// Read the repository as it was at this time (RFC 3339, e.g. 2026-12-07T10:15:03Z):
     /// every listing and read picks the object versions current then. Read-only; needs an S3
     /// bucket with versioning (a repository with an object lock has it).
-    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    #[arg(long, value_parser = parse_time)]
     as_of: Option<std::time::SystemTime>,
     #[command(subcommand)]
     command: RepoCommand,
@@ -121,6 +121,15 @@ enum RepoCommand {
     /// Archived PostgreSQL WAL and base backups (point-in-time recovery).
     #[command(subcommand)]
     Wal(WalCommand),
+}
+
+/// RFC 3339 with any offset (`2026-12-07T10:15:03Z`, `...+01:00`), or without one as UTC
+/// (`2026-12-07 10:15:03`).
+fn parse_time(text: &str) -> Result<std::time::SystemTime, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(std::time::SystemTime::from)
+        .or_else(|_| humantime::parse_rfc3339_weak(text))
+        .map_err(|_| format!("`{text}` is not a time like 2026-12-07T10:15:03Z"))
 }
 
 fn parse_rate(text: &str) -> Result<u64, String> {

@@ -13,6 +13,9 @@ pub enum RepoError {
     AlreadyInitialized(String),
     #[error("repository config: {0}")]
     BadConfig(String),
+    /// Storage that cannot keep an Object Lock (the message names what is missing).
+    #[error("{0}")]
+    CannotLock(String),
     #[error("the repository is encrypted: a passphrase or key file is needed")]
     KeyRequired,
     #[error("none of the repository's {keys} keys opens with the given passphrase or key file")]

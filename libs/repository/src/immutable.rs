@@ -72,14 +72,14 @@ pub async fn check_bucket(storage: &Storage, cancel: &CancellationToken) -> Resu
         Err(StorageError::Permanent { message, .. })
             if message.contains("keeps no object versions") =>
         {
-            return Err(RepoError::BadConfig(format!(
+            return Err(RepoError::CannotLock(format!(
                 "an object lock needs an S3 bucket with Object Lock enabled; {bucket} is not one"
             )));
         }
         Err(err) => return Err(err.into()),
     };
     if !status.object_lock {
-        return Err(RepoError::BadConfig(format!(
+        return Err(RepoError::CannotLock(format!(
             "bucket {bucket} does not have Object Lock enabled{}; an object lock is configured, \
              so every object must be locked. Create the bucket with Object Lock \
              (`aws s3api create-bucket --object-lock-enabled-for-bucket ...`) or configure no lock",
@@ -91,7 +91,7 @@ pub async fn check_bucket(storage: &Storage, cancel: &CancellationToken) -> Resu
         )));
     }
     if !status.versioning {
-        return Err(RepoError::BadConfig(format!(
+        return Err(RepoError::CannotLock(format!(
             "bucket {bucket} has Object Lock but versioning is not enabled"
         )));
     }
@@ -123,10 +123,15 @@ impl Repository {
 
     /// Reads `path` and decodes it with `decode`, which verifies it. In a repository whose
     /// bucket keeps versions, a current version that is missing or does not verify gives way
-    /// to the newest older version that does; `missing()` is the error when none is there.
+    /// to an older version that does (the first one first: the one this system wrote, since
+    /// objects are created once; then the others, newest first); `missing()` is the error
+    /// when none is there. With `first`, the first version is read at once: for objects whose
+    /// content does not give their name (manifests), a later version that verifies is still
+    /// someone else's.
     pub(crate) async fn read_verified<T, F, Fut>(
         &self,
         path: &RemotePath,
+        first: bool,
         missing: impl Fn() -> RepoError,
         cancel: &CancellationToken,
         decode: F,
@@ -135,24 +140,27 @@ impl Repository {
         F: Fn(Bytes) -> Fut,
         Fut: Future<Output = Result<T, RepoError>>,
     {
-        let first = match Box::pin(self.storage.get(path, cancel)).await {
-            Ok(bytes) => decode(bytes).await,
-            Err(StorageError::NotFound(_)) => Err(missing()),
-            Err(err) => return Err(err.into()),
-        };
-        let err = match first {
-            Ok(value) => return Ok(value),
-            Err(err) if self.keeps_versions() && is_damage(&err) => err,
-            Err(err) => return Err(err),
-        };
-        // The first version first: it is the one this system wrote (objects are created once),
-        // so an object overwritten many times costs one more read, not one per version.
-        let mut versions = Box::pin(self.storage.versions_of(path, cancel)).await?;
-        versions.retain(|v| !v.delete_marker);
-        if let Some(first) = versions.pop() {
-            versions.insert(0, first);
+        let first = first && self.keeps_versions();
+        let mut err = None;
+        if !first {
+            let current = match Box::pin(self.storage.get(path, cancel)).await {
+                Ok(bytes) => decode(bytes).await,
+                Err(StorageError::NotFound(_)) => Err(missing()),
+                Err(err) => return Err(err.into()),
+            };
+            match current {
+                Ok(value) => return Ok(value),
+                Err(e) if self.keeps_versions() && is_damage(&e) => err = Some(e),
+                Err(e) => return Err(e),
+            }
         }
-        for version in versions {
+        let all = Box::pin(self.storage.versions_of(path, cancel)).await?;
+        let replaced = all.len() > 1;
+        let mut versions: Vec<_> = all.into_iter().filter(|v| !v.delete_marker).collect();
+        if let Some(oldest) = versions.pop() {
+            versions.insert(0, oldest);
+        }
+        for version in &versions {
             let bytes = match self
                 .storage
                 .get_version(path, &version.version_id, cancel)
@@ -162,18 +170,24 @@ impl Repository {
                 Err(StorageError::NotFound(_)) => continue,
                 Err(err) => return Err(err.into()),
             };
-            if let Ok(value) = decode(bytes).await {
-                tracing::warn!(
-                    object = %path,
-                    version = %version.version_id,
-                    error = %err,
-                    "the current version is missing or does not verify; read an older version that does"
-                );
-                self.overwritten.record(path);
-                return Ok(value);
+            match decode(bytes).await {
+                Ok(value) => {
+                    if err.is_some() || replaced {
+                        tracing::warn!(
+                            object = %path,
+                            version = %version.version_id,
+                            "the object was replaced or deleted after it was written; read the version that verifies"
+                        );
+                        self.overwritten.record(path);
+                    }
+                    return Ok(value);
+                }
+                Err(e) => {
+                    err.get_or_insert(e);
+                }
             }
         }
-        Err(err)
+        Err(err.unwrap_or_else(missing))
     }
 
     /// Downloads, decodes and checks one chunk (decoding on the blocking pool).
@@ -185,7 +199,7 @@ impl Repository {
     ) -> Result<Bytes, RepoError> {
         let object = layout::chunk(id);
         let missing = || RepoError::Missing(object.to_string());
-        self.read_verified(&object, missing, cancel, |stored| {
+        self.read_verified(&object, false, missing, cancel, |stored| {
             let (repo, id) = (self.clone(), id.to_owned());
             async move {
                 tokio::task::spawn_blocking(move || repo.decode_chunk(&id, raw_len, stored))

@@ -73,9 +73,11 @@ impl ObjectLock {
         if self.days == 0 || self.days > 36500 {
             return Err(format!("{} days is not 1..=36500", self.days));
         }
-        if self.margin_secs == 0 || self.margin_secs >= u64::from(self.days) * 24 * 3600 {
+        // At least an hour: the coordinator extends four times within the margin, at most
+        // once a minute.
+        if self.margin_secs < 3600 || self.margin_secs >= u64::from(self.days) * 24 * 3600 {
             return Err(format!(
-                "the margin ({} s) must be more than 0 and less than the lock period ({} days)",
+                "the margin ({} s) must be at least an hour and less than the lock period ({} days)",
                 self.margin_secs, self.days
             ));
         }
@@ -508,7 +510,7 @@ impl Repository {
             }
             Ok(manifest)
         };
-        self.read_verified(&path, missing, cancel, |stored| {
+        self.read_verified(&path, true, missing, cancel, |stored| {
             std::future::ready(decode(stored))
         })
         .await
@@ -572,7 +574,7 @@ impl Repository {
                 source,
             })
         };
-        self.read_verified(path, missing, cancel, |stored| {
+        self.read_verified(path, true, missing, cancel, |stored| {
             std::future::ready(decode(stored))
         })
         .await
