@@ -64,7 +64,6 @@ pub struct RepositorySettings {
     /// The S3 Object Lock the repository must have been initialized with
     /// (`aitbc-backup repo init --object-lock MODE --lock-days DAYS`); a daemon refuses to
     /// open a repository without it, so no writer is ever pointed at unlocked storage.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub object_lock: Option<ObjectLockSettings>,
 }
 
