@@ -1,6 +1,6 @@
 //! `aitbc-backup-lock-bench`: what keeping a locked repository's kept chunks locked costs.
 //!
-//! Against an S3 endpoint with versioning and Object Lock (the bench script starts moto),
+//! Against an S3 endpoint with versioning and Object Lock (the bench script starts radosgw),
 //! backs up CHUNKS small chunks into a new repository with a 30-day governance lock and
 //! measures two runs of the lock extension: one where every kept version is due (its lock ends
 //! within the margin, as happens to each version once per `days - margin`), one where none is
