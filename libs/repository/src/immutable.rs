@@ -8,16 +8,17 @@
 //! themselves cannot be removed until their date.
 //!
 //! - **Locks follow retention** ([`extend_locks`]): every object a kept backup needs (the
-//!   chunks its manifests reference, the manifests not deleted, keys, audit, config) is locked
-//!   again for `days` once less than the lock's margin is left. What is extended, and until
-//!   when, is kept in an index (`locks/extended/`), so a run costs requests only for the
-//!   objects that need it; a sample of the index is checked against the bucket every run, and
-//!   a lock is read from the bucket before it is extended, so a lost or forged index costs
-//!   requests, never a shortened lock.
+//!   chunks its manifests reference, the manifests its sets name, keys, audit, config; the
+//!   first version of each, the one this system wrote) is locked again for `days` once less
+//!   than the lock's margin is left. A version that may be due is read from the bucket first,
+//!   so a lock is never shortened; the dates read or set are remembered in memory only, since
+//!   anything kept in the bucket could be forged to exempt a version.
 //! - **Reads that verify** ([`Repository::read_verified`]): chunks are content-addressed and
-//!   manifests carry checksums, so a current version that is missing or does not verify (an
-//!   overwrite or a delete marker by a writer) gives way to the newest older version that does.
-//!   Such objects are remembered and `verify` reports them.
+//!   manifests carry checksums and ids, so a current version that is missing or does not
+//!   verify (an overwrite or a delete marker by a writer) gives way to an older version that
+//!   does; manifests, named by id rather than content, are read from their first version at
+//!   once, and so are the config and the keys. Such objects are remembered and `verify`
+//!   reports them.
 //! - **GC and retention** delete what is unlocked and skip, count and report what is locked
 //!   ([`remove_versions`], [`purge_deleted`]); they never fail on a lock.
 

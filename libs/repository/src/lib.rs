@@ -9,7 +9,7 @@
 //!   keep it from deleting what a backup in flight relies on.
 //! - [`damaged`]: manifests that cannot be read, named and skipped by listings.
 //! - [`immutable`]: S3 Object Lock: the bucket check, lock extension, reads that fall back to
-//!   the newest older version that verifies.
+//!   the version that verifies.
 //! - [`keys`], [`crypto`]: key management and encryption.
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
 
