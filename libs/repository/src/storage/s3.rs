@@ -286,11 +286,21 @@ impl S3Storage {
     }
 
     pub async fn get(&self, path: &RemotePath) -> Result<Bytes, StorageError> {
+        self.get_object(path, None).await
+    }
+
+    /// Reads the current version, or `version_id`.
+    async fn get_object(
+        &self,
+        path: &RemotePath,
+        version_id: Option<&str>,
+    ) -> Result<Bytes, StorageError> {
         let response = self
             .client
             .get_object()
             .bucket(&self.settings.bucket)
             .key(self.key(path.as_str()))
+            .set_version_id(version_id.map(str::to_owned))
             .send()
             .await
             .map_err(|err| classify("get", path, err))?;

@@ -129,25 +129,7 @@ impl S3Storage {
         path: &RemotePath,
         version_id: &str,
     ) -> Result<Bytes, StorageError> {
-        let response = self
-            .client
-            .get_object()
-            .bucket(&self.settings.bucket)
-            .key(self.key(path.as_str()))
-            .version_id(version_id)
-            .send()
-            .await
-            .map_err(|err| classify("get", path, err))?;
-        let body = response
-            .body
-            .collect()
-            .await
-            .map_err(|err| StorageError::Transient {
-                op: "get",
-                path: path.to_string(),
-                message: format!("reading body: {err}"),
-            })?;
-        Ok(body.into_bytes())
+        self.get_object(path, Some(version_id)).await
     }
 
     pub(crate) async fn delete_version(
