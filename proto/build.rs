@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
+    // A repository key must never reach a log through `{:?}` of a request or command: its
+    // Debug is written by hand (model.rs) and prints no secret.
+    config.skip_debug(["aitbc.backup.v1.RepositoryKey"]);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("aitbc_backup_v1_descriptor.bin"))
         .compile_with_config(

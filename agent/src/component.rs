@@ -262,9 +262,17 @@ pub async fn open_repository(
     config: &AgentConfig,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Repository> {
-    aitbc_backup_repository::open::open_configured(&config.repository, cancel)
+    let repo = aitbc_backup_repository::open::open_configured(&config.repository, cancel)
         .await
-        .with_context(|| format!("open repository {}", config.repository.effective_url()))
+        .with_context(|| format!("open repository {}", config.repository.effective_url()))?;
+    // In a sealed repository chunks are keyed and cut with this component's secret; a writer
+    // credential issued for another component is refused here.
+    match config.component {
+        Some(component) => Ok(repo
+            .for_component(component.as_str())
+            .context("repository.credential")?),
+        None => Ok(repo),
+    }
 }
 
 /// Runs blocking component work on the blocking pool.

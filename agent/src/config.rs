@@ -25,6 +25,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Secrets the agent accepts (environment only).
 pub const SECRETS: &[&str] = &[
     "repository.passphrase",
+    "repository.credential",
     "postgres.password",
     "redis.password",
 ];

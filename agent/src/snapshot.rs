@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
+use aitbc_backup_proto::model::RepoKey;
 use aitbc_backup_proto::{
     AgentMessage, CommandResult, Progress as ProgressMessage, agent_message, command,
 };
 use aitbc_backup_repository::backup::Label;
 use aitbc_backup_repository::{Progress, Repository};
+use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -276,7 +278,17 @@ impl SetTask {
                     trial: restore.trial,
                     ..RestoreRequest::default()
                 };
+                let key = RepoKey::from_proto("command.restore.key", restore.key)?;
                 let repo = component::open_repository(&self.config, &self.cancel).await?;
+                // The operator's key lives in this command only (memory, never logged): a
+                // sealed repository's data opens with nothing the agent holds.
+                let repo = match key {
+                    Some(key) => repo
+                        .with_key(&key_secret(key), &self.cancel)
+                        .await
+                        .context("open the repository with the operator's key")?,
+                    None => repo,
+                };
                 let progress = Arc::new(Progress::default());
                 let restoring = Box::pin(component::restore(
                     self.component.as_ref(),
@@ -397,3 +409,11 @@ fn result(command_id: &str, outcome: anyhow::Result<Done>) -> AgentMessage {
 
 #[cfg(test)]
 mod tests;
+
+/// The repository library's form of an operator's key.
+fn key_secret(key: RepoKey) -> aitbc_backup_repository::KeySecret {
+    match key {
+        RepoKey::Passphrase(p) => aitbc_backup_repository::KeySecret::Passphrase(p),
+        RepoKey::KeyFile(bytes) => aitbc_backup_repository::KeySecret::KeyFile(bytes),
+    }
+}

@@ -173,7 +173,7 @@ fn read_secret_file(path: &PathBuf, passphrase: bool) -> anyhow::Result<KeySecre
     }
 }
 
-fn secret_from(
+pub(crate) fn secret_from(
     passphrase_file: &Option<PathBuf>,
     key_file: &Option<PathBuf>,
     env_var: &str,

@@ -72,6 +72,39 @@ pub struct RestoreArgs {
     /// temporary names, a scratch directory, an offline dump.rdb), verified, then removed.
     #[arg(long, conflicts_with_all = ["targets", "force"])]
     trial: bool,
+    #[command(flatten)]
+    key: OperatorKey,
+}
+
+/// The operator's key of an encrypted repository, handed to the coordinator and the agents
+/// for this one request (a sealed repository's data opens with nothing they hold).
+#[derive(clap::Args)]
+pub struct OperatorKey {
+    /// File holding the repository passphrase (or set AITBC_CLI_PASSPHRASE).
+    #[arg(long)]
+    passphrase_file: Option<std::path::PathBuf>,
+    /// Key file opening the repository.
+    #[arg(long)]
+    key_file: Option<std::path::PathBuf>,
+}
+
+impl OperatorKey {
+    fn to_proto(&self) -> anyhow::Result<Option<aitbc_backup_proto::RepositoryKey>> {
+        use aitbc_backup_proto::model::RepoKey;
+        use aitbc_backup_repository::KeySecret;
+        let secret = crate::repo::secret_from(
+            &self.passphrase_file,
+            &self.key_file,
+            "AITBC_CLI_PASSPHRASE",
+        )?;
+        Ok(secret.map(|secret| {
+            match secret {
+                KeySecret::Passphrase(p) => RepoKey::Passphrase(p),
+                KeySecret::KeyFile(bytes) => RepoKey::KeyFile(bytes),
+            }
+            .into()
+        }))
+    }
 }
 
 /// `verify SET`.
@@ -81,6 +114,8 @@ pub struct VerifyArgs {
     /// Download, decrypt, decompress and re-hash every chunk.
     #[arg(long)]
     read_data: bool,
+    #[command(flatten)]
+    key: OperatorKey,
 }
 
 pub async fn run(
@@ -291,6 +326,7 @@ pub async fn restore(
             targets,
             force: args.force,
             trial: args.trial,
+            key: args.key.to_proto()?,
         })
         .await
         .map_err(|s| status_error("RestoreSnapshot", s))?
@@ -346,6 +382,7 @@ pub async fn verify(
         .verify_snapshot(VerifySnapshotRequest {
             set_id: args.set.clone(),
             read_data: args.read_data,
+            key: args.key.to_proto()?,
         })
         .await
         .map_err(|s| status_error("VerifySnapshot", s))?

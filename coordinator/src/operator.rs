@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use aitbc_backup_proto::model::{Component, Mode};
+use aitbc_backup_proto::model::{Component, Mode, RepoKey};
 use aitbc_backup_proto::operator_server::Operator;
 use aitbc_backup_proto::{
     Agent, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse, GetAgentRequest,
@@ -232,6 +232,7 @@ impl Operator for OperatorService {
             targets,
             force: request.force,
             trial: request.trial,
+            key: RepoKey::from_proto("key", request.key)?,
         };
         let events = self.sets.restore(restore)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events).map(
@@ -246,7 +247,8 @@ impl Operator for OperatorService {
         self.sets.catalog_ready().await?;
         let request = request.into_inner();
         let record = self.committed(&request.set_id)?;
-        let report = Box::pin(self.sets.verify(&request.set_id, request.read_data))
+        let key = RepoKey::from_proto("key", request.key)?;
+        let report = Box::pin(self.sets.verify(&request.set_id, request.read_data, key))
             .await
             .map_err(|e| match e.downcast_ref::<RepoError>() {
                 Some(RepoError::NoSuchManifest(_)) => Status::not_found(format!("{e:#}")),

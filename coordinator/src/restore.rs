@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aitbc_backup_proto::model::{
-    self, Component, Done, Order, ProtocolError, RestoreOrder, RestoreTarget,
+    self, Component, Done, Order, ProtocolError, RepoKey, RestoreOrder, RestoreTarget,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,8 @@ pub struct RestoreRequest {
     pub force: bool,
     /// A restore test into the agents' scratch targets (removed afterwards).
     pub trial: bool,
+    /// The operator's key, passed on to each agent with its command.
+    pub key: Option<RepoKey>,
 }
 
 /// Why a restore could not start.
@@ -114,6 +116,7 @@ pub struct Restore {
     targets: HashMap<Component, Target>,
     force: bool,
     trial: bool,
+    key: Option<RepoKey>,
     fleet: Arc<Fleet>,
     calls: Arc<Calls>,
     deadline: Duration,
@@ -135,13 +138,18 @@ impl Sets {
     }
 
     /// A restore test of every component of a set; the failures, each naming its component.
-    pub async fn trial_restore(&self, set_id: &str) -> Result<Vec<TrialFailure>, RestoreError> {
+    pub async fn trial_restore(
+        &self,
+        set_id: &str,
+        key: Option<RepoKey>,
+    ) -> Result<Vec<TrialFailure>, RestoreError> {
         let mut events = self.restore(RestoreRequest {
             set_id: set_id.to_owned(),
             components: Vec::new(),
             targets: HashMap::new(),
             force: false,
             trial: true,
+            key,
         })?;
         let mut failures = Vec::new();
         while let Some(event) = events.recv().await {
@@ -179,6 +187,7 @@ impl Sets {
             targets: request.targets,
             force: request.force,
             trial: request.trial,
+            key: request.key,
             fleet: self.fleet.clone(),
             calls: self.calls.clone(),
             deadline: self.settings.restore_timeout,
@@ -277,6 +286,7 @@ impl Restore {
             manifest_id: step.manifest_id.clone(),
             target,
             force: self.force,
+            key: self.key.clone(),
         });
         let call = self.calls.start(&self.fleet, agent, restore_id, order)?;
         let done = tokio::select! {

@@ -137,14 +137,15 @@ impl Scheduler {
                 let verify = policy.verify;
                 self.sets.tasks.spawn(async move {
                     if events.committed().await && verify != VerifyAfter::None {
+                        let verify = structure_without_key(&sets, &name, verify).await;
                         let checked = match verify {
-                            VerifyAfter::Restore => Box::pin(sets.trial_restore(&set_id))
+                            VerifyAfter::Restore => Box::pin(sets.trial_restore(&set_id, None))
                                 .await
                                 .map(|failures| failures.iter().map(ToString::to_string).collect())
                                 .map_err(anyhow::Error::from),
                             other => {
                                 let read_data = other == VerifyAfter::ReadData;
-                                Box::pin(sets.verify(&set_id, read_data)).await.map(|report| {
+                                Box::pin(sets.verify(&set_id, read_data, None)).await.map(|report| {
                                     report.problems.iter().map(ToString::to_string).collect::<Vec<_>>()
                                 })
                             }
@@ -187,5 +188,28 @@ impl Scheduler {
                 true
             }
         }
+    }
+}
+
+/// What a scheduled verification can do: reading data (`read_data`, `restore`) in a sealed
+/// repository takes an operator's key, which the coordinator holds only if it was given one
+/// (`repository.passphrase` instead of a metadata credential). Without it the set's structure
+/// is checked, and the log says so at every run.
+async fn structure_without_key(sets: &Sets, policy: &str, verify: VerifyAfter) -> VerifyAfter {
+    if !matches!(verify, VerifyAfter::ReadData | VerifyAfter::Restore) {
+        return verify;
+    }
+    match sets.reads_data().await {
+        Ok(false) => {
+            tracing::warn!(
+                policy,
+                wanted = ?verify,
+                "the repository is sealed and the coordinator holds no operator key: the set's \
+                 structure is verified, its data is not (run `aitbc-backup snapshot verify \
+                 --read-data` or a restore test with the operator's key)"
+            );
+            VerifyAfter::Structure
+        }
+        _ => verify,
     }
 }

@@ -6,6 +6,7 @@
 use aitbc_backup_repository::damaged::gc_stopped_at;
 use aitbc_backup_repository::verify::{VerifyReport, verify_set};
 
+use aitbc_backup_proto::model::RepoKey;
 use aitbc_backup_repository::RepoError;
 
 use crate::catalog::{SetRecord, SetState};
@@ -45,10 +46,31 @@ impl Sets {
     }
 
     /// Verifies a committed set's data; every problem in the report names its object.
-    pub async fn verify(&self, set_id: &str, read_data: bool) -> anyhow::Result<VerifyReport> {
+    /// Verifies a set; with `key` (an operator's, kept for this call only) where the
+    /// coordinator's own credential reads no data.
+    pub async fn verify(
+        &self,
+        set_id: &str,
+        read_data: bool,
+        key: Option<RepoKey>,
+    ) -> anyhow::Result<VerifyReport> {
         let cancel = self.shutdown.child_token();
         let repo = self.repo.get(&cancel).await?;
-        Ok(Box::pin(verify_set(repo, set_id, read_data, &cancel)).await?)
+        let report = match key {
+            Some(key) => {
+                let repo = repo.with_key(&key_secret(key), &cancel).await?;
+                Box::pin(verify_set(&repo, set_id, read_data, &cancel)).await?
+            }
+            None => Box::pin(verify_set(repo, set_id, read_data, &cancel)).await?,
+        };
+        Ok(report)
+    }
+
+    /// Whether the coordinator reads data by itself (false where a sealed repository gave it
+    /// a metadata credential only).
+    pub async fn reads_data(&self) -> anyhow::Result<bool> {
+        let cancel = self.shutdown.child_token();
+        Ok(self.repo.get(&cancel).await?.reads_data())
     }
 
     /// Deletes a set (committed or aborted) from the repository and the catalog.
@@ -178,5 +200,13 @@ pub async fn lock_upkeep(sets: std::sync::Arc<Sets>, cancel: tokio_util::sync::C
         if !aitbc_backup_backoff::sleep_or_cancel(interval, &cancel).await {
             return;
         }
+    }
+}
+
+/// The repository library's form of an operator's key.
+pub(crate) fn key_secret(key: RepoKey) -> aitbc_backup_repository::KeySecret {
+    match key {
+        RepoKey::Passphrase(p) => aitbc_backup_repository::KeySecret::Passphrase(p),
+        RepoKey::KeyFile(bytes) => aitbc_backup_repository::KeySecret::KeyFile(bytes),
     }
 }

@@ -36,6 +36,57 @@ impl From<ProtocolError> for tonic::Status {
     }
 }
 
+/// An operator's repository key, as a restore or a data check hands it over. Prints
+/// `[REDACTED]`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RepoKey {
+    Passphrase(String),
+    KeyFile(Vec<u8>),
+}
+
+impl std::fmt::Debug for RepoKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepoKey([REDACTED])")
+    }
+}
+
+impl RepoKey {
+    /// Reads an optional `RepositoryKey` field named `field`: absent is None, present but
+    /// empty is an error.
+    pub fn from_proto(
+        field: &'static str,
+        key: Option<crate::RepositoryKey>,
+    ) -> Result<Option<RepoKey>, ProtocolError> {
+        use crate::repository_key::Secret;
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        match key.secret {
+            Some(Secret::Passphrase(p)) if !p.is_empty() => Ok(Some(RepoKey::Passphrase(p))),
+            Some(Secret::KeyFile(bytes)) if !bytes.is_empty() => Ok(Some(RepoKey::KeyFile(bytes))),
+            _ => Err(ProtocolError::new(field, "is empty")),
+        }
+    }
+}
+
+impl std::fmt::Debug for crate::RepositoryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepositoryKey([REDACTED])")
+    }
+}
+
+impl From<RepoKey> for crate::RepositoryKey {
+    fn from(key: RepoKey) -> Self {
+        use crate::repository_key::Secret;
+        crate::RepositoryKey {
+            secret: Some(match key {
+                RepoKey::Passphrase(p) => Secret::Passphrase(p),
+                RepoKey::KeyFile(bytes) => Secret::KeyFile(bytes),
+            }),
+        }
+    }
+}
+
 /// What an agent backs up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Component {

@@ -21,6 +21,20 @@ pub(super) enum KeysCommand {
     Revoke { id: String },
     /// Show the key audit log.
     Audit,
+    /// Issue a credential of a sealed repository, printed on stdout (store it as a secret:
+    /// AITBC_BACKUP_REPOSITORY__CREDENTIAL). `--writer COMPONENT`: an agent's, which writes
+    /// that component's backups and reads none; `--coordinator`: the coordinator's, which
+    /// reads manifests and no data.
+    Issue {
+        #[arg(
+            long,
+            value_name = "COMPONENT",
+            required_unless_present = "coordinator"
+        )]
+        writer: Option<String>,
+        #[arg(long, conflicts_with = "writer")]
+        coordinator: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -88,6 +102,24 @@ pub(super) async fn run_keys(
         KeysCommand::Rotate(new) => {
             let id = keys::rotate_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
             outln!("rotated: new key {id}; the previous key is revoked")?;
+        }
+        KeysCommand::Issue {
+            writer,
+            coordinator,
+        } => {
+            let what = match (writer, coordinator) {
+                (Some(component), _) => keys::Issue::Writer(component),
+                (None, _) => keys::Issue::Coordinator,
+            };
+            let (credential, key_id) = keys::issue(&storage, &current()?, what, cancel).await?;
+            if let Some(id) = key_id {
+                errln!(
+                    "issued the coordinator's credential (key {id}; `keys revoke {id}` ends it)"
+                );
+            } else if let Some(component) = writer {
+                errln!("issued a writer credential for component {component}");
+            }
+            outln!("{}", credential.encode())?;
         }
         KeysCommand::Revoke { id } => {
             keys::revoke_key(&storage, &current()?, id, cancel).await?;

@@ -47,7 +47,7 @@ async fn a_trial_restore_finds_an_agents_failure_by_type() {
         Reply::Failed("height 41 does not match the manifest's 42".to_owned())
     });
 
-    let failures = sets.trial_restore(SET).await.expect("started");
+    let failures = sets.trial_restore(SET, None).await.expect("started");
     assert_eq!(
         failures,
         [TrialFailure {
@@ -75,6 +75,7 @@ async fn a_trial_restore_finds_an_agents_failure_by_type() {
                 manifest_id: manifest.to_owned(),
                 target: RestoreTarget::Trial,
                 force: false,
+                key: None,
             })
         );
     }
@@ -96,6 +97,7 @@ async fn a_restore_stops_at_a_component_without_an_agent() {
             targets: HashMap::new(),
             force: false,
             trial: false,
+            key: None,
         })
         .expect("started");
     let mut seen = Vec::new();
@@ -126,6 +128,7 @@ async fn a_restore_is_refused_for_a_set_that_is_not_committed() {
         targets: HashMap::new(),
         force: false,
         trial: false,
+        key: None,
     };
     assert!(matches!(
         sets.restore(request("nope")),

@@ -46,6 +46,12 @@ pub struct RepositorySettings {
     /// Encryption passphrase; a secret: environment only (`AITBC_BACKUP_REPOSITORY__PASSPHRASE`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passphrase: Option<Secret>,
+    /// A sealed repository's credential (`aitbc-backup repo keys issue`): an agent's writer
+    /// credential, which writes its component's backups and reads none, or the coordinator's
+    /// metadata credential, which reads manifests and no data. A secret: environment only
+    /// (`AITBC_BACKUP_REPOSITORY__CREDENTIAL`). Use it or `passphrase`, not both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Secret>,
     /// S3 endpoint URL for S3-compatible servers; empty means AWS.
     pub s3_endpoint: String,
     /// S3 region; empty means the AWS configuration's, else us-east-1.
@@ -81,7 +87,7 @@ pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
 pub const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 0;
 
 /// Keys of [`RepositorySettings`] that are secrets, as dotted paths under `repository`.
-pub const REPOSITORY_SECRETS: &[&str] = &["repository.passphrase"];
+pub const REPOSITORY_SECRETS: &[&str] = &["repository.passphrase", "repository.credential"];
 
 /// zstd levels a repository writes at.
 const LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
@@ -106,6 +112,7 @@ impl Default for RepositorySettings {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             passphrase: None,
+            credential: None,
             s3_endpoint: String::new(),
             s3_region: String::new(),
             s3_path_style: false,

@@ -334,7 +334,7 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(2);
     let mut sink = ChunkSink {
         repo: repo.clone(),
-        cutter: repo.config.chunker.cutter(),
+        cutter: repo.cutter(),
         tx,
         refs: Vec::new(),
         stored: known.clone(),
@@ -472,6 +472,7 @@ where
         files: request.files.into_iter().chain(indexed).collect(),
         consistency: consistency.or(request.consistency),
         stats,
+        keyed_by: repo.keyed_by(),
     };
     repo.commit_component(&manifest, cancel).await?;
     Ok((manifest, output))

@@ -59,14 +59,23 @@ impl ChunkerParams {
 /// when it runs full, so each byte is copied about twice, not once per chunk.
 pub struct Cutter {
     params: ChunkerParams,
+    /// XORed into fastcdc's gear table (0: unkeyed); see [`crate::sealed`].
+    seed: u64,
     buf: Vec<u8>,
     start: usize,
 }
 
 impl Cutter {
     pub fn new(params: ChunkerParams) -> Self {
+        Cutter::seeded(params, 0)
+    }
+
+    /// A cutter whose gear table is keyed by `seed`: its cut points differ from every other
+    /// seed's for the same input.
+    pub fn seeded(params: ChunkerParams, seed: u64) -> Self {
         Cutter {
             params,
+            seed,
             buf: Vec::with_capacity(2 * params.max_size as usize),
             start: 0,
         }
@@ -120,11 +129,18 @@ impl Cutter {
     /// Length of the first chunk of `data` (which holds a maximum chunk or the stream's end).
     fn cut(&self, data: &[u8]) -> usize {
         let p = self.params;
-        fastcdc::v2020::FastCDC::new(data, p.min_size, p.avg_size, p.max_size)
-            .next()
-            .map(|chunk| chunk.length)
-            .unwrap_or(data.len())
-            .max(1)
+        fastcdc::v2020::FastCDC::with_level_and_seed(
+            data,
+            p.min_size,
+            p.avg_size,
+            p.max_size,
+            fastcdc::v2020::Normalization::Level1,
+            self.seed,
+        )
+        .next()
+        .map(|chunk| chunk.length)
+        .unwrap_or(data.len())
+        .max(1)
     }
 }
 
@@ -173,5 +189,41 @@ mod tests {
             assert_eq!(chunks.concat(), data);
         }
         assert!(cut_all(params, &[], 10).is_empty());
+    }
+
+    #[test]
+    fn seeds_move_cut_points_and_keep_them_stable() {
+        let params = ChunkerParams {
+            min_size: 16 << 10,
+            avg_size: 64 << 10,
+            max_size: 256 << 10,
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let cuts = |seed: u64| {
+            let mut lengths = Vec::new();
+            let mut cutter = Cutter::seeded(params, seed);
+            let mut emit = |c: &[u8]| {
+                lengths.push(c.len());
+                Ok(())
+            };
+            for part in data.chunks(77_777) {
+                cutter.push(part, &mut emit).expect("push");
+            }
+            cutter.finish(&mut emit).expect("finish");
+            lengths
+        };
+        let (a, b, plain) = (cuts(0x1234_5679), cuts(0xdead_beef_0000_0001), cuts(0));
+        assert_eq!(a, cuts(0x1234_5679), "the same seed cuts the same");
+        assert_ne!(a, b);
+        assert_ne!(a, plain);
+        assert_eq!(a.iter().sum::<usize>(), data.len());
     }
 }

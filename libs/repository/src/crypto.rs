@@ -24,6 +24,9 @@ pub enum CryptoError {
     Truncated(String),
     #[error("key derivation failed: {0}")]
     Kdf(String),
+    /// A sealed object whose key the holder lacks (the message says which and why).
+    #[error("{0}")]
+    NoKey(String),
 }
 
 /// The keys of an encrypted repository.

@@ -24,6 +24,9 @@ pub enum RepoError {
     RevokedKey { id: String, revoked_at: String },
     #[error("{0}")]
     KeyManagement(String),
+    /// A sealed object this key or credential cannot open.
+    #[error("{0}")]
+    NoKey(String),
     #[error("object {object} is corrupt: {reason}")]
     Corrupt { object: String, reason: String },
     #[error("object {0} is missing")]
@@ -65,6 +68,7 @@ impl From<CryptoError> for RepoError {
                 }
             }
             CryptoError::Kdf(message) => RepoError::KeyManagement(message),
+            CryptoError::NoKey(message) => RepoError::NoKey(message),
         }
     }
 }

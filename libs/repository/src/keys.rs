@@ -8,6 +8,9 @@
 //!   key, from which host), never key material.
 //!
 //! Keys are added, rotated and revoked without touching data: only the wrapping changes.
+//!
+//! That is version 1's scheme. Sealed repositories (version 3) keep their keys in a signed
+//! keyring with epochs ([`crate::sealed::keyring`]); the functions here serve both.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -18,6 +21,7 @@ pub use crate::crypto::KeySecret;
 use crate::crypto::{self, KekDerivation};
 use crate::error::RepoError;
 use crate::layout;
+use crate::sealed::keyring;
 use crate::storage::{PutMode, Storage, StorageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,7 +223,7 @@ async fn audit(
     Ok(())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default()
@@ -232,7 +236,19 @@ pub async fn list_keys(
     cancel: &CancellationToken,
 ) -> Result<Vec<KeyInfo>, RepoError> {
     // Where no repository is, there are no keys to list: say so rather than list nothing.
-    crate::repo::read_config(storage, cancel).await?;
+    let config = crate::repo::read_config(storage, cancel).await?;
+    if let Some(root_public) = &config.root_public {
+        let (keys, _) = keyring::list(storage, root_public, cancel).await?;
+        return Ok(keys
+            .into_iter()
+            .map(|k| KeyInfo {
+                id: k.id,
+                kind: k.kind,
+                created: k.created,
+                revoked_at: k.revoked_at,
+            })
+            .collect());
+    }
     let mut out: Vec<KeyInfo> = Vec::new();
     for prefix in [layout::KEYS, layout::REVOKED_KEYS] {
         for key in read_keys(storage, prefix, cancel).await? {
@@ -253,7 +269,30 @@ pub async fn audit_log(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<Vec<AuditEntry>, RepoError> {
-    crate::repo::read_config(storage, cancel).await?;
+    let config = crate::repo::read_config(storage, cancel).await?;
+    if let Some(root_public) = &config.root_public {
+        let (entries, problems) = keyring::audit_log(storage, root_public, cancel).await?;
+        if !problems.is_empty() {
+            return Err(RepoError::Corrupt {
+                object: layout::AUDIT.to_owned(),
+                reason: format!("the audit log was tampered with: {}", problems.join("; ")),
+            });
+        }
+        return Ok(entries
+            .into_iter()
+            .map(|e| AuditEntry {
+                time: e.time,
+                action: if e.detail.is_empty() {
+                    e.action
+                } else {
+                    format!("{} ({})", e.action, e.detail)
+                },
+                key_id: e.key_id,
+                by_key_id: e.by_key_id,
+                host: e.host,
+            })
+            .collect());
+    }
     let mut out = Vec::new();
     for meta in storage.list(layout::AUDIT, cancel).await? {
         let bytes = storage.get(&meta.path, cancel).await?;
@@ -274,8 +313,73 @@ pub async fn add_key(
     new: &KeySecret,
     cancel: &CancellationToken,
 ) -> Result<String, RepoError> {
+    if let Some(root_public) = sealed_root(storage, cancel).await? {
+        return keyring::add_key(storage, &root_public, current, new, cancel).await;
+    }
     let (master, by) = open_master(storage, current, cancel).await?;
     store_new_key(storage, &master, new, Some(&by), cancel).await
+}
+
+/// The root public key of a sealed repository; None for version 1.
+async fn sealed_root(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Result<Option<String>, RepoError> {
+    Ok(crate::repo::read_config(storage, cancel).await?.root_public)
+}
+
+/// What a new credential is for.
+pub enum Issue<'a> {
+    /// An agent writing component `.0`'s backups.
+    Writer(&'a str),
+    /// The coordinator: reads manifests, not data.
+    Coordinator,
+}
+
+/// Issues a credential (sealed repositories only), authorised by `current`; returns it and,
+/// for the coordinator's, its key id.
+pub async fn issue(
+    storage: &Storage,
+    current: &KeySecret,
+    what: Issue<'_>,
+    cancel: &CancellationToken,
+) -> Result<(crate::sealed::credential::Credential, Option<String>), RepoError> {
+    let config = crate::repo::read_config(storage, cancel).await?;
+    let Some(root_public) = &config.root_public else {
+        return Err(RepoError::KeyManagement(format!(
+            "{} is not a sealed repository (version {}, {}): credentials are issued by \
+             encrypted repositories created by this version",
+            storage.describe(),
+            config.version,
+            if config.encrypted {
+                "one master key"
+            } else {
+                "unencrypted"
+            }
+        )));
+    };
+    match what {
+        Issue::Writer(component) => {
+            if component.is_empty()
+                || !component
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(RepoError::KeyManagement(format!(
+                    "`{component}` is not a component name (letters, digits, - and _)"
+                )));
+            }
+            let credential =
+                keyring::issue_writer(storage, &config.id, root_public, current, component, cancel)
+                    .await?;
+            Ok((credential, None))
+        }
+        Issue::Coordinator => {
+            let (id, credential) =
+                keyring::issue_metadata(storage, &config.id, root_public, current, cancel).await?;
+            Ok((credential, Some(id)))
+        }
+    }
 }
 
 /// Revokes key `id`, authorised by `current`. The last active key cannot be revoked.
@@ -285,6 +389,10 @@ pub async fn revoke_key(
     id: &str,
     cancel: &CancellationToken,
 ) -> Result<(), RepoError> {
+    if let Some(root_public) = sealed_root(storage, cancel).await? {
+        keyring::revoke(storage, &root_public, current, id, "revoke", cancel).await?;
+        return Ok(());
+    }
     let (_, by) = open_master(storage, current, cancel).await?;
     revoke(storage, id, &by, "revoke", cancel).await
 }
@@ -296,6 +404,16 @@ pub async fn rotate_key(
     new: &KeySecret,
     cancel: &CancellationToken,
 ) -> Result<String, RepoError> {
+    if let Some(root_public) = sealed_root(storage, cancel).await? {
+        // The new key first (it opens every epoch the old one did), then the old one's
+        // revocation, which starts the epoch only the new key opens.
+        let new_id = keyring::add_key(storage, &root_public, current, new, cancel).await?;
+        let old = keyring::open_full(storage, &root_public, current, cancel)
+            .await?
+            .key_id;
+        keyring::revoke(storage, &root_public, new, &old, "rotate", cancel).await?;
+        return Ok(new_id);
+    }
     let (master, old) = open_master(storage, current, cancel).await?;
     let new_id = store_new_key(storage, &master, new, Some(&old), cancel).await?;
     revoke(storage, &old, &new_id, "rotate", cancel).await?;

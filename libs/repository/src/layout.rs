@@ -6,6 +6,9 @@ pub const CONFIG: &str = "config";
 pub const KEYS: &str = "keys/";
 pub const REVOKED_KEYS: &str = "keys-revoked/";
 pub const AUDIT: &str = "audit/";
+/// Key epochs and their grants (sealed repositories, see [`crate::sealed::keyring`]).
+pub const EPOCHS: &str = "epochs/";
+pub const GRANTS: &str = "grants/";
 pub const CHUNKS: &str = "chunks/";
 pub const COMPONENT_MANIFESTS: &str = "manifests/components/";
 pub const SET_MANIFESTS: &str = "manifests/sets/";
@@ -57,6 +60,14 @@ pub fn revoked_key(id: &str) -> RemotePath {
     path(format!("{REVOKED_KEYS}{id}.json"))
 }
 
+pub fn epoch(epoch: u32) -> RemotePath {
+    path(format!("{EPOCHS}{epoch:010}.json"))
+}
+
+pub fn grant(epoch: u32, nonce: &str, key_id: &str) -> RemotePath {
+    path(format!("{GRANTS}{epoch:010}-{nonce}/{key_id}.json"))
+}
+
 /// A new, time-ordered name under `dir` (`audit/`, `gc/`): `<UTC timestamp>-<random>.json`.
 pub fn timestamped(dir: &str) -> RemotePath {
     let now = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
@@ -85,7 +96,16 @@ pub fn manifest_id_of(path: &RemotePath) -> Option<&str> {
 pub fn is_lockable(path: &RemotePath) -> bool {
     let key = path.as_str();
     key == CONFIG
-        || [KEYS, REVOKED_KEYS, AUDIT, CHUNKS, "manifests/", "wal/"]
-            .iter()
-            .any(|prefix| key.starts_with(prefix))
+        || [
+            KEYS,
+            REVOKED_KEYS,
+            AUDIT,
+            EPOCHS,
+            GRANTS,
+            CHUNKS,
+            "manifests/",
+            "wal/",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
 }

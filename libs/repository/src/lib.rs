@@ -10,7 +10,8 @@
 //! - [`damaged`]: manifests that cannot be read, named and skipped by listings.
 //! - [`immutable`]: S3 Object Lock: the bucket check, lock extension, reads that fall back to
 //!   the version that verifies.
-//! - [`keys`], [`crypto`]: key management and encryption.
+//! - [`keys`], [`crypto`], [`sealed`]: key management and encryption (the sealed scheme:
+//!   least knowledge, writers that cannot read).
 //! - [`manifest`], [`layout`], [`chunker`], [`path`]: the format's pieces.
 
 pub mod backup;
@@ -30,6 +31,7 @@ pub mod open;
 pub mod path;
 pub mod repo;
 pub mod restore;
+pub mod sealed;
 pub mod sets;
 pub mod storage;
 pub mod verify;

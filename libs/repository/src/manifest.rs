@@ -225,6 +225,10 @@ pub struct ComponentManifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<ConsistencyPoint>,
     pub stats: BackupStats,
+    /// Sealed repositories: the component whose secret keyed this backup's chunk ids and cut
+    /// points (see [`crate::sealed`]); empty elsewhere.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub keyed_by: String,
 }
 
 /// A manifest that names itself (its id must match the key it is stored under).

@@ -116,7 +116,24 @@ pub async fn open_configured(
         .passphrase
         .as_ref()
         .map(|p| crate::KeySecret::Passphrase(p.expose().to_owned()));
-    let repo = crate::Repository::open(storage, secret.as_ref(), cancel).await?;
+    let credential = settings
+        .credential
+        .as_ref()
+        .map(|c| crate::sealed::credential::Credential::parse(c.expose()))
+        .transpose()
+        .map_err(|e| bad("credential", e))?;
+    let opener = match (&secret, &credential) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "credential",
+                "set repository.credential or repository.passphrase, not both".into(),
+            ));
+        }
+        (Some(secret), None) => Some(crate::repo::Opener::Key(secret)),
+        (None, Some(credential)) => Some(crate::repo::Opener::Credential(credential)),
+        (None, None) => None,
+    };
+    let repo = crate::Repository::open_as(storage, opener, cancel).await?;
     if let Some(expected) = &settings.object_lock {
         check_recorded_lock(&repo, expected)?;
     }

@@ -12,6 +12,8 @@ use crate::keys::{self, KeySecret};
 use crate::layout;
 use crate::manifest::{self, COMPONENT_FORMAT, ComponentManifest, SET_FORMAT, SetManifest};
 use crate::path::RemotePath;
+use crate::sealed::credential::Credential;
+use crate::sealed::{ComponentKey, Kind, Sealed, keyring};
 use crate::storage::{PutMode, Storage, StorageError};
 
 mod config;
@@ -20,9 +22,20 @@ pub use config::{ObjectLock, RepoConfig, with_recorded_lock};
 pub(crate) use config::{config_versions, read_config};
 
 pub const REPOSITORY_FORMAT: &str = "aitbc-backup/repository";
-/// The newest config version this program reads: 2 is a repository with an Object Lock
-/// (so that programs that predate locks refuse to write unlocked objects into it), 1 without.
-pub const REPOSITORY_VERSION: u32 = 2;
+/// The newest config version this program reads: 3 is a sealed repository (see
+/// [`crate::sealed`]), 2 a repository with an Object Lock (so that programs that predate locks
+/// refuse to write unlocked objects into it), 1 neither. Each is refused by the programs
+/// that predate it.
+pub const REPOSITORY_VERSION: u32 = 3;
+
+/// What opens an encrypted repository.
+#[derive(Clone, Copy)]
+pub enum Opener<'a> {
+    /// An operator's passphrase or key file: reads everything.
+    Key(&'a KeySecret),
+    /// A writer's or the coordinator's credential (sealed repositories only).
+    Credential(&'a Credential),
+}
 
 /// Tuning of backups and restores.
 #[derive(Debug, Clone)]
@@ -97,7 +110,12 @@ const TAG_ZSTD: u8 = 1;
 pub struct Repository {
     pub(crate) storage: Storage,
     pub(crate) config: RepoConfig,
+    /// Version 1 encryption: one master key for everything.
     pub(crate) keys: Option<DataKeys>,
+    /// The sealed scheme: what this holder knows (see [`crate::sealed`]).
+    pub(crate) sealed: Option<std::sync::Arc<Sealed>>,
+    /// The component whose key ids and cuts new chunks (sealed repositories).
+    pub(crate) component: Option<ComponentKey>,
     pub(crate) settings: RepoSettings,
     /// Objects read from an older version because the current one did not verify.
     pub(crate) overwritten: crate::immutable::Overwritten,
@@ -131,14 +149,22 @@ impl Repository {
             crate::immutable::check_bucket(&storage, cancel).await?;
         }
         let storage = storage.with_lock(object_lock.map(|l| l.policy()));
+        // Encrypted repositories are sealed (version 3): one root secret, kept only in the
+        // grants of operators' keys.
+        let root: Option<[u8; 32]> = secret.map(|_| rand::random());
         let config = RepoConfig {
             format: REPOSITORY_FORMAT.to_owned(),
-            version: if object_lock.is_some() { 2 } else { 1 },
+            version: match (root.is_some(), object_lock.is_some()) {
+                (true, _) => 3,
+                (false, true) => 2,
+                (false, false) => 1,
+            },
             id: hex::encode(rand::random::<[u8; 16]>()),
             created: now_rfc3339(),
             chunker,
             encrypted: secret.is_some(),
             object_lock,
+            root_public: root.as_ref().map(keyring::root_public),
         };
         let body =
             serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig(e.to_string()))?;
@@ -178,47 +204,200 @@ impl Repository {
             }
             Err(err) => return Err(err.into()),
         }
-        let keys = match secret {
-            Some(secret) => {
-                let master: [u8; 32] = rand::random();
-                keys::store_new_key(&storage, &master, secret, None, cancel).await?;
-                Some(DataKeys::from_master(&master))
+        let sealed = match (root, secret) {
+            (Some(root), Some(secret)) => {
+                Some(keyring::init(&storage, root, secret, cancel).await?.sealed)
             }
-            None => None,
+            _ => None,
         };
-        Ok(Repository {
+        Ok(Repository::new(storage, config, None, sealed))
+    }
+
+    fn new(
+        storage: Storage,
+        config: RepoConfig,
+        keys: Option<DataKeys>,
+        sealed: Option<Sealed>,
+    ) -> Repository {
+        Repository {
             storage,
             config,
             keys,
+            sealed: sealed.map(std::sync::Arc::new),
+            component: None,
             settings: RepoSettings::default(),
             overwritten: Default::default(),
             lock_dates: Default::default(),
-        })
+        }
     }
 
-    /// Opens an existing repository.
+    /// Creates a version 1 encrypted repository (one master key): what programs before the
+    /// sealed scheme wrote. For tests of the upgrade path only.
+    #[doc(hidden)]
+    pub async fn init_version1_encrypted(
+        storage: Storage,
+        chunker: ChunkerParams,
+        secret: &KeySecret,
+        cancel: &CancellationToken,
+    ) -> Result<Repository, RepoError> {
+        let config = RepoConfig {
+            format: REPOSITORY_FORMAT.to_owned(),
+            version: 1,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            created: now_rfc3339(),
+            chunker,
+            encrypted: true,
+            object_lock: None,
+            root_public: None,
+        };
+        let body =
+            serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        storage
+            .put(
+                &layout::config(),
+                Bytes::from(body),
+                PutMode::Create,
+                cancel,
+            )
+            .await?;
+        let master: [u8; 32] = rand::random();
+        keys::store_new_key(&storage, &master, secret, None, cancel).await?;
+        Ok(Repository::new(
+            storage,
+            config,
+            Some(DataKeys::from_master(&master)),
+            None,
+        ))
+    }
+
+    /// Opens an existing repository with an operator's passphrase or key file (needed where
+    /// it is encrypted).
     pub async fn open(
         storage: Storage,
         secret: Option<&KeySecret>,
         cancel: &CancellationToken,
     ) -> Result<Repository, RepoError> {
+        Repository::open_as(storage, secret.map(Opener::Key), cancel).await
+    }
+
+    /// Opens an existing repository with a key, a credential or (unencrypted) nothing.
+    pub async fn open_as(
+        storage: Storage,
+        opener: Option<Opener<'_>>,
+        cancel: &CancellationToken,
+    ) -> Result<Repository, RepoError> {
         let config = read_config(&storage, cancel).await?;
         let storage = storage.with_lock(config.object_lock.map(|l| l.policy()));
-        let keys = if config.encrypted {
-            let secret = secret.ok_or(RepoError::KeyRequired)?;
-            let (master, _) = keys::open_master(&storage, secret, cancel).await?;
-            Some(DataKeys::from_master(&master))
-        } else {
-            None
+        if !config.encrypted {
+            return Ok(Repository::new(storage, config, None, None));
+        }
+        let opener = opener.ok_or(RepoError::KeyRequired)?;
+        let (keys, sealed) = match (&config.root_public, opener) {
+            (None, Opener::Key(secret)) => {
+                let (master, _) = keys::open_master(&storage, secret, cancel).await?;
+                (Some(DataKeys::from_master(&master)), None)
+            }
+            (None, Opener::Credential(_)) => {
+                return Err(RepoError::BadConfig(format!(
+                    "{} is a version 1 encrypted repository: it opens with a passphrase or key                      file only (credentials are for sealed repositories)",
+                    storage.describe()
+                )));
+            }
+            (Some(root_public), Opener::Key(secret)) => (
+                None,
+                Some(
+                    keyring::open_full(&storage, root_public, secret, cancel)
+                        .await?
+                        .sealed,
+                ),
+            ),
+            (Some(root_public), Opener::Credential(credential)) => (
+                None,
+                Some(
+                    keyring::open_credential(&storage, &config.id, root_public, credential, cancel)
+                        .await?,
+                ),
+            ),
         };
-        Ok(Repository {
-            storage,
-            config,
-            keys,
-            settings: RepoSettings::default(),
-            overwritten: Default::default(),
-            lock_dates: Default::default(),
-        })
+        Ok(Repository::new(storage, config, keys, sealed))
+    }
+
+    /// This repository keying and cutting new chunks as component `name` (sealed
+    /// repositories; elsewhere unchanged). A writer's credential names its component: any
+    /// other is refused.
+    pub fn for_component(mut self, name: &str) -> Result<Repository, RepoError> {
+        if let Some(sealed) = &self.sealed {
+            self.component = sealed.component(name)?;
+        }
+        Ok(self)
+    }
+
+    /// This repository read with an operator's key as well: what a restore or a data check
+    /// handed `secret` (in memory only) can read. The component keeps its name.
+    pub async fn with_key(
+        &self,
+        secret: &KeySecret,
+        cancel: &CancellationToken,
+    ) -> Result<Repository, RepoError> {
+        let mut repo = self.clone();
+        match &self.config.root_public {
+            Some(root_public) => {
+                let full = keyring::open_full(&self.storage, root_public, secret, cancel).await?;
+                repo.sealed = Some(std::sync::Arc::new(full.sealed));
+                if let Some(component) = &self.component {
+                    return repo.for_component(&component.name.clone());
+                }
+            }
+            None if self.config.encrypted => {
+                let (master, _) = keys::open_master(&self.storage, secret, cancel).await?;
+                repo.keys = Some(DataKeys::from_master(&master));
+            }
+            None => {}
+        }
+        Ok(repo)
+    }
+
+    /// The sealed scheme's view of this holder, if the repository is sealed.
+    pub fn sealed(&self) -> Option<&Sealed> {
+        self.sealed.as_deref()
+    }
+
+    /// Whether this holder can read chunk data (false for writers and the coordinator's
+    /// metadata credential in sealed repositories).
+    pub fn reads_data(&self) -> bool {
+        self.sealed.as_ref().is_none_or(|s| s.reads_data())
+    }
+
+    /// The name new chunks are keyed under (recorded in manifests as `keyed_by`).
+    pub(crate) fn keyed_by(&self) -> String {
+        self.component
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// This repository reading chunks keyed as `keyed_by` says (a manifest's).
+    pub(crate) fn reading(&self, keyed_by: &str) -> Result<Repository, RepoError> {
+        if self.keyed_by() == keyed_by {
+            return Ok(self.clone());
+        }
+        let mut repo = self.clone();
+        repo.component = match (&self.sealed, keyed_by) {
+            (_, "") => None,
+            (Some(sealed), name) => sealed.component(name)?,
+            (None, name) => {
+                return Err(RepoError::NoKey(format!(
+                    "chunks keyed as component `{name}` are in a sealed repository's format,                      but this repository is not sealed"
+                )));
+            }
+        };
+        Ok(repo)
+    }
+
+    /// A chunker for new chunks: keyed by the component's secret in sealed repositories.
+    pub(crate) fn cutter(&self) -> crate::chunker::Cutter {
+        let seed = self.component.as_ref().map_or(0, |c| c.chunker_seed());
+        crate::chunker::Cutter::seeded(self.config.chunker, seed)
     }
 
     pub fn with_settings(mut self, settings: RepoSettings) -> Self {
@@ -258,9 +437,10 @@ impl Repository {
 
     /// The id of a chunk's raw bytes.
     pub(crate) fn chunk_id(&self, data: &[u8]) -> blake3::Hash {
-        match &self.keys {
-            Some(keys) => keys.chunk_id(data),
-            None => blake3::hash(data),
+        match (&self.component, &self.keys) {
+            (Some(component), _) => component.chunk_id(data),
+            (None, Some(keys)) => keys.chunk_id(data),
+            (None, None) => blake3::hash(data),
         }
     }
 
@@ -282,9 +462,10 @@ impl Repository {
             payload.push(TAG_RAW);
             payload.extend_from_slice(data);
         }
-        match &self.keys {
-            Some(keys) => keys.seal(&payload),
-            None => payload,
+        match (&self.sealed, &self.keys) {
+            (Some(sealed), _) => sealed.seal(Kind::Data, &payload),
+            (None, Some(keys)) => keys.seal(&payload),
+            (None, None) => payload,
         }
     }
 
@@ -301,9 +482,10 @@ impl Repository {
             object: object.clone(),
             reason,
         };
-        let payload = match &self.keys {
-            Some(keys) => Bytes::from(keys.open(&object, &stored)?),
-            None => stored,
+        let payload = match (&self.sealed, &self.keys) {
+            (Some(sealed), _) => Bytes::from(sealed.open(Kind::Data, &object, &stored)?),
+            (None, Some(keys)) => Bytes::from(keys.open(&object, &stored)?),
+            (None, None) => stored,
         };
         let tag = *payload
             .first()
@@ -329,16 +511,18 @@ impl Repository {
     }
 
     fn seal_manifest(&self, bytes: Vec<u8>) -> Bytes {
-        match &self.keys {
-            Some(keys) => Bytes::from(keys.seal(&bytes)),
-            None => Bytes::from(bytes),
+        match (&self.sealed, &self.keys) {
+            (Some(sealed), _) => Bytes::from(sealed.seal(Kind::Meta, &bytes)),
+            (None, Some(keys)) => Bytes::from(keys.seal(&bytes)),
+            (None, None) => Bytes::from(bytes),
         }
     }
 
     fn open_manifest(&self, object: &RemotePath, stored: &[u8]) -> Result<Vec<u8>, RepoError> {
-        match &self.keys {
-            Some(keys) => Ok(keys.open(object.as_str(), stored)?),
-            None => Ok(stored.to_vec()),
+        match (&self.sealed, &self.keys) {
+            (Some(sealed), _) => Ok(sealed.open(Kind::Meta, object.as_str(), stored)?),
+            (None, Some(keys)) => Ok(keys.open(object.as_str(), stored)?),
+            (None, None) => Ok(stored.to_vec()),
         }
     }
 
@@ -354,12 +538,17 @@ impl Repository {
         let sealed = self.seal_manifest(plain.clone());
         match self
             .storage
-            .put(path, sealed, PutMode::Create, cancel)
+            .put(path, sealed.clone(), PutMode::Create, cancel)
             .await
         {
             Ok(()) => Ok(()),
             Err(StorageError::AlreadyExists(_)) => {
                 let existing = self.storage.get(path, cancel).await?;
+                // A retried put whose first attempt landed stored these very bytes (a writer
+                // of a sealed repository cannot open them to compare).
+                if existing == sealed {
+                    return Ok(());
+                }
                 match self.open_manifest(path, &existing) {
                     Ok(bytes) if bytes == plain => Ok(()),
                     _ => Err(RepoError::ManifestExists(id.to_owned())),

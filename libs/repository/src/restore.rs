@@ -160,10 +160,13 @@ fn chunk_stream<'a>(
     cancel: &'a CancellationToken,
 ) -> impl futures::Stream<Item = Result<Bytes, RepoError>> + 'a {
     let mut cache: HashMap<String, Bytes> = HashMap::new();
+    // Chunks are checked against ids keyed as the backup was (sealed repositories).
+    let keyed = repo.reading(&manifest.keyed_by).map_err(|e| e.to_string());
     futures::stream::iter(plan(&manifest.chunks, REUSE_CACHE_BYTES))
         .map(move |step| {
-            let repo = repo.clone();
+            let repo = keyed.clone();
             async move {
+                let repo = repo.map_err(RepoError::NoKey)?;
                 let fetched = if step.fetch {
                     Some(fetch(&repo, &step.chunk, cancel).await?)
                 } else {

@@ -58,6 +58,7 @@ pub async fn verify(
     read_data: bool,
     cancel: &CancellationToken,
 ) -> Result<VerifyReport, RepoError> {
+    needs_data_key(repo, read_data)?;
     let mut ids = repo.component_ids(cancel).await?;
     if keeps_versions(repo) {
         // A component manifest a set names but the listing lacks (a delete marker in front of
@@ -118,6 +119,19 @@ pub async fn verify(
     Ok(report)
 }
 
+/// Reading data in a sealed repository takes an operator's key: a writer's or the
+/// coordinator's credential checks structure only, and says so rather than report every chunk.
+fn needs_data_key(repo: &Repository, read_data: bool) -> Result<(), RepoError> {
+    if read_data && !repo.reads_data() {
+        return Err(RepoError::NoKey(
+            "--read-data needs an operator's key (passphrase or key file): this credential \
+             reads no data in a sealed repository; without --read-data the structure is checked"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks one snapshot set: the component manifests it names and their chunks.
 pub async fn verify_set(
     repo: &Repository,
@@ -125,6 +139,7 @@ pub async fn verify_set(
     read_data: bool,
     cancel: &CancellationToken,
 ) -> Result<VerifyReport, RepoError> {
+    needs_data_key(repo, read_data)?;
     let set = repo.set(set_id, cancel).await?;
     let ids: Vec<String> = set.components.into_iter().map(|c| c.manifest_id).collect();
     let mut report = VerifyReport::default();
@@ -137,9 +152,10 @@ pub async fn verify_set(
     Ok(report)
 }
 
-/// The chunks manifests reference: chunk id → (raw length, stored length, manifests).
+/// The chunks manifests reference: chunk id → (raw length, stored length, the component its
+/// id is keyed by, manifests).
 #[derive(Default)]
-struct References(BTreeMap<String, (u32, u32, Vec<String>)>);
+struct References(BTreeMap<String, (u32, u32, String, Vec<String>)>);
 
 impl References {
     fn add(&mut self, name: &str, manifest: &ComponentManifest) {
@@ -147,10 +163,11 @@ impl References {
             let entry = self.0.entry(chunk.id.clone()).or_insert((
                 chunk.raw_len,
                 chunk.stored_len,
+                manifest.keyed_by.clone(),
                 Vec::new(),
             ));
-            if entry.2.last().map(String::as_str) != Some(name) {
-                entry.2.push(name.to_owned());
+            if entry.3.last().map(String::as_str) != Some(name) {
+                entry.3.push(name.to_owned());
             }
         }
     }
@@ -265,10 +282,11 @@ async fn check_chunks(
     // Where the bucket keeps versions, a chunk whose current version is missing or of the wrong
     // size is read: an older version that verifies is reported as overwritten, not missing.
     let versioned = keeps_versions(repo);
-    for (id, (raw_len, stored_len, manifests)) in &chunks.0 {
+    for (id, (raw_len, stored_len, keyed_by, manifests)) in &chunks.0 {
         let object = layout::chunk(id).to_string();
+        let read = (id.clone(), *raw_len, keyed_by.clone(), manifests.clone());
         if versioned && stored.get(id) != Some(&u64::from(*stored_len)) {
-            suspects.push((id.clone(), *raw_len, manifests.clone()));
+            suspects.push(read);
             continue;
         }
         match stored.get(id) {
@@ -282,7 +300,7 @@ async fn check_chunks(
                 problem: format!("size {size} bytes, the manifest records {stored_len}"),
                 manifests: manifests.clone(),
             }),
-            Some(_) => readable.push((id.clone(), *raw_len, manifests.clone())),
+            Some(_) => readable.push(read),
         }
     }
     // Without --read-data only the suspects are read.
@@ -292,11 +310,14 @@ async fn check_chunks(
     readable.append(&mut suspects);
     {
         let mut reads = futures::stream::iter(readable)
-            .map(|(id, raw_len, manifests)| {
-                let repo = repo.clone();
+            .map(|(id, raw_len, keyed_by, manifests)| {
+                let repo = repo.reading(&keyed_by);
                 async move {
                     let object = layout::chunk(&id);
-                    let result = repo.read_chunk(&id, raw_len, cancel).await.map(|_| ());
+                    let result = match repo {
+                        Ok(repo) => repo.read_chunk(&id, raw_len, cancel).await.map(|_| ()),
+                        Err(err) => Err(err),
+                    };
                     (object.to_string(), manifests, result)
                 }
             })

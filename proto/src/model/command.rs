@@ -92,6 +92,8 @@ pub struct RestoreOrder {
     pub target: RestoreTarget,
     /// Replace a non-empty directory, a database in use, or an existing dump.rdb.
     pub force: bool,
+    /// The operator's key, for a repository whose data the agent cannot read itself.
+    pub key: Option<crate::model::RepoKey>,
 }
 
 /// What a command asks of an agent, with the step's arguments.
@@ -182,6 +184,7 @@ impl From<Order> for Action {
                     target_url: url.unwrap_or_default(),
                     force: restore.force,
                     trial,
+                    key: restore.key.map(Into::into),
                 })
             }
         }
@@ -225,6 +228,7 @@ impl TryFrom<Action> for Order {
                         }
                     },
                     force: restore.force,
+                    key: crate::model::RepoKey::from_proto("command.restore.key", restore.key)?,
                 })
             }
         })

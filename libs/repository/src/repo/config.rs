@@ -1,4 +1,5 @@
-//! The `config` object: what a repository is (format, chunker, encryption, Object Lock),
+//! The `config` object: what a repository is (format, chunker, encryption and its scheme,
+//! Object Lock),
 //! written once by `init` and read, where the bucket keeps versions, from its first version.
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,10 @@ pub struct RepoConfig {
     /// S3 Object Lock of every chunk, manifest and key object (see [`crate::immutable`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_lock: Option<ObjectLock>,
+    /// Sealed repositories (version 3, see [`crate::sealed`]): the root public key (Ed25519,
+    /// hex) every keyring object is signed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_public: Option<String>,
 }
 
 /// A repository's Object Lock, recorded by `init`.

@@ -107,6 +107,7 @@ impl WalWriter {
             files: Vec::new(),
             consistency: None,
             stats,
+            keyed_by: self.repo.keyed_by(),
         };
         lock.confirm(cancel).await?;
         self.repo
@@ -137,7 +138,7 @@ fn encode(
     data: &[u8],
 ) -> Vec<(ChunkRef, Option<Bytes>)> {
     let mut pieces = Vec::new();
-    let mut cutter = repo.config.chunker.cutter();
+    let mut cutter = repo.cutter();
     let mut emit = |chunk: &[u8]| {
         let id = repo.chunk_id(chunk).to_hex().to_string();
         let (stored_len, body) = match known.get(&id) {

@@ -39,11 +39,13 @@ fn every_order_round_trips_through_the_wire() {
                 url: None,
             },
             force: true,
+            key: Some(crate::model::RepoKey::Passphrase("correct horse".into())),
         }),
         Order::Restore(RestoreOrder {
             manifest_id: "m-1".into(),
             target: RestoreTarget::Trial,
             force: false,
+            key: Some(crate::model::RepoKey::KeyFile(vec![7; 32])),
         }),
     ];
     for order in orders {
@@ -109,6 +111,7 @@ fn a_trial_restore_ignores_its_targets() {
             target_url: "postgres://elsewhere".into(),
             force: false,
             trial: true,
+            key: None,
         })),
     };
     let order = Command::try_from(wire).expect("valid").order;
@@ -205,4 +208,34 @@ fn invalid_results_are_refused_naming_the_field() {
             released: None
         }))
     );
+}
+
+#[test]
+fn a_restore_key_travels_but_never_prints() {
+    let order = Order::Restore(RestoreOrder {
+        manifest_id: "m".into(),
+        target: RestoreTarget::Trial,
+        force: false,
+        key: Some(crate::model::RepoKey::Passphrase("correct horse".into())),
+    });
+    let wire = crate::Command::from(Command {
+        id: "c".into(),
+        set_id: "s".into(),
+        order: order.clone(),
+    });
+    assert!(!format!("{wire:?}").contains("correct horse"), "{wire:?}");
+    assert!(!format!("{order:?}").contains("correct horse"));
+    assert_eq!(Command::try_from(wire).expect("valid").order, order);
+    // A key field present but empty is refused by name.
+    let empty = crate::Command {
+        command_id: "c".into(),
+        set_id: "s".into(),
+        action: Some(Action::Restore(crate::Restore {
+            manifest_id: "m".into(),
+            key: Some(crate::RepositoryKey { secret: None }),
+            ..Default::default()
+        })),
+    };
+    let err = Command::try_from(empty).expect_err("empty key");
+    assert!(err.to_string().contains("command.restore.key"), "{err}");
 }

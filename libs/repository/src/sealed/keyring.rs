@@ -1,0 +1,966 @@
+//! The keyring of a sealed repository: signed objects only a holder of the root secret can
+//! write.
+//!
+//! - `keys/<id>.json`: a key: its scope (`full` or `metadata`), its X25519 public key and, for
+//!   a passphrase or key file, the KEK derivation, a check value and the X25519 secret wrapped
+//!   by the KEK.
+//! - `keys-revoked/<id>.json`: a revocation.
+//! - `epochs/<epoch>.json`: an epoch: its data and metadata public keys, a nonce naming its
+//!   grants, and every key revoked so far. Written after its grants: it is the commit point.
+//! - `grants/<epoch>-<nonce>/<key id>.json`: an epoch's secrets sealed to one key (data,
+//!   metadata and the root secret for a full key; metadata only for a metadata key).
+//! - `audit/<time>-<rand>.json`: one entry per key operation, each naming the hash of the
+//!   entry before it.
+//!
+//! Each is `{"signed": "<JSON body>", "signature": "<Ed25519, hex>"}`, signed by the key the
+//! root secret derives over a domain string and the body, and checked against the root public
+//! key in the config and in every credential. A writer, lacking the root secret, can delete
+//! these objects but not forge, alter or revive one: a revoked key's object put back stays
+//! revoked (its tombstone and every later epoch name it) and gets no grant of a later epoch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crypto_box::{PublicKey, SecretKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::credential::Credential;
+use super::{ComponentKey, Components, EpochKeys, Sealed};
+use crate::clock::now_rfc3339;
+use crate::crypto::{self, KekDerivation, KeySecret};
+use crate::error::RepoError;
+use crate::layout;
+use crate::path::RemotePath;
+use crate::storage::{PutMode, Storage, StorageError};
+
+/// A key's reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Reads everything and manages keys (operators).
+    Full,
+    /// Reads manifests only (the coordinator).
+    Metadata,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    id: String,
+    created: String,
+    scope: Scope,
+    /// X25519, hex.
+    public: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    derivation: Option<KekDerivation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kek_check: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wrapped_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokedBody {
+    id: String,
+    revoked_at: String,
+    by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochBody {
+    epoch: u32,
+    created: String,
+    nonce: String,
+    data_public: String,
+    meta_public: String,
+    /// Every key revoked before this epoch began.
+    revoked: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    epoch: u32,
+    nonce: String,
+    key_id: String,
+    /// [`GrantSecrets`] as JSON, sealed to the key's public key, hex.
+    sealed: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantSecrets {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<String>,
+    meta: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
+}
+
+/// One audit log entry of a sealed repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditBody {
+    pub time: String,
+    /// `init`, `add`, `rotate`, `revoke`, `issue-writer`, `issue-metadata`.
+    pub action: String,
+    pub key_id: String,
+    pub by_key_id: Option<String>,
+    pub host: String,
+    /// What else the step did (`epoch 3`, `component redis`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// BLAKE3 of the previous entry's signed body (hex); empty for the first.
+    pub previous: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedObject {
+    signed: String,
+    signature: String,
+}
+
+fn signing_key(root: &[u8; 32]) -> SigningKey {
+    SigningKey::from_bytes(&blake3::derive_key("aitbc-backup 2026 root signing", root))
+}
+
+/// The root public key (hex) of a root secret, as the config and credentials carry it.
+pub fn root_public(root: &[u8; 32]) -> String {
+    hex::encode(signing_key(root).verifying_key().to_bytes())
+}
+
+pub(crate) fn parse_root_public(text: &str) -> Result<VerifyingKey, RepoError> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        .ok_or_else(|| RepoError::BadConfig(format!("`{text}` is not a root public key")))
+}
+
+fn message(domain: &str, body: &str) -> Vec<u8> {
+    let mut out = format!("aitbc-backup keyring {domain}\0").into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+fn sign<T: Serialize>(root: &[u8; 32], domain: &str, body: &T) -> Result<Bytes, RepoError> {
+    let signed =
+        serde_json::to_string(body).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
+    let signature = signing_key(root).sign(&message(domain, &signed));
+    let object = SignedObject {
+        signed,
+        signature: hex::encode(signature.to_bytes()),
+    };
+    Ok(Bytes::from(
+        serde_json::to_vec_pretty(&object).map_err(|e| RepoError::KeyManagement(e.to_string()))?,
+    ))
+}
+
+/// The body of a signed object, if its signature verifies; its signed text for the audit
+/// chain.
+fn verify<T: DeserializeOwned>(
+    root: &VerifyingKey,
+    domain: &str,
+    object: &RemotePath,
+    bytes: &[u8],
+) -> Result<(T, String), RepoError> {
+    let forged = |reason: &str| RepoError::Corrupt {
+        object: object.to_string(),
+        reason: format!("{reason} (a keyring object not written with this repository's root key)"),
+    };
+    let signed: SignedObject =
+        serde_json::from_slice(bytes).map_err(|_| forged("not a signed object"))?;
+    let signature = hex::decode(&signed.signature)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .map(|b| ed25519_dalek::Signature::from_bytes(&b))
+        .ok_or_else(|| forged("malformed signature"))?;
+    root.verify_strict(&message(domain, &signed.signed), &signature)
+        .map_err(|_| forged("its signature does not verify"))?;
+    let body = serde_json::from_str(&signed.signed).map_err(|e| RepoError::Corrupt {
+        object: object.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok((body, signed.signed))
+}
+
+/// Every object under `prefix`, newest name last. Where the bucket keeps versions, each
+/// object's first version (keyring objects are created once; a later version or a delete
+/// marker was someone else's).
+async fn read_all(
+    storage: &Storage,
+    prefix: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<(RemotePath, Bytes)>, RepoError> {
+    let mut out = Vec::new();
+    if storage.lock().is_some() {
+        let versions = storage.versions(prefix, cancel).await?;
+        for (path, group) in crate::immutable::by_key(&versions) {
+            let Some(first) = group.iter().rev().find(|v| !v.delete_marker) else {
+                continue;
+            };
+            let bytes = storage.get_version(path, &first.version_id, cancel).await?;
+            out.push((path.clone(), bytes));
+        }
+    } else {
+        for meta in storage.list(prefix, cancel).await? {
+            match storage.get(&meta.path, cancel).await {
+                Ok(bytes) => out.push((meta.path, bytes)),
+                Err(StorageError::NotFound(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    Ok(out)
+}
+
+/// Signed objects under `prefix` that verify; the others are named in a warning and skipped
+/// (a writer may plant objects; it cannot make them count).
+async fn read_signed<T: DeserializeOwned>(
+    storage: &Storage,
+    root: &VerifyingKey,
+    prefix: &str,
+    domain: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<(RemotePath, T, String)>, RepoError> {
+    let mut out = Vec::new();
+    for (path, bytes) in read_all(storage, prefix, cancel).await? {
+        match verify(root, domain, &path, &bytes) {
+            Ok((body, signed)) => out.push((path, body, signed)),
+            Err(err) => {
+                tracing::warn!(object = %path, error = %err, "a keyring object does not verify; it is ignored")
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn x25519_public(text: &str, object: &str) -> Result<PublicKey, RepoError> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(PublicKey::from)
+        .ok_or_else(|| RepoError::Corrupt {
+            object: object.to_owned(),
+            reason: "malformed public key".into(),
+        })
+}
+
+fn secret_of(text: &str) -> Option<SecretKey> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(SecretKey::from)
+}
+
+/// The keyring as read and verified.
+struct Keyring {
+    keys: Vec<KeyBody>,
+    revoked: BTreeMap<String, String>,
+    epochs: Vec<EpochBody>,
+}
+
+impl Keyring {
+    async fn read(
+        storage: &Storage,
+        root: &VerifyingKey,
+        cancel: &CancellationToken,
+    ) -> Result<Keyring, RepoError> {
+        let keys = read_signed::<KeyBody>(storage, root, layout::KEYS, "key", cancel)
+            .await?
+            .into_iter()
+            .filter(|(path, body, _)| path.file_name() == format!("{}.json", body.id))
+            .map(|(_, body, _)| body)
+            .collect();
+        let mut revoked: BTreeMap<String, String> =
+            read_signed::<RevokedBody>(storage, root, layout::REVOKED_KEYS, "revoked", cancel)
+                .await?
+                .into_iter()
+                .map(|(_, body, _)| (body.id, body.revoked_at))
+                .collect();
+        let mut epochs: Vec<EpochBody> =
+            read_signed::<EpochBody>(storage, root, layout::EPOCHS, "epoch", cancel)
+                .await?
+                .into_iter()
+                .filter(|(path, body, _)| *path == layout::epoch(body.epoch))
+                .map(|(_, body, _)| body)
+                .collect();
+        epochs.sort_by_key(|e| e.epoch);
+        // A tombstone deleted by someone else: every later epoch still names the key.
+        for epoch in &epochs {
+            for id in &epoch.revoked {
+                revoked
+                    .entry(id.clone())
+                    .or_insert_with(|| epoch.created.clone());
+            }
+        }
+        Ok(Keyring {
+            keys,
+            revoked,
+            epochs,
+        })
+    }
+
+    fn current(&self) -> Result<EpochKeys, RepoError> {
+        let epoch = self.epochs.last().ok_or_else(|| {
+            RepoError::KeyManagement(
+                "the repository has no key epoch that verifies (epochs/ was emptied, or the \
+                 credential belongs to another repository)"
+                    .into(),
+            )
+        })?;
+        let object = layout::epoch(epoch.epoch).to_string();
+        Ok(EpochKeys {
+            epoch: epoch.epoch,
+            data: x25519_public(&epoch.data_public, &object)?,
+            meta: x25519_public(&epoch.meta_public, &object)?,
+        })
+    }
+
+    fn active(&self) -> impl Iterator<Item = &KeyBody> {
+        self.keys
+            .iter()
+            .filter(|k| !self.revoked.contains_key(&k.id))
+    }
+}
+
+/// What a key opens: the secrets of every epoch granted to it.
+struct Opened {
+    data: BTreeMap<u32, SecretKey>,
+    meta: BTreeMap<u32, SecretKey>,
+    root: Option<[u8; 32]>,
+}
+
+async fn open_grants(
+    storage: &Storage,
+    root_key: &VerifyingKey,
+    ring: &Keyring,
+    key_id: &str,
+    secret: &SecretKey,
+    cancel: &CancellationToken,
+) -> Result<Opened, RepoError> {
+    let epochs: HashMap<(u32, &str), &EpochBody> = ring
+        .epochs
+        .iter()
+        .map(|e| ((e.epoch, e.nonce.as_str()), e))
+        .collect();
+    let mut opened = Opened {
+        data: BTreeMap::new(),
+        meta: BTreeMap::new(),
+        root: None,
+    };
+    for (path, grant, _) in
+        read_signed::<GrantBody>(storage, root_key, layout::GRANTS, "grant", cancel).await?
+    {
+        if grant.key_id != key_id || path != layout::grant(grant.epoch, &grant.nonce, key_id) {
+            continue;
+        }
+        let Some(epoch) = epochs.get(&(grant.epoch, grant.nonce.as_str())) else {
+            continue; // a grant of an epoch that was never committed
+        };
+        let Some(plain) = hex::decode(&grant.sealed)
+            .ok()
+            .and_then(|sealed| secret.unseal(&sealed).ok())
+        else {
+            tracing::warn!(object = %path, "a grant does not open with its key; it is ignored");
+            continue;
+        };
+        let secrets: GrantSecrets =
+            serde_json::from_slice(&plain).map_err(|e| RepoError::Corrupt {
+                object: path.to_string(),
+                reason: e.to_string(),
+            })?;
+        let check = |text: &str, public: &str| {
+            secret_of(text).filter(|s| hex::encode(s.public_key().as_bytes()) == public)
+        };
+        let meta = check(&secrets.meta, &epoch.meta_public).ok_or_else(|| RepoError::Corrupt {
+            object: path.to_string(),
+            reason: "its metadata secret is not the epoch's".into(),
+        })?;
+        opened.meta.insert(grant.epoch, meta);
+        if let Some(data) = &secrets.data {
+            let data = check(data, &epoch.data_public).ok_or_else(|| RepoError::Corrupt {
+                object: path.to_string(),
+                reason: "its data secret is not the epoch's".into(),
+            })?;
+            opened.data.insert(grant.epoch, data);
+        }
+        if let Some(root) = secrets.root.as_deref().and_then(|r| hex::decode(r).ok()) {
+            opened.root = <[u8; 32]>::try_from(root).ok();
+        }
+    }
+    Ok(opened)
+}
+
+/// The X25519 secret `secret` unwraps from one of the keys, and that key; the revoked error
+/// when the key it opens was revoked.
+fn unlock(ring: &Keyring, secret: &KeySecret) -> Result<(KeyBody, SecretKey), RepoError> {
+    for key in &ring.keys {
+        let (Some(derivation), Some(wrapped)) = (&key.derivation, &key.wrapped_secret) else {
+            continue;
+        };
+        let Some(kek) = secret.derive(derivation)? else {
+            continue;
+        };
+        if key.kek_check.as_deref() != Some(crypto::kek_check(&kek).as_str()) {
+            continue;
+        }
+        if let Some(at) = ring.revoked.get(&key.id) {
+            return Err(RepoError::RevokedKey {
+                id: key.id.clone(),
+                revoked_at: at.clone(),
+            });
+        }
+        let unwrapped = hex::decode(wrapped)
+            .ok()
+            .and_then(|w| crypto::unwrap(&kek, &w))
+            .ok_or_else(|| RepoError::Corrupt {
+                object: layout::key(&key.id).to_string(),
+                reason: "its wrapped secret does not open with its own KEK".into(),
+            })?;
+        let x = SecretKey::from(unwrapped);
+        if hex::encode(x.public_key().as_bytes()) != key.public {
+            return Err(RepoError::Corrupt {
+                object: layout::key(&key.id).to_string(),
+                reason: "its secret does not belong to its public key".into(),
+            });
+        }
+        return Ok((key.clone(), x));
+    }
+    // Revoked keys whose objects are gone: tell by the revocation rather than "wrong key".
+    Err(RepoError::WrongKey {
+        keys: ring.active().count(),
+    })
+}
+
+/// A full holder: the root secret, the key id, and what it opens.
+pub(crate) struct FullKey {
+    pub root: [u8; 32],
+    pub key_id: String,
+    pub sealed: Sealed,
+}
+
+/// Opens a sealed repository with an operator's passphrase or key file.
+pub(crate) async fn open_full(
+    storage: &Storage,
+    root_public: &str,
+    secret: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<FullKey, RepoError> {
+    let root_key = parse_root_public(root_public)?;
+    let ring = Keyring::read(storage, &root_key, cancel).await?;
+    let (key, x) = unlock(&ring, secret)?;
+    let opened = open_grants(storage, &root_key, &ring, &key.id, &x, cancel).await?;
+    let root = opened
+        .root
+        .filter(|r| self::root_public(r) == root_public)
+        .ok_or_else(|| {
+            RepoError::KeyManagement(format!(
+                "key {} opens no grant holding the repository's root secret (a metadata key, or \
+                 its grants were removed)",
+                key.id
+            ))
+        })?;
+    Ok(FullKey {
+        root,
+        key_id: key.id,
+        sealed: Sealed {
+            current: ring.current()?,
+            data: opened.data,
+            meta: opened.meta,
+            components: Components::Root(Arc::new(root)),
+        },
+    })
+}
+
+/// Opens a sealed repository with a writer's or the coordinator's credential.
+pub(crate) async fn open_credential(
+    storage: &Storage,
+    repository_id: &str,
+    root_public: &str,
+    credential: &Credential,
+    cancel: &CancellationToken,
+) -> Result<Sealed, RepoError> {
+    if credential.repository() != repository_id || credential.root_public() != root_public {
+        return Err(RepoError::BadConfig(format!(
+            "repository.credential was issued for repository {}, not for {} (id {repository_id})",
+            credential.repository(),
+            storage.describe()
+        )));
+    }
+    let root_key = parse_root_public(root_public)?;
+    let ring = Keyring::read(storage, &root_key, cancel).await?;
+    let secret = credential
+        .secret_bytes()
+        .map_err(|e| RepoError::BadConfig(format!("repository.credential: {e}")))?;
+    let (components, meta) = match credential {
+        Credential::Writer { component, .. } => (
+            Components::One(ComponentKey::from_secret(component, &secret)),
+            BTreeMap::new(),
+        ),
+        Credential::Metadata { key_id, .. } => {
+            if let Some(at) = ring.revoked.get(key_id) {
+                return Err(RepoError::RevokedKey {
+                    id: key_id.clone(),
+                    revoked_at: at.clone(),
+                });
+            }
+            let x = SecretKey::from(secret);
+            let opened = open_grants(storage, &root_key, &ring, key_id, &x, cancel).await?;
+            (Components::None, opened.meta)
+        }
+    };
+    Ok(Sealed {
+        current: ring.current()?,
+        data: BTreeMap::new(),
+        meta,
+        components,
+    })
+}
+
+/// Creates the keyring of a new repository: the first key (full, for `secret`), epoch 1 and
+/// its grant. Returns what the key opens.
+pub(crate) async fn init(
+    storage: &Storage,
+    root: [u8; 32],
+    secret: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<FullKey, RepoError> {
+    let (key, _) = new_key(storage, &root, Scope::Full, Some(secret), cancel).await?;
+    let ring = Keyring {
+        keys: vec![key.clone()],
+        revoked: BTreeMap::new(),
+        epochs: Vec::new(),
+    };
+    let epoch = new_epoch(storage, &root, &ring, cancel).await?;
+    audit(
+        storage,
+        &root,
+        "init",
+        &key.id,
+        None,
+        &format!("epoch {epoch}"),
+        cancel,
+    )
+    .await?;
+    open_full(storage, &root_public(&root), secret, cancel).await
+}
+
+/// Stores a new key of `scope`: wrapped by `secret`'s KEK, or (no secret) for a credential,
+/// whose X25519 secret is returned.
+async fn new_key(
+    storage: &Storage,
+    root: &[u8; 32],
+    scope: Scope,
+    secret: Option<&KeySecret>,
+    cancel: &CancellationToken,
+) -> Result<(KeyBody, SecretKey), RepoError> {
+    let x = super::new_secret();
+    let (derivation, kek_check, wrapped_secret) = match secret {
+        Some(secret) => {
+            let derivation = secret.new_derivation();
+            let kek = secret
+                .derive(&derivation)?
+                .ok_or_else(|| RepoError::KeyManagement("derivation kind mismatch".into()))?;
+            (
+                Some(derivation),
+                Some(crypto::kek_check(&kek)),
+                Some(hex::encode(crypto::wrap(&kek, &x.to_bytes()))),
+            )
+        }
+        None => (None, None, None),
+    };
+    let key = KeyBody {
+        id: format!("k{}", hex::encode(rand::random::<[u8; 6]>())),
+        created: now_rfc3339(),
+        scope,
+        public: hex::encode(x.public_key().as_bytes()),
+        derivation,
+        kek_check,
+        wrapped_secret,
+    };
+    storage
+        .put(
+            &layout::key(&key.id),
+            sign(root, "key", &key)?,
+            PutMode::Create,
+            cancel,
+        )
+        .await?;
+    Ok((key, x))
+}
+
+fn seal_grant(
+    key: &KeyBody,
+    data: &SecretKey,
+    meta: &SecretKey,
+    root: &[u8; 32],
+) -> Result<String, RepoError> {
+    let full = key.scope == Scope::Full;
+    let secrets = GrantSecrets {
+        data: full.then(|| hex::encode(data.to_bytes())),
+        meta: hex::encode(meta.to_bytes()),
+        root: full.then(|| hex::encode(root)),
+    };
+    let plain =
+        serde_json::to_vec(&secrets).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
+    let public = x25519_public(&key.public, &layout::key(&key.id).to_string())?;
+    let sealed = public
+        .seal(&mut crypto_box::aead::OsRng, &plain)
+        .map_err(|_| RepoError::KeyManagement("sealing a grant failed".into()))?;
+    Ok(hex::encode(sealed))
+}
+
+/// An epoch's secrets, as a grant hands them over.
+struct EpochSecrets<'a> {
+    epoch: u32,
+    nonce: &'a str,
+    data: &'a SecretKey,
+    meta: &'a SecretKey,
+}
+
+async fn put_grant(
+    storage: &Storage,
+    root: &[u8; 32],
+    secrets: &EpochSecrets<'_>,
+    key: &KeyBody,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    let grant = GrantBody {
+        epoch: secrets.epoch,
+        nonce: secrets.nonce.to_owned(),
+        key_id: key.id.clone(),
+        sealed: seal_grant(key, secrets.data, secrets.meta, root)?,
+    };
+    storage
+        .put(
+            &layout::grant(secrets.epoch, secrets.nonce, &key.id),
+            sign(root, "grant", &grant)?,
+            PutMode::Create,
+            cancel,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Starts the next epoch: new key pairs, a grant to every active key, then the epoch record
+/// (the commit point: writers seal to it from then on). Returns its number.
+async fn new_epoch(
+    storage: &Storage,
+    root: &[u8; 32],
+    ring: &Keyring,
+    cancel: &CancellationToken,
+) -> Result<u32, RepoError> {
+    let number = ring.epochs.last().map_or(1, |e| e.epoch + 1);
+    let nonce = hex::encode(rand::random::<[u8; 8]>());
+    let (data, meta) = (super::new_secret(), super::new_secret());
+    let secrets = EpochSecrets {
+        epoch: number,
+        nonce: &nonce,
+        data: &data,
+        meta: &meta,
+    };
+    for key in ring.active() {
+        put_grant(storage, root, &secrets, key, cancel).await?;
+    }
+    let epoch = EpochBody {
+        epoch: number,
+        created: now_rfc3339(),
+        nonce,
+        data_public: hex::encode(data.public_key().as_bytes()),
+        meta_public: hex::encode(meta.public_key().as_bytes()),
+        revoked: ring.revoked.keys().cloned().collect(),
+    };
+    match storage
+        .put(
+            &layout::epoch(number),
+            sign(root, "epoch", &epoch)?,
+            PutMode::Create,
+            cancel,
+        )
+        .await
+    {
+        Ok(()) => Ok(number),
+        Err(StorageError::AlreadyExists(_)) => Err(RepoError::KeyManagement(format!(
+            "epoch {number} was started by another key operation at the same time; run this one \
+             again"
+        ))),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Grants every epoch `by` opens to `key`.
+async fn grant_all(
+    storage: &Storage,
+    root_key: &VerifyingKey,
+    by: &FullKey,
+    key: &KeyBody,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    let ring = Keyring::read(storage, root_key, cancel).await?;
+    for epoch in &ring.epochs {
+        let (Some(data), Some(meta)) = (
+            by.sealed.data.get(&epoch.epoch),
+            by.sealed.meta.get(&epoch.epoch),
+        ) else {
+            continue;
+        };
+        let secrets = EpochSecrets {
+            epoch: epoch.epoch,
+            nonce: &epoch.nonce,
+            data,
+            meta,
+        };
+        put_grant(storage, &by.root, &secrets, key, cancel).await?;
+    }
+    Ok(())
+}
+
+/// Adds a full key for `new`, authorised by `current`; it opens every epoch `current` opens.
+pub(crate) async fn add_key(
+    storage: &Storage,
+    root_public: &str,
+    current: &KeySecret,
+    new: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    let by = open_full(storage, root_public, current, cancel).await?;
+    let (key, _) = new_key(storage, &by.root, Scope::Full, Some(new), cancel).await?;
+    grant_all(storage, &parse_root_public(root_public)?, &by, &key, cancel).await?;
+    audit(
+        storage,
+        &by.root,
+        "add",
+        &key.id,
+        Some(&by.key_id),
+        "",
+        cancel,
+    )
+    .await?;
+    Ok(key.id)
+}
+
+/// Issues the coordinator's metadata credential: a new metadata key granted every epoch.
+pub(crate) async fn issue_metadata(
+    storage: &Storage,
+    repository_id: &str,
+    root_public: &str,
+    current: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<(String, Credential), RepoError> {
+    let by = open_full(storage, root_public, current, cancel).await?;
+    let (key, x) = new_key(storage, &by.root, Scope::Metadata, None, cancel).await?;
+    grant_all(storage, &parse_root_public(root_public)?, &by, &key, cancel).await?;
+    audit(
+        storage,
+        &by.root,
+        "issue-metadata",
+        &key.id,
+        Some(&by.key_id),
+        "",
+        cancel,
+    )
+    .await?;
+    let credential = Credential::Metadata {
+        repository: repository_id.to_owned(),
+        root_public: root_public.to_owned(),
+        key_id: key.id.clone(),
+        secret: hex::encode(x.to_bytes()),
+    };
+    Ok((key.id, credential))
+}
+
+/// Issues a writer credential for `component`.
+pub(crate) async fn issue_writer(
+    storage: &Storage,
+    repository_id: &str,
+    root_public: &str,
+    current: &KeySecret,
+    component: &str,
+    cancel: &CancellationToken,
+) -> Result<Credential, RepoError> {
+    let by = open_full(storage, root_public, current, cancel).await?;
+    audit(
+        storage,
+        &by.root,
+        "issue-writer",
+        "",
+        Some(&by.key_id),
+        &format!("component {component}"),
+        cancel,
+    )
+    .await?;
+    Ok(Credential::Writer {
+        repository: repository_id.to_owned(),
+        root_public: root_public.to_owned(),
+        component: component.to_owned(),
+        secret: hex::encode(ComponentKey::secret(&by.root, component)),
+    })
+}
+
+/// Revokes key `id` (authorised by `current`) and starts a new epoch without it.
+pub(crate) async fn revoke(
+    storage: &Storage,
+    root_public: &str,
+    current: &KeySecret,
+    id: &str,
+    action: &str,
+    cancel: &CancellationToken,
+) -> Result<u32, RepoError> {
+    let by = open_full(storage, root_public, current, cancel).await?;
+    let root_key = parse_root_public(root_public)?;
+    let mut ring = Keyring::read(storage, &root_key, cancel).await?;
+    if !ring.active().any(|k| k.id == id) {
+        return Err(RepoError::KeyManagement(format!(
+            "no active key with id `{id}`"
+        )));
+    }
+    let full_left = ring
+        .active()
+        .filter(|k| k.id != id && k.scope == Scope::Full)
+        .count();
+    if full_left == 0 {
+        return Err(RepoError::KeyManagement(format!(
+            "key {id} is the repository's only operator key; add another before revoking it"
+        )));
+    }
+    let tombstone = RevokedBody {
+        id: id.to_owned(),
+        revoked_at: now_rfc3339(),
+        by: by.key_id.clone(),
+    };
+    match storage
+        .put(
+            &layout::revoked_key(id),
+            sign(&by.root, "revoked", &tombstone)?,
+            PutMode::Create,
+            cancel,
+        )
+        .await
+    {
+        Ok(()) | Err(StorageError::AlreadyExists(_)) => {}
+        Err(err) => return Err(err.into()),
+    }
+    ring.revoked.insert(id.to_owned(), tombstone.revoked_at);
+    let epoch = new_epoch(storage, &by.root, &ring, cancel).await?;
+    audit(
+        storage,
+        &by.root,
+        action,
+        id,
+        Some(&by.key_id),
+        &format!("epoch {epoch}"),
+        cancel,
+    )
+    .await?;
+    Ok(epoch)
+}
+
+/// A key as `keys list` shows it.
+pub(crate) struct Listed {
+    pub id: String,
+    pub kind: &'static str,
+    pub created: String,
+    pub revoked_at: Option<String>,
+}
+
+pub(crate) async fn list(
+    storage: &Storage,
+    root_public: &str,
+    cancel: &CancellationToken,
+) -> Result<(Vec<Listed>, u32), RepoError> {
+    let ring = Keyring::read(storage, &parse_root_public(root_public)?, cancel).await?;
+    let epoch = ring.epochs.last().map_or(0, |e| e.epoch);
+    let keys = ring
+        .keys
+        .iter()
+        .map(|k| Listed {
+            id: k.id.clone(),
+            kind: match (k.scope, &k.derivation) {
+                (Scope::Metadata, _) => "coordinator",
+                (Scope::Full, Some(KekDerivation::Passphrase { .. })) => "passphrase",
+                (Scope::Full, _) => "key-file",
+            },
+            created: k.created.clone(),
+            revoked_at: ring.revoked.get(&k.id).cloned(),
+        })
+        .collect();
+    Ok((keys, epoch))
+}
+
+/// The audit log, oldest first, and what is wrong with it: entries that do not verify (not
+/// written by a key holder) and breaks in the chain (an entry removed or reordered).
+pub(crate) async fn audit_log(
+    storage: &Storage,
+    root_public: &str,
+    cancel: &CancellationToken,
+) -> Result<(Vec<AuditBody>, Vec<String>), RepoError> {
+    let root_key = parse_root_public(root_public)?;
+    let mut problems = Vec::new();
+    let mut entries = Vec::new();
+    let mut previous = String::new();
+    let mut seen = HashSet::new();
+    for (path, bytes) in read_all(storage, layout::AUDIT, cancel).await? {
+        match verify::<AuditBody>(&root_key, "audit", &path, &bytes) {
+            Ok((body, signed)) => {
+                if body.previous != previous {
+                    problems.push(format!(
+                        "{path}: the entry before it is missing or out of order (the chain \
+                         breaks here)"
+                    ));
+                }
+                previous = blake3::hash(signed.as_bytes()).to_hex().to_string();
+                if seen.insert(previous.clone()) {
+                    entries.push(body);
+                }
+            }
+            Err(err) => problems.push(err.to_string()),
+        }
+    }
+    Ok((entries, problems))
+}
+
+async fn audit(
+    storage: &Storage,
+    root: &[u8; 32],
+    action: &str,
+    key_id: &str,
+    by: Option<&str>,
+    detail: &str,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    let root_key = parse_root_public(&root_public(root))?;
+    let previous = read_all(storage, layout::AUDIT, cancel)
+        .await?
+        .into_iter()
+        .rev()
+        .find_map(|(path, bytes)| verify::<AuditBody>(&root_key, "audit", &path, &bytes).ok())
+        .map(|(_, signed)| blake3::hash(signed.as_bytes()).to_hex().to_string())
+        .unwrap_or_default();
+    let entry = AuditBody {
+        time: now_rfc3339(),
+        action: action.to_owned(),
+        key_id: key_id.to_owned(),
+        by_key_id: by.map(str::to_owned),
+        host: crate::keys::hostname(),
+        detail: detail.to_owned(),
+        previous,
+    };
+    storage
+        .put(
+            &layout::timestamped(layout::AUDIT),
+            sign(root, "audit", &entry)?,
+            PutMode::Create,
+            cancel,
+        )
+        .await?;
+    Ok(())
+}
