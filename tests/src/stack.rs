@@ -290,20 +290,29 @@ impl Stack {
     /// Restores `set` into fresh servers and a fresh directory; returns the restored heights
     /// (ledger, postgres, redis) and the restore's JSON events.
     pub fn restore_fresh(&self, set: &str) -> ((u64, u64, u64), Vec<serde_json::Value>) {
+        self.restore_fresh_with(set, &[])
+    }
+
+    /// [`Stack::restore_fresh`] with more arguments to `restore` (the operator's key, say).
+    pub fn restore_fresh_with(
+        &self,
+        set: &str,
+        extra: &[&str],
+    ) -> ((u64, u64, u64), Vec<serde_json::Value>) {
         let pg = Postgres::start();
         let redis = Redis::start();
         let ledger_dir = self.path(&format!("restored-{set}"));
-        let out = self.cli_ok(&[
-            "restore",
-            set,
-            "--json",
-            "--target",
-            &format!("postgres={}", pg.url("postgres")),
-            "--target",
-            &format!("redis=127.0.0.1:{}", redis.port),
-            "--target",
-            &format!("ledger={}", ledger_dir.display()),
-        ]);
+        let targets = [
+            format!("postgres={}", pg.url("postgres")),
+            format!("redis=127.0.0.1:{}", redis.port),
+            format!("ledger={}", ledger_dir.display()),
+        ];
+        let mut args = vec!["restore", set, "--json"];
+        for target in &targets {
+            args.extend(["--target", target.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        let out = self.cli_ok(&args);
         let events = out
             .lines()
             .map(|l| serde_json::from_str(l).expect("JSON event"))

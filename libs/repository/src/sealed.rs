@@ -132,7 +132,8 @@ impl ComponentKey {
 
 impl Sealed {
     /// The key of component `name`: its own for a writer (which refuses any other), derived
-    /// from the root secret for a full key. None for a metadata key.
+    /// from the root secret for a full key. A metadata key (the coordinator's) has none: it
+    /// neither writes nor reads chunks.
     pub(crate) fn component(&self, name: &str) -> Result<Option<ComponentKey>, CryptoError> {
         match &self.components {
             Components::Root(root) => Ok(Some(ComponentKey::from_secret(
@@ -145,7 +146,11 @@ impl Sealed {
                  credential holds only `{}`'s",
                 own.name
             ))),
-            Components::None => Ok(None),
+            Components::None => Err(CryptoError::NoKey(format!(
+                "component `{name}`: the coordinator's metadata credential neither writes nor \
+                 reads backups (an agent needs a writer credential: `aitbc-backup repo keys \
+                 issue --writer {name}`)"
+            ))),
         }
     }
 

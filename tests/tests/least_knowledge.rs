@@ -1,0 +1,449 @@
+//! Sealed repositories: writers and the coordinator read no data, a revoked key opens nothing
+//! written after its revocation, chunk boundaries are keyed per repository, and version 1
+//! repositories (the checked-in fixture) stay readable.
+
+use std::path::Path;
+
+use aitbc_backup_repository::keys::{self, Issue, KeySecret};
+use aitbc_backup_repository::repo::Opener;
+use aitbc_backup_repository::sealed::credential::Credential;
+use aitbc_backup_repository::{ChunkerParams, RepoError, Repository, Storage, layout, verify};
+use aitbc_backup_tests::repository::{KINDS, Kind, TestBackend, backup_bytes, restore_bytes};
+use tokio_util::sync::CancellationToken;
+
+fn passphrase(p: &str) -> KeySecret {
+    KeySecret::Passphrase(p.to_owned())
+}
+
+fn small_chunks() -> ChunkerParams {
+    ChunkerParams {
+        min_size: 16 << 10,
+        avg_size: 64 << 10,
+        max_size: 256 << 10,
+    }
+}
+
+/// Deterministic, poorly compressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+async fn open_with(storage: Storage, credential: &Credential) -> Result<Repository, RepoError> {
+    Repository::open_as(
+        storage,
+        Some(Opener::Credential(credential)),
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+fn is_no_key<T: std::fmt::Debug>(result: Result<T, RepoError>) -> String {
+    match result {
+        Err(RepoError::NoKey(message)) => message,
+        other => panic!("expected a missing-key refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_and_the_coordinator_read_no_data() {
+    for kind in KINDS {
+        let backend = TestBackend::start(kind);
+        let cancel = CancellationToken::new();
+        let operator = passphrase("operator secret");
+        let repo = Repository::init(
+            backend.storage().await,
+            small_chunks(),
+            Some(&operator),
+            &cancel,
+        )
+        .await
+        .expect("init");
+        let storage = repo.storage().clone();
+        let issue = |what| keys::issue(&storage, &operator, what, &cancel);
+        let (ledger_cred, _) = issue(Issue::Writer("ledger")).await.expect("ledger writer");
+        let (redis_cred, _) = issue(Issue::Writer("redis")).await.expect("redis writer");
+        let (coord_cred, coord_id) = issue(Issue::Coordinator).await.expect("coordinator");
+        assert!(coord_id.is_some());
+        // Credentials travel as text.
+        let ledger_cred = Credential::parse(&ledger_cred.encode()).expect("parse");
+
+        let ledger_data = noise(900_000, 1);
+        let redis_data = noise(300_000, 2);
+        let ledger_writer = open_with(storage.clone(), &ledger_cred)
+            .await
+            .expect("open as ledger writer")
+            .for_component("ledger")
+            .expect("its own component");
+        let redis_writer = open_with(storage.clone(), &redis_cred)
+            .await
+            .expect("open as redis writer")
+            .for_component("redis")
+            .expect("its own component");
+        let ledger = backup_bytes(&ledger_writer, ledger_data.clone(), "ledger")
+            .await
+            .expect("ledger backup");
+        let redis = backup_bytes(&redis_writer, redis_data.clone(), "redis")
+            .await
+            .expect("redis backup");
+        assert_eq!(ledger.keyed_by, "ledger");
+
+        // The Redis agent's credential: no manifest, no chunk, neither the ledger's nor its own.
+        assert!(!redis_writer.reads_data());
+        for id in [&ledger.id, &redis.id] {
+            is_no_key(redis_writer.component(id, &cancel).await);
+        }
+        let message = is_no_key(restore_bytes(&redis_writer, &ledger).await);
+        assert!(message.contains("ledger"), "{message}");
+        is_no_key(restore_bytes(&redis_writer, &redis).await);
+        // ... and it cannot pose as the ledger's writer.
+        let err = redis_writer
+            .clone()
+            .for_component("ledger")
+            .err()
+            .expect("another component refused");
+        assert!(err.to_string().contains("`redis`"), "{err}");
+
+        // The coordinator's credential: manifests yes, data no, and it writes nothing.
+        let coordinator = open_with(storage.clone(), &coord_cred).await.expect("open");
+        let listed = coordinator.components(&cancel).await.expect("manifests");
+        assert_eq!(listed.len(), 2);
+        is_no_key(restore_bytes(&coordinator, &ledger).await);
+        let structure = verify::verify(&coordinator, false, &cancel)
+            .await
+            .expect("verify");
+        assert!(structure.ok(), "{:?}", structure.problems);
+        let message = is_no_key(verify::verify(&coordinator, true, &cancel).await);
+        assert!(message.contains("operator's key"), "{message}");
+        assert!(coordinator.clone().for_component("postgres").is_err());
+
+        // The operator's key reads everything, also through a writer's handle (a restore).
+        let restoring = redis_writer
+            .with_key(&operator, &cancel)
+            .await
+            .expect("key");
+        assert_eq!(
+            restore_bytes(&restoring, &ledger).await.expect("ledger"),
+            ledger_data
+        );
+        assert_eq!(
+            restore_bytes(&restoring, &redis).await.expect("redis"),
+            redis_data
+        );
+        let full = Repository::open(storage.clone(), Some(&operator), &cancel)
+            .await
+            .expect("open as operator");
+        let report = verify::verify(&full, true, &cancel).await.expect("verify");
+        assert!(
+            report.ok() && report.chunks_read > 0,
+            "{:?}",
+            report.problems
+        );
+
+        // A credential of another repository is refused by name.
+        if kind == Kind::Local {
+            let other = TestBackend::start(kind);
+            Repository::init(
+                other.storage().await,
+                small_chunks(),
+                Some(&operator),
+                &cancel,
+            )
+            .await
+            .expect("init other");
+            let err = open_with(other.storage().await, &ledger_cred)
+                .await
+                .err()
+                .expect("foreign credential");
+            assert!(err.to_string().contains("issued for repository"), "{err}");
+        }
+    }
+}
+
+/// The epoch objects' numbers, read from sealed chunk headers (`aitbcS1\n` + epoch).
+async fn chunk_epochs(storage: &Storage) -> std::collections::BTreeSet<u32> {
+    let cancel = CancellationToken::new();
+    let mut epochs = std::collections::BTreeSet::new();
+    for object in storage.list(layout::CHUNKS, &cancel).await.expect("list") {
+        let bytes = storage.get(&object.path, &cancel).await.expect("get");
+        assert_eq!(&bytes[..8], b"aitbcS1\n", "{}", object.path);
+        epochs.insert(u32::from_be_bytes(bytes[8..12].try_into().expect("4")));
+    }
+    epochs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_opens_nothing_written_after_it() {
+    let backend = TestBackend::start(Kind::Local);
+    let cancel = CancellationToken::new();
+    let (old, new) = (
+        passphrase("leaving operator"),
+        passphrase("staying operator"),
+    );
+    let repo = Repository::init(backend.storage().await, small_chunks(), Some(&old), &cancel)
+        .await
+        .expect("init");
+    let storage = repo.storage().clone();
+    let new_id = keys::add_key(&storage, &old, &new, &cancel)
+        .await
+        .expect("add");
+    let (writer_cred, _) = keys::issue(&storage, &new, Issue::Writer("ledger"), &cancel)
+        .await
+        .expect("writer");
+    let writer = || async {
+        open_with(storage.clone(), &writer_cred)
+            .await
+            .expect("writer opens")
+            .for_component("ledger")
+            .expect("ledger")
+    };
+    let before = noise(200_000, 3);
+    let first = backup_bytes(&writer().await, before.clone(), "ledger")
+        .await
+        .expect("backup 1");
+    assert_eq!(chunk_epochs(&storage).await, [1].into());
+
+    Repository::open(storage.clone(), Some(&old), &cancel)
+        .await
+        .expect("the old key opens before its revocation");
+    let listed = keys::list_keys(&storage, &cancel).await.expect("list");
+    let old_key = listed
+        .iter()
+        .find(|k| k.id != new_id)
+        .expect("old key")
+        .id
+        .clone();
+    keys::revoke_key(&storage, &new, &old_key, &cancel)
+        .await
+        .expect("revoke");
+
+    // Data written after the revocation is sealed to epoch 2, which the old key never got.
+    let after = noise(200_000, 4);
+    let second = backup_bytes(&writer().await, after.clone(), "ledger")
+        .await
+        .expect("backup 2");
+    assert_eq!(chunk_epochs(&storage).await, [1, 2].into());
+    match Repository::open(storage.clone(), Some(&old), &cancel).await {
+        Err(RepoError::RevokedKey { id, .. }) => assert_eq!(id, old_key),
+        other => panic!("revoked key opened: {:?}", other.map(|_| ())),
+    }
+    // Someone with write access deletes the tombstone and puts the key's object back: the
+    // key stays revoked (every later epoch names it).
+    storage
+        .delete(&layout::revoked_key(&old_key), &cancel)
+        .await
+        .expect("delete tombstone");
+    let key_object = storage
+        .get(&layout::key(&old_key), &cancel)
+        .await
+        .expect("key");
+    storage
+        .delete(&layout::key(&old_key), &cancel)
+        .await
+        .expect("delete");
+    storage
+        .put(
+            &layout::key(&old_key),
+            key_object,
+            aitbc_backup_repository::storage::PutMode::Overwrite,
+            &cancel,
+        )
+        .await
+        .expect("put back");
+    assert!(matches!(
+        Repository::open(storage.clone(), Some(&old), &cancel).await,
+        Err(RepoError::RevokedKey { .. })
+    ));
+    let listed = keys::list_keys(&storage, &cancel).await.expect("list");
+    let state = listed.iter().find(|k| k.id == old_key).expect("listed");
+    assert!(state.revoked_at.is_some(), "shown active again: {listed:?}");
+
+    // A planted epoch (not signed with the root key) is ignored: writers stay on epoch 2.
+    storage
+        .put(
+            &layout::epoch(3),
+            bytes::Bytes::from_static(b"{\"signed\":\"{}\",\"signature\":\"00\"}"),
+            aitbc_backup_repository::storage::PutMode::Create,
+            &cancel,
+        )
+        .await
+        .expect("plant");
+    backup_bytes(&writer().await, noise(100_000, 5), "ledger")
+        .await
+        .expect("backup 3");
+    assert_eq!(chunk_epochs(&storage).await, [1, 2].into());
+
+    // The staying key reads both epochs.
+    let full = Repository::open(storage.clone(), Some(&new), &cancel)
+        .await
+        .expect("open");
+    assert_eq!(restore_bytes(&full, &first).await.expect("1"), before);
+    assert_eq!(restore_bytes(&full, &second).await.expect("2"), after);
+
+    // The audit log names every step, and a removed entry is detected.
+    let log = keys::audit_log(&storage, &cancel).await.expect("audit");
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "init (epoch 1)",
+            "add",
+            "issue-writer (component ledger)",
+            "revoke (epoch 2)"
+        ]
+    );
+    let entries = storage.list(layout::AUDIT, &cancel).await.expect("list");
+    storage
+        .delete(&entries[1].path, &cancel)
+        .await
+        .expect("delete");
+    let err = keys::audit_log(&storage, &cancel)
+        .await
+        .expect_err("tampered");
+    assert!(err.to_string().contains("tampered"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_points_are_keyed_per_repository_and_dedup_within_one() {
+    let cancel = CancellationToken::new();
+    let operator = passphrase("p");
+    let data = noise(3_000_000, 7);
+    let mut cuts = Vec::new();
+    let mut repos = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..2 {
+        let backend = TestBackend::start(Kind::Local);
+        let repo = Repository::init(
+            backend.storage().await,
+            small_chunks(),
+            Some(&operator),
+            &cancel,
+        )
+        .await
+        .expect("init")
+        .for_component("ledger")
+        .expect("ledger");
+        let manifest = backup_bytes(&repo, data.clone(), "ledger")
+            .await
+            .expect("backup");
+        cuts.push(
+            manifest
+                .chunks
+                .iter()
+                .map(|c| c.raw_len)
+                .collect::<Vec<_>>(),
+        );
+        repos.push(repo);
+        backends.push(backend);
+    }
+    assert_ne!(cuts[0], cuts[1], "the same cut points in two repositories");
+    assert!(cuts[0].len() > 10, "{}", cuts[0].len());
+    // Within one repository: the same stream stores nothing new; a small change a chunk or so.
+    let again = backup_bytes(&repos[0], data.clone(), "ledger")
+        .await
+        .expect("again");
+    assert_eq!(again.stats.new_chunks, 0, "{:?}", again.stats);
+    let mut changed = data.clone();
+    changed[1_500_000] ^= 0xff;
+    let edited = backup_bytes(&repos[0], changed.clone(), "ledger")
+        .await
+        .expect("edit");
+    assert!(edited.stats.new_chunks <= 2, "{:?}", edited.stats);
+    assert_eq!(
+        restore_bytes(&repos[0], &edited).await.expect("restore"),
+        changed
+    );
+    // Another component of the same repository keys its chunks apart: nothing shared.
+    let redis = repos[0].clone().for_component("redis").expect("redis");
+    let other = backup_bytes(&redis, data.clone(), "redis")
+        .await
+        .expect("redis");
+    assert_eq!(other.stats.new_chunks as usize, other.chunks.len());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_1_repositories_from_the_fixture_stay_readable_and_writable() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/repository-v1");
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture.join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+    let cancel = CancellationToken::new();
+    for name in ["plain", "encrypted"] {
+        let want = &expected["repositories"][name];
+        let dir = aitbc_backup_tests::temp_dir("fixture");
+        copy_dir(&fixture.join(name), &dir.path().join(name));
+        let url = format!("file://{}", dir.path().join(name).display());
+        let storage = aitbc_backup_repository::open_storage(
+            &aitbc_backup_repository::RepoUrl::parse(&url).expect("url"),
+            &Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("storage");
+        let secret = want["passphrase"].as_str().map(passphrase);
+        let repo = Repository::open(storage.clone(), secret.as_ref(), &cancel)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(repo.config().version, 1);
+        let manifests = repo.components(&cancel).await.expect("components");
+        let components = want["components"].as_array().expect("components");
+        assert_eq!(manifests.len(), components.len());
+        for (manifest, want) in manifests.iter().zip(components) {
+            assert_eq!(manifest.id, want["id"].as_str().expect("id"));
+            let data = restore_bytes(&repo, manifest).await.expect("restore");
+            assert_eq!(data.len() as u64, want["raw_size"].as_u64().expect("size"));
+            assert_eq!(
+                blake3::hash(&data).to_hex().as_str(),
+                want["blake3"].as_str().expect("blake3"),
+                "{name}/{}",
+                manifest.id
+            );
+        }
+        let report = verify::verify(&repo, true, &cancel).await.expect("verify");
+        assert!(report.ok(), "{name}: {:?}", report.problems);
+        // New backups in a version 1 repository keep its format, deduplicating against it.
+        let first = restore_bytes(&repo, &manifests[0]).await.expect("restore");
+        let again = backup_bytes(&repo, first.clone(), "postgres")
+            .await
+            .expect("backup");
+        assert_eq!(again.stats.new_chunks, 0, "{name}: {:?}", again.stats);
+        assert!(again.keyed_by.is_empty());
+        if name == "encrypted" {
+            // The wrong passphrase is refused; credentials are for sealed repositories.
+            assert!(matches!(
+                Repository::open(storage.clone(), Some(&passphrase("wrong")), &cancel).await,
+                Err(RepoError::WrongKey { .. })
+            ));
+            let err = keys::issue(
+                &storage,
+                secret.as_ref().expect("s"),
+                Issue::Coordinator,
+                &cancel,
+            )
+            .await
+            .expect_err("not sealed");
+            assert!(err.to_string().contains("not a sealed repository"), "{err}");
+        }
+    }
+}
