@@ -123,6 +123,7 @@ async fn writers_and_the_coordinator_read_no_data() {
         let message = is_no_key(verify::verify(&coordinator, true, &cancel).await);
         assert!(message.contains("operator's key"), "{message}");
         assert!(coordinator.clone().for_component("postgres").is_err());
+        is_no_key(backup_bytes(&coordinator, noise(1000, 9), "forged").await);
 
         // The operator's key reads everything, also through a writer's handle (a restore).
         let restoring = redis_writer
@@ -237,20 +238,20 @@ async fn a_revoked_key_opens_nothing_written_after_it() {
     // Someone with write access deletes the tombstone and puts the key's object back: the
     // key stays revoked (every later epoch names it).
     storage
-        .delete(&layout::revoked_key(&old_key), &cancel)
+        .delete(&layout::sealed_revoked(&old_key), &cancel)
         .await
         .expect("delete tombstone");
     let key_object = storage
-        .get(&layout::key(&old_key), &cancel)
+        .get(&layout::sealed_key(&old_key), &cancel)
         .await
         .expect("key");
     storage
-        .delete(&layout::key(&old_key), &cancel)
+        .delete(&layout::sealed_key(&old_key), &cancel)
         .await
         .expect("delete");
     storage
         .put(
-            &layout::key(&old_key),
+            &layout::sealed_key(&old_key),
             key_object,
             aitbc_backup_repository::storage::PutMode::Overwrite,
             &cancel,
@@ -299,7 +300,7 @@ async fn a_revoked_key_opens_nothing_written_after_it() {
             "revoke (epoch 2)"
         ]
     );
-    let entries = storage.list(layout::AUDIT, &cancel).await.expect("list");
+    let entries = storage.list(layout::SEALED_AUDIT, &cancel).await.expect("list");
     storage
         .delete(&entries[1].path, &cancel)
         .await
@@ -368,6 +369,27 @@ async fn cut_points_are_keyed_per_repository_and_dedup_within_one() {
     assert_eq!(other.stats.new_chunks as usize, other.chunks.len());
 }
 
+/// The fixture's repository `name` copied into a temporary directory, and its storage.
+async fn fixture_copy(name: &str) -> (tempfile::TempDir, Storage, serde_json::Value) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/repository-v1");
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture.join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+    let dir = aitbc_backup_tests::temp_dir("fixture");
+    copy_dir(&fixture.join(name), &dir.path().join(name));
+    let url = format!("file://{}", dir.path().join(name).display());
+    let storage = aitbc_backup_repository::open_storage(
+        &aitbc_backup_repository::RepoUrl::parse(&url).expect("url"),
+        &Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("storage");
+    let want = expected["repositories"][name].clone();
+    (dir, storage, want)
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read_dir") {
@@ -383,24 +405,10 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_1_repositories_from_the_fixture_stay_readable_and_writable() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/repository-v1");
-    let expected: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixture.join("expected.json")).expect("expected.json"),
-    )
-    .expect("json");
     let cancel = CancellationToken::new();
     for name in ["plain", "encrypted"] {
-        let want = &expected["repositories"][name];
-        let dir = aitbc_backup_tests::temp_dir("fixture");
-        copy_dir(&fixture.join(name), &dir.path().join(name));
-        let url = format!("file://{}", dir.path().join(name).display());
-        let storage = aitbc_backup_repository::open_storage(
-            &aitbc_backup_repository::RepoUrl::parse(&url).expect("url"),
-            &Default::default(),
-            Default::default(),
-        )
-        .await
-        .expect("storage");
+        let (_dir, storage, want) = fixture_copy(name).await;
+        let want = &want;
         let secret = want["passphrase"].as_str().map(passphrase);
         let repo = Repository::open(storage.clone(), secret.as_ref(), &cancel)
             .await
@@ -446,4 +454,115 @@ async fn version_1_repositories_from_the_fixture_stay_readable_and_writable() {
             assert!(err.to_string().contains("not a sealed repository"), "{err}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_repository_upgrades_in_place() {
+    let cancel = CancellationToken::new();
+    let (_dir, storage, want) = fixture_copy("encrypted").await;
+    let first = passphrase(want["passphrase"].as_str().expect("passphrase"));
+    // A second version 1 key, added before the upgrade.
+    let second = passphrase("second version 1 key");
+    keys::add_key(&storage, &first, &second, &cancel)
+        .await
+        .expect("add v1 key");
+    let sealed_id = keys::upgrade(&storage, &first, &cancel)
+        .await
+        .expect("upgrade");
+    let err = keys::upgrade(&storage, &first, &cancel)
+        .await
+        .expect_err("twice");
+    assert!(
+        err.to_string().contains("sealed already") || err.to_string().contains("upgraded already"),
+        "{err}"
+    );
+
+    // Old backups read as before, with either key.
+    let full = Repository::open(storage.clone(), Some(&first), &cancel)
+        .await
+        .expect("open");
+    let old = full.components(&cancel).await.expect("components");
+    assert_eq!(old.len(), 3);
+    for (manifest, want) in old.iter().zip(want["components"].as_array().expect("list")) {
+        let data = restore_bytes(&full, manifest).await.expect("restore v1");
+        assert_eq!(
+            blake3::hash(&data).to_hex().as_str(),
+            want["blake3"].as_str().expect("b3")
+        );
+    }
+    // New backups are sealed, written by an agent's credential.
+    let (writer, _) = keys::issue(&storage, &first, Issue::Writer("ledger"), &cancel)
+        .await
+        .expect("writer");
+    let (coordinator, _) = keys::issue(&storage, &second, Issue::Coordinator, &cancel)
+        .await
+        .expect("coordinator, by the other version 1 key");
+    let data = noise(150_000, 11);
+    let writer_repo = open_with(storage.clone(), &writer)
+        .await
+        .expect("writer")
+        .for_component("ledger")
+        .expect("ledger");
+    let new = backup_bytes(&writer_repo, data.clone(), "ledger")
+        .await
+        .expect("backup");
+    assert_eq!(new.keyed_by, "ledger");
+    // A writer reads neither the new backup nor the version 1 ones.
+    is_no_key(restore_bytes(&writer_repo, &new).await);
+    assert!(restore_bytes(&writer_repo, &old[0]).await.is_err());
+    // The coordinator lists old and new manifests and checks their structure.
+    let coord = open_with(storage.clone(), &coordinator)
+        .await
+        .expect("coordinator");
+    assert_eq!(coord.components(&cancel).await.expect("list").len(), 4);
+    let structure = verify::verify(&coord, false, &cancel)
+        .await
+        .expect("verify");
+    assert!(structure.ok(), "{:?}", structure.problems);
+    // The second version 1 key reads the new backup too (as legacy-v1)...
+    let by_second = Repository::open(storage.clone(), Some(&second), &cancel)
+        .await
+        .expect("v1 key");
+    assert_eq!(restore_bytes(&by_second, &new).await.expect("new"), data);
+    let report = verify::verify(&by_second, true, &cancel)
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{:?}", report.problems);
+    // ... until legacy-v1 is revoked: then it opens nothing, and the sealed key goes on.
+    keys::revoke_key(&storage, &first, "legacy-v1", &cancel)
+        .await
+        .expect("revoke legacy");
+    assert!(matches!(
+        Repository::open(storage.clone(), Some(&second), &cancel).await,
+        Err(RepoError::RevokedKey { .. })
+    ));
+    let after = backup_bytes(
+        &open_with(storage.clone(), &writer).await.expect("w"),
+        noise(50_000, 12),
+        "ledger",
+    )
+    .await
+    .expect("backup after");
+    let full = Repository::open(storage.clone(), Some(&first), &cancel)
+        .await
+        .expect("open");
+    assert_eq!(
+        restore_bytes(&full, &after).await.expect("after").len(),
+        50_000
+    );
+    assert_eq!(
+        restore_bytes(&full, &old[2]).await.expect("old").len() as u64,
+        old[2].raw_size
+    );
+    let listed = keys::list_keys(&storage, &cancel).await.expect("list");
+    assert!(
+        listed
+            .iter()
+            .any(|k| k.id == sealed_id && k.revoked_at.is_none())
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|k| k.id == "legacy-v1" && k.revoked_at.is_some())
+    );
 }

@@ -21,6 +21,10 @@ pub(super) enum KeysCommand {
     Revoke { id: String },
     /// Show the key audit log.
     Audit,
+    /// Upgrade a version 1 encrypted repository in place to the sealed scheme: new backups
+    /// are sealed, version 1 backups stay readable until retention removes them, and every
+    /// version 1 key keeps opening it (as key legacy-v1) until that key is revoked.
+    Upgrade,
     /// Issue a credential of a sealed repository, printed on stdout (store it as a secret:
     /// AITBC_BACKUP_REPOSITORY__CREDENTIAL). `--writer COMPONENT`: an agent's, which writes
     /// that component's backups and reads none; `--coordinator`: the coordinator's, which
@@ -120,6 +124,13 @@ pub(super) async fn run_keys(
                 errln!("issued a writer credential for component {component}");
             }
             outln!("{}", credential.encode())?;
+        }
+        KeysCommand::Upgrade => {
+            let id = keys::upgrade(&storage, &current()?, cancel).await?;
+            outln!(
+                "upgraded: sealed key {id} opens it with the same secret; issue credentials \
+                 with `keys issue`, then revoke legacy-v1 once every version 1 key is replaced"
+            )?;
         }
         KeysCommand::Revoke { id } => {
             keys::revoke_key(&storage, &current()?, id, cancel).await?;

@@ -300,6 +300,7 @@ where
     F: FnOnce(&mut ChunkSink) -> std::io::Result<T> + Send + 'static,
     T: Send + 'static,
 {
+    repo.check_writes()?;
     // The lock comes before the listing of the chunks this backup will rely on (`locks.rs`).
     let lock = WriterLock::acquire(&repo.storage, &request.name, cancel).await?;
     let result = Box::pin(store_and_commit(

@@ -423,8 +423,7 @@ async fn kept_versions(
         layout::KEYS,
         layout::REVOKED_KEYS,
         layout::AUDIT,
-        layout::EPOCHS,
-        layout::GRANTS,
+        layout::KEYRING,
         layout::CONFIG,
     ];
     for prefix in prefixes {
@@ -443,7 +442,7 @@ async fn kept_versions(
                 // deleted by someone else and still opens the repository.
                 layout::KEYS => !revoked.contains(id),
                 layout::CONFIG => path.as_str() == layout::CONFIG,
-                layout::REVOKED_KEYS | layout::AUDIT | layout::EPOCHS | layout::GRANTS => true,
+                layout::REVOKED_KEYS | layout::AUDIT | layout::KEYRING => true,
                 _ => !deleted,
             };
             if let Some(first) = versions.iter().rev().find(|v| !v.delete_marker)

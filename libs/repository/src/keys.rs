@@ -236,9 +236,8 @@ pub async fn list_keys(
     cancel: &CancellationToken,
 ) -> Result<Vec<KeyInfo>, RepoError> {
     // Where no repository is, there are no keys to list: say so rather than list nothing.
-    let config = crate::repo::read_config(storage, cancel).await?;
-    if let Some(root_public) = &config.root_public {
-        let (keys, _) = keyring::list(storage, root_public, cancel).await?;
+    if let Some(root_public) = sealed_root(storage, cancel).await? {
+        let (keys, _) = keyring::list(storage, &root_public, cancel).await?;
         return Ok(keys
             .into_iter()
             .map(|k| KeyInfo {
@@ -269,9 +268,8 @@ pub async fn audit_log(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<Vec<AuditEntry>, RepoError> {
-    let config = crate::repo::read_config(storage, cancel).await?;
-    if let Some(root_public) = &config.root_public {
-        let (entries, problems) = keyring::audit_log(storage, root_public, cancel).await?;
+    if let Some(root_public) = sealed_root(storage, cancel).await? {
+        let (entries, problems) = keyring::audit_log(storage, &root_public, cancel).await?;
         if !problems.is_empty() {
             return Err(RepoError::Corrupt {
                 object: layout::AUDIT.to_owned(),
@@ -325,7 +323,30 @@ async fn sealed_root(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<Option<String>, RepoError> {
-    Ok(crate::repo::read_config(storage, cancel).await?.root_public)
+    let config = crate::repo::read_config(storage, cancel).await?;
+    crate::repo::root_public_of(storage, &config, cancel).await
+}
+
+/// Upgrades a version 1 encrypted repository in place to the sealed scheme (see
+/// [`keyring::upgrade`]), authorised by one of its keys; returns the sealed key made for it.
+pub async fn upgrade(
+    storage: &Storage,
+    current: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    let config = crate::repo::read_config(storage, cancel).await?;
+    if !config.encrypted || config.root_public.is_some() {
+        return Err(RepoError::KeyManagement(format!(
+            "{} is {}: only version 1 encrypted repositories are upgraded",
+            storage.describe(),
+            if config.encrypted {
+                "sealed already"
+            } else {
+                "not encrypted"
+            }
+        )));
+    }
+    keyring::upgrade(storage, current, cancel).await
 }
 
 /// What a new credential is for.
@@ -345,7 +366,7 @@ pub async fn issue(
     cancel: &CancellationToken,
 ) -> Result<(crate::sealed::credential::Credential, Option<String>), RepoError> {
     let config = crate::repo::read_config(storage, cancel).await?;
-    let Some(root_public) = &config.root_public else {
+    let Some(root_public) = &sealed_root(storage, cancel).await? else {
         return Err(RepoError::KeyManagement(format!(
             "{} is not a sealed repository (version {}, {}): credentials are issued by \
              encrypted repositories created by this version",

@@ -6,9 +6,14 @@ pub const CONFIG: &str = "config";
 pub const KEYS: &str = "keys/";
 pub const REVOKED_KEYS: &str = "keys-revoked/";
 pub const AUDIT: &str = "audit/";
-/// Key epochs and their grants (sealed repositories, see [`crate::sealed::keyring`]).
-pub const EPOCHS: &str = "epochs/";
-pub const GRANTS: &str = "grants/";
+/// The keyring of sealed repositories (see [`crate::sealed::keyring`]): keys, revocations,
+/// epochs, grants, the audit log and, in an upgraded version 1 repository, the upgrade record.
+pub const KEYRING: &str = "keyring/";
+pub const SEALED_KEYS: &str = "keyring/keys/";
+pub const SEALED_REVOKED: &str = "keyring/revoked/";
+pub const EPOCHS: &str = "keyring/epochs/";
+pub const GRANTS: &str = "keyring/grants/";
+pub const SEALED_AUDIT: &str = "keyring/audit/";
 pub const CHUNKS: &str = "chunks/";
 pub const COMPONENT_MANIFESTS: &str = "manifests/components/";
 pub const SET_MANIFESTS: &str = "manifests/sets/";
@@ -60,6 +65,19 @@ pub fn revoked_key(id: &str) -> RemotePath {
     path(format!("{REVOKED_KEYS}{id}.json"))
 }
 
+pub fn sealed_key(id: &str) -> RemotePath {
+    path(format!("{SEALED_KEYS}{id}.json"))
+}
+
+pub fn sealed_revoked(id: &str) -> RemotePath {
+    path(format!("{SEALED_REVOKED}{id}.json"))
+}
+
+/// An upgraded version 1 repository's record of its root public key.
+pub fn upgrade() -> RemotePath {
+    path(format!("{KEYRING}upgrade.json"))
+}
+
 pub fn epoch(epoch: u32) -> RemotePath {
     path(format!("{EPOCHS}{epoch:010}.json"))
 }
@@ -100,8 +118,7 @@ pub fn is_lockable(path: &RemotePath) -> bool {
             KEYS,
             REVOKED_KEYS,
             AUDIT,
-            EPOCHS,
-            GRANTS,
+            KEYRING,
             CHUNKS,
             "manifests/",
             "wal/",

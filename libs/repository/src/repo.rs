@@ -13,7 +13,7 @@ use crate::layout;
 use crate::manifest::{self, COMPONENT_FORMAT, ComponentManifest, SET_FORMAT, SetManifest};
 use crate::path::RemotePath;
 use crate::sealed::credential::Credential;
-use crate::sealed::{ComponentKey, Kind, Sealed, keyring};
+use crate::sealed::{self, ComponentKey, Kind, Sealed, keyring};
 use crate::storage::{PutMode, Storage, StorageError};
 
 mod config;
@@ -27,6 +27,31 @@ pub const REPOSITORY_FORMAT: &str = "aitbc-backup/repository";
 /// refuse to write unlocked objects into it), 1 neither. Each is refused by the programs
 /// that predate it.
 pub const REPOSITORY_VERSION: u32 = 3;
+
+/// The root public key of a sealed repository: recorded in its config, or (a version 1
+/// repository upgraded in place) in its upgrade record. None for version 1.
+pub(crate) async fn root_public_of(
+    storage: &Storage,
+    config: &RepoConfig,
+    cancel: &CancellationToken,
+) -> Result<Option<String>, RepoError> {
+    match &config.root_public {
+        Some(root) => Ok(Some(root.clone())),
+        None if config.encrypted => keyring::upgraded_root(storage, cancel).await,
+        None => Ok(None),
+    }
+}
+
+/// The component name chunks written with an operator's key are keyed under until a
+/// component is named (`repo put`, tools).
+pub const OPERATOR_COMPONENT: &str = "operator";
+
+/// Which scheme a stored object is read with.
+enum Opening<'a> {
+    Sealed(&'a Sealed),
+    Version1(&'a DataKeys),
+    Plain,
+}
 
 /// What opens an encrypted repository.
 #[derive(Clone, Copy)]
@@ -219,12 +244,17 @@ impl Repository {
         keys: Option<DataKeys>,
         sealed: Option<Sealed>,
     ) -> Repository {
+        // A writer keys chunks as its component; an operator's key as `operator` until a
+        // component is named (`repo put`); the coordinator's writes no chunks.
+        let component = sealed
+            .as_ref()
+            .and_then(|s| s.default_component(OPERATOR_COMPONENT));
         Repository {
             storage,
             config,
             keys,
             sealed: sealed.map(std::sync::Arc::new),
-            component: None,
+            component,
             settings: RepoSettings::default(),
             overwritten: Default::default(),
             lock_dates: Default::default(),
@@ -292,34 +322,36 @@ impl Repository {
             return Ok(Repository::new(storage, config, None, None));
         }
         let opener = opener.ok_or(RepoError::KeyRequired)?;
-        let (keys, sealed) = match (&config.root_public, opener) {
-            (None, Opener::Key(secret)) => {
-                let (master, _) = keys::open_master(&storage, secret, cancel).await?;
-                (Some(DataKeys::from_master(&master)), None)
-            }
-            (None, Opener::Credential(_)) => {
+        let Some(root_public) = root_public_of(&storage, &config, cancel).await? else {
+            // Version 1: one master key.
+            let Opener::Key(secret) = opener else {
                 return Err(RepoError::BadConfig(format!(
-                    "{} is a version 1 encrypted repository: it opens with a passphrase or key                      file only (credentials are for sealed repositories)",
+                    "{} is a version 1 encrypted repository: it opens with a passphrase or \
+                     key file only (credentials are for sealed repositories; `aitbc-backup \
+                     repo keys upgrade` makes it one)",
                     storage.describe()
                 )));
-            }
-            (Some(root_public), Opener::Key(secret)) => (
+            };
+            let (master, _) = keys::open_master(&storage, secret, cancel).await?;
+            return Ok(Repository::new(
+                storage,
+                config,
+                Some(DataKeys::from_master(&master)),
                 None,
-                Some(
-                    keyring::open_full(&storage, root_public, secret, cancel)
-                        .await?
-                        .sealed,
-                ),
-            ),
-            (Some(root_public), Opener::Credential(credential)) => (
-                None,
-                Some(
-                    keyring::open_credential(&storage, &config.id, root_public, credential, cancel)
-                        .await?,
-                ),
-            ),
+            ));
         };
-        Ok(Repository::new(storage, config, keys, sealed))
+        let (sealed, legacy) = match opener {
+            Opener::Key(secret) => {
+                let full = keyring::open_full(&storage, &root_public, secret, cancel).await?;
+                (full.sealed, full.legacy)
+            }
+            Opener::Credential(credential) => {
+                keyring::open_credential(&storage, &config.id, &root_public, credential, cancel)
+                    .await?
+            }
+        };
+        let keys = legacy.map(|m| DataKeys::from_master(&m));
+        Ok(Repository::new(storage, config, keys, Some(sealed)))
     }
 
     /// This repository keying and cutting new chunks as component `name` (sealed
@@ -340,21 +372,37 @@ impl Repository {
         cancel: &CancellationToken,
     ) -> Result<Repository, RepoError> {
         let mut repo = self.clone();
-        match &self.config.root_public {
+        if !self.config.encrypted {
+            return Ok(repo);
+        }
+        match root_public_of(&self.storage, &self.config, cancel).await? {
             Some(root_public) => {
-                let full = keyring::open_full(&self.storage, root_public, secret, cancel).await?;
+                let full = keyring::open_full(&self.storage, &root_public, secret, cancel).await?;
                 repo.sealed = Some(std::sync::Arc::new(full.sealed));
+                repo.keys = full.legacy.map(|m| DataKeys::from_master(&m));
                 if let Some(component) = &self.component {
                     return repo.for_component(&component.name.clone());
                 }
             }
-            None if self.config.encrypted => {
+            None => {
                 let (master, _) = keys::open_master(&self.storage, secret, cancel).await?;
                 repo.keys = Some(DataKeys::from_master(&master));
             }
-            None => {}
         }
         Ok(repo)
+    }
+
+    /// Refuses writing chunks where this holder has no component key (the coordinator's
+    /// metadata credential in a sealed repository): they would be keyed by nothing.
+    pub(crate) fn check_writes(&self) -> Result<(), RepoError> {
+        if self.sealed.is_some() && self.component.is_none() {
+            return Err(RepoError::NoKey(
+                "the coordinator's metadata credential writes no backups (agents write with \
+                 writer credentials: `aitbc-backup repo keys issue --writer COMPONENT`)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The sealed scheme's view of this holder, if the repository is sealed.
@@ -387,7 +435,8 @@ impl Repository {
             (Some(sealed), name) => sealed.component(name)?,
             (None, name) => {
                 return Err(RepoError::NoKey(format!(
-                    "chunks keyed as component `{name}` are in a sealed repository's format,                      but this repository is not sealed"
+                    "chunks keyed as component `{name}` are in a sealed repository's format, \
+                     but this repository is not sealed"
                 )));
             }
         };
@@ -482,10 +531,10 @@ impl Repository {
             object: object.clone(),
             reason,
         };
-        let payload = match (&self.sealed, &self.keys) {
-            (Some(sealed), _) => Bytes::from(sealed.open(Kind::Data, &object, &stored)?),
-            (None, Some(keys)) => Bytes::from(keys.open(&object, &stored)?),
-            (None, None) => stored,
+        let payload = match self.opening(&stored) {
+            Opening::Sealed(sealed) => Bytes::from(sealed.open(Kind::Data, &object, &stored)?),
+            Opening::Version1(keys) => Bytes::from(keys.open(&object, &stored)?),
+            Opening::Plain => stored,
         };
         let tag = *payload
             .first()
@@ -519,10 +568,21 @@ impl Repository {
     }
 
     fn open_manifest(&self, object: &RemotePath, stored: &[u8]) -> Result<Vec<u8>, RepoError> {
+        match self.opening(stored) {
+            Opening::Sealed(sealed) => Ok(sealed.open(Kind::Meta, object.as_str(), stored)?),
+            Opening::Version1(keys) => Ok(keys.open(object.as_str(), stored)?),
+            Opening::Plain => Ok(stored.to_vec()),
+        }
+    }
+
+    /// How a stored object opens: sealed objects carry their header; in a repository upgraded
+    /// from version 1 the others were written under the master key.
+    fn opening(&self, stored: &[u8]) -> Opening<'_> {
         match (&self.sealed, &self.keys) {
-            (Some(sealed), _) => Ok(sealed.open(Kind::Meta, object.as_str(), stored)?),
-            (None, Some(keys)) => Ok(keys.open(object.as_str(), stored)?),
-            (None, None) => Ok(stored.to_vec()),
+            (Some(sealed), Some(keys)) if !sealed::is_sealed(stored) => Opening::Version1(keys),
+            (Some(sealed), _) => Opening::Sealed(sealed),
+            (None, Some(keys)) => Opening::Version1(keys),
+            (None, None) => Opening::Plain,
         }
     }
 

@@ -154,6 +154,19 @@ impl Sealed {
         }
     }
 
+    /// The component a holder writes as until told otherwise: a writer's own, `fallback`
+    /// for a full key, none for a metadata key.
+    pub(crate) fn default_component(&self, fallback: &str) -> Option<ComponentKey> {
+        match &self.components {
+            Components::One(own) => Some(own.clone()),
+            Components::Root(root) => Some(ComponentKey::from_secret(
+                fallback,
+                &ComponentKey::secret(root, fallback),
+            )),
+            Components::None => None,
+        }
+    }
+
     pub fn epoch(&self) -> u32 {
         self.current.epoch
     }
@@ -195,6 +208,12 @@ impl Sealed {
             .unseal(body)
             .map_err(|_| CryptoError::Authentication(what.to_owned()))
     }
+}
+
+/// Whether `stored` begins like a sealed object (version 1 objects start with a random nonce:
+/// the chance that one begins with the magic is 2^-64).
+pub fn is_sealed(stored: &[u8]) -> bool {
+    stored.starts_with(MAGIC)
 }
 
 /// `epoch`'s header and a sealed box of `plain` to `recipient`.

@@ -1,10 +1,12 @@
 //! The keyring of a sealed repository: signed objects only a holder of the root secret can
 //! write.
 //!
+//! All under `keyring/`:
+//!
 //! - `keys/<id>.json`: a key: its scope (`full` or `metadata`), its X25519 public key and, for
 //!   a passphrase or key file, the KEK derivation, a check value and the X25519 secret wrapped
 //!   by the KEK.
-//! - `keys-revoked/<id>.json`: a revocation.
+//! - `revoked/<id>.json`: a revocation.
 //! - `epochs/<epoch>.json`: an epoch: its data and metadata public keys, a nonce naming its
 //!   grants, and every key revoked so far. Written after its grants: it is the commit point.
 //! - `grants/<epoch>-<nonce>/<key id>.json`: an epoch's secrets sealed to one key (data,
@@ -101,6 +103,32 @@ struct GrantSecrets {
     meta: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     root: Option<String>,
+    /// An upgraded version 1 repository's master key, which reads its version 1 objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    legacy: Option<String>,
+}
+
+/// `keyring/upgrade.json`: a version 1 repository upgraded to the sealed scheme (its config,
+/// created once, cannot say so).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    created: String,
+    root_public: String,
+    /// The root secret sealed with the version 1 master key (hex): holders of a version 1 key
+    /// reach the keyring through it.
+    sealed_root: String,
+}
+
+/// The key id under which holders of version 1 keys (the master key) open an upgraded
+/// repository's epochs; revoking it ends their reach into new data.
+pub const LEGACY_KEY_ID: &str = "legacy-v1";
+
+fn legacy_secret(master: &[u8; 32]) -> SecretKey {
+    SecretKey::from(blake3::derive_key(
+        "aitbc-backup 2026 version 1 keys",
+        master,
+    ))
 }
 
 /// One audit log entry of a sealed repository.
@@ -274,14 +302,14 @@ impl Keyring {
         root: &VerifyingKey,
         cancel: &CancellationToken,
     ) -> Result<Keyring, RepoError> {
-        let keys = read_signed::<KeyBody>(storage, root, layout::KEYS, "key", cancel)
+        let keys = read_signed::<KeyBody>(storage, root, layout::SEALED_KEYS, "key", cancel)
             .await?
             .into_iter()
             .filter(|(path, body, _)| path.file_name() == format!("{}.json", body.id))
             .map(|(_, body, _)| body)
             .collect();
         let mut revoked: BTreeMap<String, String> =
-            read_signed::<RevokedBody>(storage, root, layout::REVOKED_KEYS, "revoked", cancel)
+            read_signed::<RevokedBody>(storage, root, layout::SEALED_REVOKED, "revoked", cancel)
                 .await?
                 .into_iter()
                 .map(|(_, body, _)| (body.id, body.revoked_at))
@@ -337,6 +365,11 @@ struct Opened {
     data: BTreeMap<u32, SecretKey>,
     meta: BTreeMap<u32, SecretKey>,
     root: Option<[u8; 32]>,
+    legacy: Option<[u8; 32]>,
+}
+
+fn bytes32(text: &str) -> Option<[u8; 32]> {
+    hex::decode(text).ok().and_then(|b| b.try_into().ok())
 }
 
 async fn open_grants(
@@ -356,6 +389,7 @@ async fn open_grants(
         data: BTreeMap::new(),
         meta: BTreeMap::new(),
         root: None,
+        legacy: None,
     };
     for (path, grant, _) in
         read_signed::<GrantBody>(storage, root_key, layout::GRANTS, "grant", cancel).await?
@@ -393,8 +427,11 @@ async fn open_grants(
             })?;
             opened.data.insert(grant.epoch, data);
         }
-        if let Some(root) = secrets.root.as_deref().and_then(|r| hex::decode(r).ok()) {
-            opened.root = <[u8; 32]>::try_from(root).ok();
+        if let Some(root) = secrets.root.as_deref().and_then(bytes32) {
+            opened.root = Some(root);
+        }
+        if let Some(legacy) = secrets.legacy.as_deref().and_then(bytes32) {
+            opened.legacy = Some(legacy);
         }
     }
     Ok(opened)
@@ -423,13 +460,13 @@ fn unlock(ring: &Keyring, secret: &KeySecret) -> Result<(KeyBody, SecretKey), Re
             .ok()
             .and_then(|w| crypto::unwrap(&kek, &w))
             .ok_or_else(|| RepoError::Corrupt {
-                object: layout::key(&key.id).to_string(),
+                object: layout::sealed_key(&key.id).to_string(),
                 reason: "its wrapped secret does not open with its own KEK".into(),
             })?;
         let x = SecretKey::from(unwrapped);
         if hex::encode(x.public_key().as_bytes()) != key.public {
             return Err(RepoError::Corrupt {
-                object: layout::key(&key.id).to_string(),
+                object: layout::sealed_key(&key.id).to_string(),
                 reason: "its secret does not belong to its public key".into(),
             });
         }
@@ -446,6 +483,8 @@ pub(crate) struct FullKey {
     pub root: [u8; 32],
     pub key_id: String,
     pub sealed: Sealed,
+    /// An upgraded version 1 repository's master key.
+    pub legacy: Option<[u8; 32]>,
 }
 
 /// Opens a sealed repository with an operator's passphrase or key file.
@@ -457,21 +496,35 @@ pub(crate) async fn open_full(
 ) -> Result<FullKey, RepoError> {
     let root_key = parse_root_public(root_public)?;
     let ring = Keyring::read(storage, &root_key, cancel).await?;
-    let (key, x) = unlock(&ring, secret)?;
-    let opened = open_grants(storage, &root_key, &ring, &key.id, &x, cancel).await?;
+    let (key_id, x) = match unlock(&ring, secret) {
+        Ok((key, x)) => (key.id, x),
+        // A version 1 key of an upgraded repository: through the master key.
+        Err(RepoError::WrongKey { .. }) if read_upgrade(storage, cancel).await?.is_some() => {
+            let (master, _) = crate::keys::open_master(storage, secret, cancel).await?;
+            if let Some(at) = ring.revoked.get(LEGACY_KEY_ID) {
+                return Err(RepoError::RevokedKey {
+                    id: format!("{LEGACY_KEY_ID} (every version 1 key)"),
+                    revoked_at: at.clone(),
+                });
+            }
+            (LEGACY_KEY_ID.to_owned(), legacy_secret(&master))
+        }
+        Err(err) => return Err(err),
+    };
+    let opened = open_grants(storage, &root_key, &ring, &key_id, &x, cancel).await?;
     let root = opened
         .root
         .filter(|r| self::root_public(r) == root_public)
         .ok_or_else(|| {
             RepoError::KeyManagement(format!(
-                "key {} opens no grant holding the repository's root secret (a metadata key, or \
-                 its grants were removed)",
-                key.id
+                "key {key_id} opens no grant holding the repository's root secret (a metadata \
+                 key, or its grants were removed)"
             ))
         })?;
     Ok(FullKey {
         root,
-        key_id: key.id,
+        legacy: opened.legacy,
+        key_id,
         sealed: Sealed {
             current: ring.current()?,
             data: opened.data,
@@ -481,14 +534,16 @@ pub(crate) async fn open_full(
     })
 }
 
-/// Opens a sealed repository with a writer's or the coordinator's credential.
+/// Opens a sealed repository with a writer's or the coordinator's credential; also the
+/// version 1 master key of an upgraded repository where the coordinator's grants hold it
+/// (it reads version 1 manifests, as it did before the upgrade).
 pub(crate) async fn open_credential(
     storage: &Storage,
     repository_id: &str,
     root_public: &str,
     credential: &Credential,
     cancel: &CancellationToken,
-) -> Result<Sealed, RepoError> {
+) -> Result<(Sealed, Option<[u8; 32]>), RepoError> {
     if credential.repository() != repository_id || credential.root_public() != root_public {
         return Err(RepoError::BadConfig(format!(
             "repository.credential was issued for repository {}, not for {} (id {repository_id})",
@@ -501,10 +556,11 @@ pub(crate) async fn open_credential(
     let secret = credential
         .secret_bytes()
         .map_err(|e| RepoError::BadConfig(format!("repository.credential: {e}")))?;
-    let (components, meta) = match credential {
+    let (components, meta, legacy) = match credential {
         Credential::Writer { component, .. } => (
             Components::One(ComponentKey::from_secret(component, &secret)),
             BTreeMap::new(),
+            None,
         ),
         Credential::Metadata { key_id, .. } => {
             if let Some(at) = ring.revoked.get(key_id) {
@@ -515,15 +571,16 @@ pub(crate) async fn open_credential(
             }
             let x = SecretKey::from(secret);
             let opened = open_grants(storage, &root_key, &ring, key_id, &x, cancel).await?;
-            (Components::None, opened.meta)
+            (Components::None, opened.meta, opened.legacy)
         }
     };
-    Ok(Sealed {
+    let sealed = Sealed {
         current: ring.current()?,
         data: BTreeMap::new(),
         meta,
         components,
-    })
+    };
+    Ok((sealed, legacy))
 }
 
 /// Creates the keyring of a new repository: the first key (full, for `secret`), epoch 1 and
@@ -540,7 +597,7 @@ pub(crate) async fn init(
         revoked: BTreeMap::new(),
         epochs: Vec::new(),
     };
-    let epoch = new_epoch(storage, &root, &ring, cancel).await?;
+    let epoch = new_epoch(storage, &root, None, &ring, cancel).await?;
     audit(
         storage,
         &root,
@@ -552,6 +609,128 @@ pub(crate) async fn init(
     )
     .await?;
     open_full(storage, &root_public(&root), secret, cancel).await
+}
+
+/// The upgrade record of an upgraded version 1 repository (its first version where the bucket
+/// keeps versions), if there is one.
+async fn read_upgrade(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Result<Option<UpgradeBody>, RepoError> {
+    let found = read_all(storage, layout::KEYRING, cancel)
+        .await?
+        .into_iter()
+        .find(|(path, _)| *path == layout::upgrade());
+    let Some((path, bytes)) = found else {
+        return Ok(None);
+    };
+    let body = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+        object: path.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some(body))
+}
+
+/// The root public key of an upgraded version 1 repository.
+pub(crate) async fn upgraded_root(
+    storage: &Storage,
+    cancel: &CancellationToken,
+) -> Result<Option<String>, RepoError> {
+    Ok(read_upgrade(storage, cancel).await?.map(|u| u.root_public))
+}
+
+/// Upgrades a version 1 encrypted repository to the sealed scheme, authorised by one of its
+/// keys: a root secret, a sealed key for `secret`, the key every version 1 key reaches
+/// through the master key ([`LEGACY_KEY_ID`]), epoch 1 granted to both (with the master key,
+/// so version 1 objects stay readable), then the upgrade record. Data is not rewritten: new
+/// backups are sealed, old ones stay as they are until retention removes them.
+pub(crate) async fn upgrade(
+    storage: &Storage,
+    secret: &KeySecret,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    if read_upgrade(storage, cancel).await?.is_some() {
+        return Err(RepoError::KeyManagement(format!(
+            "{} was upgraded already",
+            storage.describe()
+        )));
+    }
+    let (master, by) = crate::keys::open_master(storage, secret, cancel).await?;
+    let root: [u8; 32] = rand::random();
+    let (key, _) = new_key(storage, &root, Scope::Full, Some(secret), cancel).await?;
+    let legacy = KeyBody {
+        id: LEGACY_KEY_ID.to_owned(),
+        created: now_rfc3339(),
+        scope: Scope::Full,
+        public: hex::encode(legacy_secret(&master).public_key().as_bytes()),
+        derivation: None,
+        kek_check: None,
+        wrapped_secret: None,
+    };
+    put_signed(
+        storage,
+        &root,
+        &layout::sealed_key(LEGACY_KEY_ID),
+        "key",
+        &legacy,
+        cancel,
+    )
+    .await?;
+    let ring = Keyring {
+        keys: vec![key.clone(), legacy],
+        revoked: BTreeMap::new(),
+        epochs: Vec::new(),
+    };
+    let epoch = new_epoch(storage, &root, Some(&master), &ring, cancel).await?;
+    let record = UpgradeBody {
+        created: now_rfc3339(),
+        root_public: root_public(&root),
+        sealed_root: hex::encode(crate::crypto::DataKeys::from_master(&master).seal(&root)),
+    };
+    let body =
+        serde_json::to_vec_pretty(&record).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
+    match storage
+        .put(
+            &layout::upgrade(),
+            Bytes::from(body),
+            PutMode::Create,
+            cancel,
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(StorageError::AlreadyExists(_)) => {
+            return Err(RepoError::KeyManagement(
+                "another upgrade of this repository finished first; use its keys".into(),
+            ));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    audit(
+        storage,
+        &root,
+        "upgrade",
+        &key.id,
+        Some(&by),
+        &format!("epoch {epoch}; version 1 keys open it as {LEGACY_KEY_ID}"),
+        cancel,
+    )
+    .await?;
+    Ok(key.id)
+}
+
+async fn put_signed<T: Serialize>(
+    storage: &Storage,
+    root: &[u8; 32],
+    path: &RemotePath,
+    domain: &str,
+    body: &T,
+    cancel: &CancellationToken,
+) -> Result<(), RepoError> {
+    storage
+        .put(path, sign(root, domain, body)?, PutMode::Create, cancel)
+        .await?;
+    Ok(())
 }
 
 /// Stores a new key of `scope`: wrapped by `secret`'s KEK, or (no secret) for a credential,
@@ -589,7 +768,7 @@ async fn new_key(
     };
     storage
         .put(
-            &layout::key(&key.id),
+            &layout::sealed_key(&key.id),
             sign(root, "key", &key)?,
             PutMode::Create,
             cancel,
@@ -600,19 +779,19 @@ async fn new_key(
 
 fn seal_grant(
     key: &KeyBody,
-    data: &SecretKey,
-    meta: &SecretKey,
+    secrets: &EpochSecrets<'_>,
     root: &[u8; 32],
 ) -> Result<String, RepoError> {
     let full = key.scope == Scope::Full;
     let secrets = GrantSecrets {
-        data: full.then(|| hex::encode(data.to_bytes())),
-        meta: hex::encode(meta.to_bytes()),
+        data: full.then(|| hex::encode(secrets.data.to_bytes())),
+        meta: hex::encode(secrets.meta.to_bytes()),
         root: full.then(|| hex::encode(root)),
+        legacy: secrets.legacy.map(hex::encode),
     };
     let plain =
         serde_json::to_vec(&secrets).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
-    let public = x25519_public(&key.public, &layout::key(&key.id).to_string())?;
+    let public = x25519_public(&key.public, &layout::sealed_key(&key.id).to_string())?;
     let sealed = public
         .seal(&mut crypto_box::aead::OsRng, &plain)
         .map_err(|_| RepoError::KeyManagement("sealing a grant failed".into()))?;
@@ -625,6 +804,7 @@ struct EpochSecrets<'a> {
     nonce: &'a str,
     data: &'a SecretKey,
     meta: &'a SecretKey,
+    legacy: Option<&'a [u8; 32]>,
 }
 
 async fn put_grant(
@@ -638,7 +818,7 @@ async fn put_grant(
         epoch: secrets.epoch,
         nonce: secrets.nonce.to_owned(),
         key_id: key.id.clone(),
-        sealed: seal_grant(key, secrets.data, secrets.meta, root)?,
+        sealed: seal_grant(key, secrets, root)?,
     };
     storage
         .put(
@@ -656,6 +836,7 @@ async fn put_grant(
 async fn new_epoch(
     storage: &Storage,
     root: &[u8; 32],
+    legacy: Option<&[u8; 32]>,
     ring: &Keyring,
     cancel: &CancellationToken,
 ) -> Result<u32, RepoError> {
@@ -667,6 +848,7 @@ async fn new_epoch(
         nonce: &nonce,
         data: &data,
         meta: &meta,
+        legacy,
     };
     for key in ring.active() {
         put_grant(storage, root, &secrets, key, cancel).await?;
@@ -718,6 +900,7 @@ async fn grant_all(
             nonce: &epoch.nonce,
             data,
             meta,
+            legacy: by.legacy.as_ref(),
         };
         put_grant(storage, &by.root, &secrets, key, cancel).await?;
     }
@@ -839,7 +1022,7 @@ pub(crate) async fn revoke(
     };
     match storage
         .put(
-            &layout::revoked_key(id),
+            &layout::sealed_revoked(id),
             sign(&by.root, "revoked", &tombstone)?,
             PutMode::Create,
             cancel,
@@ -850,7 +1033,7 @@ pub(crate) async fn revoke(
         Err(err) => return Err(err.into()),
     }
     ring.revoked.insert(id.to_owned(), tombstone.revoked_at);
-    let epoch = new_epoch(storage, &by.root, &ring, cancel).await?;
+    let epoch = new_epoch(storage, &by.root, by.legacy.as_ref(), &ring, cancel).await?;
     audit(
         storage,
         &by.root,
@@ -908,7 +1091,7 @@ pub(crate) async fn audit_log(
     let mut entries = Vec::new();
     let mut previous = String::new();
     let mut seen = HashSet::new();
-    for (path, bytes) in read_all(storage, layout::AUDIT, cancel).await? {
+    for (path, bytes) in read_all(storage, layout::SEALED_AUDIT, cancel).await? {
         match verify::<AuditBody>(&root_key, "audit", &path, &bytes) {
             Ok((body, signed)) => {
                 if body.previous != previous {
@@ -938,7 +1121,7 @@ async fn audit(
     cancel: &CancellationToken,
 ) -> Result<(), RepoError> {
     let root_key = parse_root_public(&root_public(root))?;
-    let previous = read_all(storage, layout::AUDIT, cancel)
+    let previous = read_all(storage, layout::SEALED_AUDIT, cancel)
         .await?
         .into_iter()
         .rev()
@@ -956,7 +1139,7 @@ async fn audit(
     };
     storage
         .put(
-            &layout::timestamped(layout::AUDIT),
+            &layout::timestamped(layout::SEALED_AUDIT),
             sign(root, "audit", &entry)?,
             PutMode::Create,
             cancel,

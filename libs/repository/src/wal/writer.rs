@@ -43,6 +43,7 @@ impl WalWriter {
         data: Vec<u8>,
         cancel: &CancellationToken,
     ) -> Result<ComponentManifest, RepoError> {
+        self.repo.check_writes()?;
         // Held from before the chunk checks to after the commit (`locks.rs`).
         let lock = WriterLock::acquire(&self.repo.storage, &file.file_name(), cancel).await?;
         let result = self.store_locked(file, data, &lock, cancel).await;
