@@ -300,7 +300,10 @@ async fn a_revoked_key_opens_nothing_written_after_it() {
             "revoke (epoch 2)"
         ]
     );
-    let entries = storage.list(layout::SEALED_AUDIT, &cancel).await.expect("list");
+    let entries = storage
+        .list(layout::SEALED_AUDIT, &cancel)
+        .await
+        .expect("list");
     storage
         .delete(&entries[1].path, &cancel)
         .await

@@ -27,17 +27,13 @@ pub(super) enum KeysCommand {
     Upgrade,
     /// Issue a credential of a sealed repository, printed on stdout (store it as a secret:
     /// AITBC_BACKUP_REPOSITORY__CREDENTIAL). `--writer COMPONENT`: an agent's, which writes
-    /// that component's backups and reads none; `--coordinator`: the coordinator's, which
+    /// that component's backups and reads none; `--metadata`: the coordinator's, which
     /// reads manifests and no data.
     Issue {
-        #[arg(
-            long,
-            value_name = "COMPONENT",
-            required_unless_present = "coordinator"
-        )]
+        #[arg(long, value_name = "COMPONENT", required_unless_present = "metadata")]
         writer: Option<String>,
         #[arg(long, conflicts_with = "writer")]
-        coordinator: bool,
+        metadata: bool,
     },
 }
 
@@ -107,11 +103,8 @@ pub(super) async fn run_keys(
             let id = keys::rotate_key(&storage, &current()?, &new_secret(new)?, cancel).await?;
             outln!("rotated: new key {id}; the previous key is revoked")?;
         }
-        KeysCommand::Issue {
-            writer,
-            coordinator,
-        } => {
-            let what = match (writer, coordinator) {
+        KeysCommand::Issue { writer, metadata } => {
+            let what = match (writer, metadata) {
                 (Some(component), _) => keys::Issue::Writer(component),
                 (None, _) => keys::Issue::Coordinator,
             };
