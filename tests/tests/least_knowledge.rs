@@ -290,14 +290,17 @@ async fn a_revoked_key_opens_nothing_written_after_it() {
 
     // The audit log names every step, and a removed entry is detected.
     let log = keys::audit_log(&storage, &cancel).await.expect("audit");
-    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    let actions: Vec<(&str, &str)> = log
+        .iter()
+        .map(|e| (e.action.as_str(), e.detail.as_str()))
+        .collect();
     assert_eq!(
         actions,
         [
-            "init (epoch 1)",
-            "add",
-            "issue-writer (component ledger)",
-            "revoke (epoch 2)"
+            ("init", "epoch 1"),
+            ("add", ""),
+            ("issue-writer", "component ledger"),
+            ("revoke", "epoch 2")
         ]
     );
     let entries = storage

@@ -171,11 +171,15 @@ async fn keys_are_added_rotated_and_revoked_without_rewriting_data() {
     let listed = keys::list_keys(&storage, &cancel).await.expect("list keys");
     assert_eq!(listed.iter().filter(|k| k.revoked_at.is_none()).count(), 1);
     assert_eq!(listed.len(), 3);
-    for object in storage
-        .list(layout::AUDIT, &cancel)
-        .await
-        .expect("list audit")
-    {
+    let mut audit = storage.list(layout::AUDIT, &cancel).await.expect("list");
+    audit.extend(
+        storage
+            .list(layout::SEALED_AUDIT, &cancel)
+            .await
+            .expect("list"),
+    );
+    assert_eq!(audit.len(), 5);
+    for object in audit {
         let text = String::from_utf8(
             storage
                 .get(&object.path, &cancel)

@@ -149,10 +149,11 @@ pub(super) async fn run_keys(
                             e.key_id.clone(),
                             e.by_key_id.clone().unwrap_or_default(),
                             e.host.clone(),
+                            e.detail.clone(),
                         ]
                     })
                     .collect();
-                print_table(&["TIME", "ACTION", "KEY", "BY", "HOST"], &rows)?;
+                print_table(&["TIME", "ACTION", "KEY", "BY", "HOST", "DETAIL"], &rows)?;
             }
         }
     }

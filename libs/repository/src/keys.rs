@@ -54,6 +54,9 @@ pub struct AuditEntry {
     pub key_id: String,
     pub by_key_id: Option<String>,
     pub host: String,
+    /// What else the step did (sealed repositories: `epoch 3`, `component redis`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 fn kind_of(derivation: &KekDerivation) -> &'static str {
@@ -210,6 +213,7 @@ async fn audit(
         key_id: key_id.to_owned(),
         by_key_id: by_key_id.map(str::to_owned),
         host: hostname(),
+        detail: String::new(),
     };
     let body = serde_json::to_vec(&entry).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
     storage
@@ -280,14 +284,11 @@ pub async fn audit_log(
             .into_iter()
             .map(|e| AuditEntry {
                 time: e.time,
-                action: if e.detail.is_empty() {
-                    e.action
-                } else {
-                    format!("{} ({})", e.action, e.detail)
-                },
+                action: e.action,
                 key_id: e.key_id,
                 by_key_id: e.by_key_id,
                 host: e.host,
+                detail: e.detail,
             })
             .collect());
     }

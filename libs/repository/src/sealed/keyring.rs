@@ -1012,7 +1012,8 @@ pub(crate) async fn revoke(
         .count();
     if full_left == 0 {
         return Err(RepoError::KeyManagement(format!(
-            "key {id} is the repository's only operator key; add another before revoking it"
+            "key {id} is the repository's only key with full access (an operator's); add \
+             another before revoking it"
         )));
     }
     let tombstone = RevokedBody {
