@@ -21,6 +21,45 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def encryption(cli, data, scratch, mb, size, results, run, env):
+    """The encrypted path alone: the sealed scheme (X25519 sealed boxes, keyed chunker) against
+    version 1 (one master key, XChaCha20-Poly1305), backup and stream restore, in one run."""
+    ids = {}
+    for scheme, flags in [("sealed", "--encrypt"), ("v1", "--encrypt --version1")]:
+        repo = f"{cli} repo --repository file://{scratch}/repo-{scheme}"
+        subprocess.run(f"{repo} init {flags}", shell=True, check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        run(f"backup_encrypted_{scheme}",
+            f"tar cf - -C {data} . | {repo} put ledger --stream tar > {scratch}/id-{scheme}",
+            f"{scratch}/repo-{scheme}", env)
+        ids[scheme] = (repo, open(f"{scratch}/id-{scheme}").read().strip())
+        run(f"backup_encrypted_{scheme}_unchanged",
+            f"tar cf - -C {data} . | {repo} put ledger --stream tar > /dev/null", None, env)
+
+    def before():
+        settle(f"{scratch}/repo-sealed", f"{scratch}/repo-v1")
+        if os.path.exists(f"{scratch}/out.tar"):
+            os.remove(f"{scratch}/out.tar")
+
+    run_interleaved(results, "repository", [
+        (f"restore_stream_encrypted_{scheme}", f"{repo} cat {id_} > {scratch}/out.tar", env)
+        for scheme, (repo, id_) in ids.items()
+    ], mb, repeat=3, before=before, quiet=True)
+
+    def ratio(a, b):
+        return round(results[a]["mb_s"] / results[b]["mb_s"], 2)
+
+    for name, m in results.items():
+        emit(scenario="repository", measure=name, data_bytes=size, **m)
+    emit(scenario="repository", measure="encryption_summary",
+         backup_sealed_vs_v1=ratio("backup_encrypted_sealed", "backup_encrypted_v1"),
+         restore_sealed_vs_v1=ratio("restore_stream_encrypted_sealed", "restore_stream_encrypted_v1"),
+         peak_rss_backup_sealed_mib=results["backup_encrypted_sealed"]["max_rss_mib"],
+         peak_rss_backup_v1_mib=results["backup_encrypted_v1"]["max_rss_mib"],
+         peak_rss_restore_sealed_mib=results["restore_stream_encrypted_sealed"]["max_rss_mib"],
+         peak_rss_restore_v1_mib=results["restore_stream_encrypted_v1"]["max_rss_mib"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -29,6 +68,8 @@ def main():
     ap.add_argument("--file-size", type=int, default=107374)
     ap.add_argument("--s3s-fs", required=True)
     ap.add_argument("--big-stream-gib", type=int, default=10)
+    ap.add_argument("--encryption-only", action="store_true",
+                    help="only the encrypted path: sealed against version 1, backup and restore")
     args = ap.parse_args()
 
     cli = os.path.join(args.bin, "aitbc-backup")
@@ -60,6 +101,11 @@ def main():
     env["RESTIC_PASSWORD"] = "bench"
     env["AITBC_CLI_PASSPHRASE"] = "bench"
 
+    if args.encryption_only:
+        encryption(cli, data, scratch, mb, size, results, run, env)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+
     # Baselines.
     run("tar_czf", f"tar czf {scratch}/out.tar.gz -C {data} .", f"{scratch}/out.tar.gz")
     run("tar_zstd", f"tar -I 'zstd -3 -T2' -cf {scratch}/out.tar.zst -C {data} .", f"{scratch}/out.tar.zst")
@@ -87,6 +133,11 @@ def main():
     subprocess.run(f"{enc} init --encrypt", shell=True, check=True, env=env, stdout=subprocess.DEVNULL)
     run("aitbc_local_encrypted", f"tar cf - -C {data} . | {enc} put ledger --stream tar > /dev/null",
         f"{scratch}/repo-enc", env)
+    v1 = f"{cli} repo --repository file://{scratch}/repo-enc-v1"
+    subprocess.run(f"{v1} init --encrypt --version1", shell=True, check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    run("aitbc_local_encrypted_v1", f"tar cf - -C {data} . | {v1} put ledger --stream tar > /dev/null",
+        f"{scratch}/repo-enc-v1", env)
 
     # aitbc-backup to s3s-fs on loopback.
     port = free_port()
@@ -192,6 +243,7 @@ def main():
          backup_local_vs_tar_zstd=ratio("aitbc_local", "tar_zstd"),
          backup_local_vs_restic=ratio("aitbc_local", "restic"),
          backup_encrypted_vs_restic=ratio("aitbc_local_encrypted", "restic"),
+         backup_encrypted_sealed_vs_v1=ratio("aitbc_local_encrypted", "aitbc_local_encrypted_v1"),
          backup_s3_vs_restic=ratio("aitbc_s3", "restic"),
          backup_s3_vs_restic_s3=ratio("aitbc_s3", "restic_s3"),
          backup_s3_vs_tar_czf=ratio("aitbc_s3", "tar_czf"),

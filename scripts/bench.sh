@@ -3,6 +3,8 @@
 #   scripts/bench.sh sessions [N] [DURATION]   coordinator holding N agent sessions (default 2000, 60s)
 #   scripts/bench.sh repository [BIG_GIB]      1 GiB ledger-like data vs tar czf, tar+zstd, restic;
 #                                              peak RSS on a BIG_GIB stream (default 10)
+#   scripts/bench.sh encryption                the same 1 GiB: sealed (least-knowledge) encryption
+#                                              against version 1's, backup, restore, peak RSS
 #   scripts/bench.sh ledger                    a 1 GiB node data directory: the ledger component
 #                                              vs tar czf and restic, full, +1 % blocks, restore
 #   scripts/bench.sh postgres [--scale N]      pgbench scale 50: the postgres component vs pg_dump -Fc
@@ -58,6 +60,12 @@ bench_repository() {
   mkdir -p "$data_dir"
   python3 bench/repository.py --bin "$BIN" --work "$data_dir" --s3s-fs "$tools/bin/s3s-fs" \
     --big-stream-gib "$big"
+}
+
+bench_encryption() {
+  local data_dir="${AITBC_BENCH_DIR:-/tmp/aitbc-bench-repository}"
+  mkdir -p "$data_dir"
+  python3 bench/repository.py --bin "$BIN" --work "$data_dir" --s3s-fs none --encryption-only
 }
 
 bench_ledger() {
@@ -122,6 +130,7 @@ bench_locks() {
 case "$scenario" in
   sessions) shift || true; bench_sessions "$@" ;;
   repository) shift || true; bench_repository "$@" ;;
+  encryption) bench_encryption ;;
   ledger) shift || true; bench_ledger "$@" ;;
   postgres) shift || true; bench_postgres "$@" ;;
   redis) shift || true; bench_redis "$@" ;;

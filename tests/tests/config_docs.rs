@@ -257,7 +257,7 @@ impl CodeConfig {
     fn coordinator() -> CodeConfig {
         let default = serde_json::to_value(CoordinatorConfig::default()).expect("serialize");
         let filled: CoordinatorConfig = serde_json::from_value(json!({
-            "repository": {"passphrase": "x"},
+            "repository": {"passphrase": "x", "credential": "x"},
             "policies": [{"name": "p", "schedule": "0 * * * *"}],
         }))
         .expect("a coordinator config with a policy and the secrets");
@@ -269,7 +269,7 @@ impl CodeConfig {
         let default = serde_json::to_value(AgentConfig::default()).expect("serialize");
         let filled: AgentConfig = serde_json::from_value(json!({
             "component": "ledger",
-            "repository": {"passphrase": "x"},
+            "repository": {"passphrase": "x", "credential": "x"},
             "postgres": {"password": "x"},
             "redis": {"password": "x"},
         }))

@@ -14,6 +14,10 @@ use crate::output::outln;
 pub(super) struct InitArgs {
     #[arg(long)]
     encrypt: bool,
+    /// Encrypt in the version 1 scheme (one master key), as programs before the sealed scheme
+    /// did: for benchmarks and upgrade tests only.
+    #[arg(long, hide = true, requires = "encrypt", conflicts_with = "object_lock")]
+    version1: bool,
     /// Lock every object with S3 Object Lock in this mode (governance or compliance); the
     /// bucket must have been created with Object Lock enabled.
     #[arg(long)]
@@ -54,21 +58,39 @@ pub(super) async fn run_init(
         bail!("--encrypt needs --passphrase-file, --key-file or AITBC_CLI_PASSPHRASE");
     }
     let secret = if init.encrypt { secret } else { None };
-    let repo = Repository::init_locked(
-        args.storage().await?,
-        ChunkerParams::default(),
-        secret.as_ref(),
-        object_lock(init)?,
-        cancel,
-    )
-    .await?;
+    let repo = match (&secret, init.version1) {
+        (Some(secret), true) => {
+            Repository::init_version1_encrypted(
+                args.storage().await?,
+                ChunkerParams::default(),
+                secret,
+                cancel,
+            )
+            .await?
+        }
+        _ => {
+            Repository::init_locked(
+                args.storage().await?,
+                ChunkerParams::default(),
+                secret.as_ref(),
+                object_lock(init)?,
+                cancel,
+            )
+            .await?
+        }
+    };
+
     if json {
         outln!("{}", serde_json::to_string_pretty(repo.config())?)?;
         return Ok(());
     }
     let mut traits = Vec::new();
     if repo.config().encrypted {
-        traits.push("encrypted".to_owned());
+        traits.push(if repo.config().root_public.is_some() {
+            "encrypted, sealed".to_owned()
+        } else {
+            "encrypted, version 1".to_owned()
+        });
     }
     if let Some(lock) = repo.config().object_lock {
         traits.push(format!("{} lock of {} days", lock.mode, lock.days));
