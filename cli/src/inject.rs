@@ -170,8 +170,11 @@ fn sidecar(args: &InjectArgs) -> anyhow::Result<Value> {
         json!({"name": "AITBC_BACKUP_REPOSITORY__URL", "value": args.repository}),
         json!({"name": "AITBC_BACKUP_REPOSITORY__NAMESPACE",
                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
-        json!({"name": "AITBC_BACKUP_REPOSITORY__PASSPHRASE",
-               "valueFrom": {"secretKeyRef": {"name": "aitbc-backup-repository", "key": "passphrase",
+        // The component's writer credential (`repo keys issue --writer`): it writes this
+        // component's backups and reads none.
+        json!({"name": "AITBC_BACKUP_REPOSITORY__CREDENTIAL",
+               "valueFrom": {"secretKeyRef": {"name": "aitbc-backup-repository",
+                                              "key": format!("{}-credential", args.component.as_str()),
                                               "optional": true}}}),
         json!({"name": "AITBC_BACKUP_LOG__FORMAT", "value": "json"}),
     ];

@@ -16,7 +16,12 @@ pub(super) struct InitArgs {
     encrypt: bool,
     /// Encrypt in the version 1 scheme (one master key), as programs before the sealed scheme
     /// did: for benchmarks and upgrade tests only.
-    #[arg(long, hide = true, requires = "encrypt", conflicts_with = "object_lock")]
+    #[arg(
+        long,
+        hide = true,
+        requires = "encrypt",
+        conflicts_with = "object_lock"
+    )]
     version1: bool,
     /// Lock every object with S3 Object Lock in this mode (governance or compliance); the
     /// bucket must have been created with Object Lock enabled.
