@@ -91,7 +91,7 @@ pub struct Metrics {
     pub scheduler_runs: Family<PolicyOutcomeLabel, Counter>,
     /// Sets removed by retention.
     pub retention_deleted: Family<PolicyLabel, Counter>,
-    /// Scheduled verifications of committed sets, by outcome (ok, failed).
+    /// Scheduled verifications of committed sets, by outcome (ok, failed, structure_only: a sealed repository's data could not be read without an operator's key).
     pub verifications: Family<PolicyOutcomeLabel, Counter>,
     /// 1 after a committed set included the component, 0 after an aborted one.
     pub backup_success: Family<ComponentLabel, Gauge>,

@@ -54,14 +54,24 @@ impl Stack {
     /// [`Stack::start`] on an initialized `repository` (an S3 URL, say), which the coordinator
     /// and every agent reach with `repository_env` (endpoint, credentials, expected lock).
     pub fn start_on(repository: &str, repository_env: &[(&str, &str)], rate: u32) -> Stack {
+        Stack::start_on_with(repository, repository_env, repository_env, rate)
+    }
+
+    /// [`Stack::start_on`] with the coordinator's env and every agent's env apart.
+    pub fn start_on_with(
+        repository: &str,
+        coordinator_env: &[(&str, &str)],
+        agent_env: &[(&str, &str)],
+        rate: u32,
+    ) -> Stack {
         let dir = crate::temp_dir("stack");
         Stack::start_in(
             dir,
             repository.to_owned(),
             rate,
-            repository_env,
+            coordinator_env,
             &[],
-            repository_env,
+            agent_env,
         )
     }
 

@@ -54,7 +54,19 @@ fn a_sealed_platform_restores_with_the_operators_key_only() {
     let refused = repo_cli(&url, &["keys", "issue", "--metadata"], None);
     assert!(!refused.status.success());
 
-    let mut stack = Stack::start_on(&url, &[(CREDENTIAL, &coordinator)], 20);
+    // A policy that asks for restore tests, which the coordinator cannot run without a key.
+    let policies = r#"[{name = "tested", schedule = "*/3 * * * * *", components = ["redis"],
+                          verify = "restore"}]"#;
+    let mut stack = Stack::start_on_with(
+        &url,
+        &[
+            (CREDENTIAL, &coordinator),
+            ("AITBC_BACKUP_SCHEDULE__ENABLED", "true"),
+            ("AITBC_BACKUP_POLICIES", policies),
+        ],
+        &[],
+        20,
+    );
     for (component, credential) in &writers {
         stack.start_agent(component, &[(CREDENTIAL, credential.as_str())]);
     }
@@ -94,6 +106,20 @@ fn a_sealed_platform_restores_with_the_operators_key_only() {
         ledger >= postgres && postgres >= redis && ledger >= 5,
         "{ledger} {postgres} {redis}"
     );
+    // The scheduled restore tests ran as structure checks, counted and logged as such.
+    let structure_only =
+        r#"aitbc_backup_coordinator_verifications_total{policy="tested",outcome="structure_only"}"#;
+    assert!(
+        aitbc_backup_tests::wait_until(std::time::Duration::from_secs(30), || {
+            let (_, body) =
+                aitbc_backup_tests::fleet::http_get(stack.coordinator.http_port, "/metrics")
+                    .unwrap_or_default();
+            body.lines().any(|l| l.starts_with(structure_only))
+        }),
+        "{}",
+        stack.coordinator.log()
+    );
+    assert!(stack.coordinator.log().contains("holds no operator key"));
     // The passphrase is nowhere in the daemons' logs.
     for log in [stack.coordinator.log()]
         .into_iter()
