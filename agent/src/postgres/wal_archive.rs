@@ -99,7 +99,7 @@ async fn base_backups(
 ) {
     let every = settings.wal.base_backup_every;
     while !cancel.is_cancelled() {
-        let wait = match newest_base_backup_age(repo, cancel).await {
+        let wait = match newest_base_backup_age(settings, repo, cancel).await {
             Ok(Some(age)) if age < every => every - age,
             Ok(_) => match take_base_backup(settings, repo, cancel).await {
                 Ok(()) => {
@@ -140,6 +140,20 @@ async fn take_base_backup(
     ))
     .await?;
     tracing::info!(manifest = %report.manifest, start_lsn = %report.start_lsn, seconds = report.seconds, "base backup stored");
+    let stamp = last_base_backup_stamp(settings);
+    if let Err(err) = tokio::fs::write(&stamp, chrono::Utc::now().to_rfc3339()).await {
+        tracing::warn!(path = %stamp.display(), error = %err, "could not record the base backup's time");
+    }
+    if !repo.reads_manifests() {
+        // A writer credential reads no manifest, so it cannot tell which base backups and WAL
+        // are old: retention is the operator's (`repo wal retain`) in a sealed repository.
+        tracing::warn!(
+            keep = settings.wal.keep_base_backups,
+            "base backup and WAL retention skipped: this agent's writer credential reads no \
+             manifests; run `aitbc-backup repo wal retain --keep N` with an operator's key"
+        );
+        return Ok(());
+    }
     let retained = wal::retain(repo, settings.wal.keep_base_backups, cancel)
         .await
         .context("retention of base backups and WAL")?;
@@ -151,15 +165,29 @@ const RETRY_BASE_BACKUP: Duration = Duration::from_secs(300);
 /// A receiver that ran this long before it stopped starts the backoff afresh.
 const STREAMED_WELL: Duration = Duration::from_secs(60);
 
+/// Where the agent notes when it last took a base backup: what a writer credential, which
+/// reads no manifest, goes by (lost with the scratch directory: one base backup early).
+fn last_base_backup_stamp(settings: &PostgresSettings) -> std::path::PathBuf {
+    settings.scratch_dir.join("last-base-backup")
+}
+
 async fn newest_base_backup_age(
+    settings: &PostgresSettings,
     repo: &Repository,
     cancel: &CancellationToken,
 ) -> Result<Option<Duration>, aitbc_backup_repository::RepoError> {
-    let newest = wal::base_backups(repo, cancel)
-        .await?
-        .into_iter()
-        .filter_map(|b| chrono::DateTime::parse_from_rfc3339(&b.manifest.created).ok())
-        .max();
+    let newest = if repo.reads_manifests() {
+        wal::base_backups(repo, cancel)
+            .await?
+            .into_iter()
+            .filter_map(|b| chrono::DateTime::parse_from_rfc3339(&b.manifest.created).ok())
+            .max()
+    } else {
+        tokio::fs::read_to_string(last_base_backup_stamp(settings))
+            .await
+            .ok()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok())
+    };
     Ok(newest.map(|at| {
         (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
             .to_std()
@@ -290,8 +318,8 @@ struct Uploader {
     spool: PathBuf,
     seg_size: u64,
     metrics: WalMetrics,
-    /// Segments archived before this run.
-    archived: Vec<String>,
+    /// Segments archived, before this run and by it.
+    archived: std::collections::BTreeSet<String>,
     /// Set once the receiver has written any WAL.
     streaming: Arc<AtomicBool>,
     /// The newest segment stored, to notice gaps and timeline switches.
@@ -426,6 +454,14 @@ impl Uploader {
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         let path = self.spool.join(name);
+        // Stored before a crash, before its spool file went: a completed segment never
+        // changes, so it is not stored again (in a sealed repository this agent could not
+        // even read the stored one to compare).
+        if matches!(&file, WalFile::Segment(segment) if self.archived.contains(segment)) {
+            tracing::info!(segment = name, "already archived; removed from the spool");
+            tokio::fs::remove_file(&path).await?;
+            return Ok(());
+        }
         let data = tokio::fs::read(&path)
             .await
             .with_context(|| format!("read {}", path.display()))?;
@@ -433,6 +469,9 @@ impl Uploader {
             .store(&file, data, cancel)
             .await
             .with_context(|| format!("archive {name}"))?;
+        if let WalFile::Segment(segment) = &file {
+            self.archived.insert(segment.clone());
+        }
         tokio::fs::remove_file(&path).await?;
         Ok(())
     }

@@ -416,6 +416,12 @@ impl Repository {
         self.sealed.as_ref().is_none_or(|s| s.reads_data())
     }
 
+    /// Whether this holder reads manifests (false for a writer credential of a sealed
+    /// repository).
+    pub fn reads_manifests(&self) -> bool {
+        self.sealed.as_ref().is_none_or(|s| !s.meta.is_empty())
+    }
+
     /// The name new chunks are keyed under (recorded in manifests as `keyed_by`).
     pub(crate) fn keyed_by(&self) -> String {
         self.component
