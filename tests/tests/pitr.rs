@@ -489,3 +489,74 @@ fn a_missing_segment_is_named_and_restore_refuses_to_cross_it() {
     );
     assert!(text.contains(&expected), "{text}");
 }
+
+#[test]
+fn a_writer_credential_archives_wal_that_only_the_operators_key_restores() {
+    const OPERATOR: &str = "operator passphrase";
+    let dir = temp_dir("pitr-sealed");
+    let repository = format!("file://{}", dir.path().join("repo").display());
+    let repo_cli = |args: &[&str]| {
+        let out = Command::new(binary("aitbc-backup"))
+            .args(["repo", "--repository", &repository])
+            .args(args)
+            .env("AITBC_CLI_PASSPHRASE", OPERATOR)
+            .output()
+            .expect("aitbc-backup repo");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    repo_cli(&["init", "--encrypt"]);
+    let credential = repo_cli(&["keys", "issue", "--writer", "postgres"]);
+    let mut pg = Postgres::start();
+    let scratch = dir.path().join("scratch");
+    let writer =
+        agent(&pg, &repository, &scratch).with("AITBC_BACKUP_REPOSITORY__CREDENTIAL", credential);
+    let log = dir.path().join("archiver.log");
+    let archiver = start_archiver(&writer, &log);
+    // Its base backup, told by its stamp (it reads no manifest to tell by).
+    assert!(
+        wait_until(Duration::from_secs(60), || scratch
+            .join("last-base-backup")
+            .exists()),
+        "no base backup: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let mut ticks = TickWriter::start(&pg.url("postgres"), 100);
+    std::thread::sleep(Duration::from_secs(2));
+    pg.psql("postgres", "SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_secs(2));
+    pg.kill9();
+    let acked = ticks.stop();
+    std::fs::remove_dir_all(&pg.data_dir).expect("delete the data directory");
+    std::thread::sleep(Duration::from_secs(2));
+    stop(archiver);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!log.contains("WAL upload failed"), "{log}");
+    assert!(!log.contains(OPERATOR));
+
+    // The writer cannot restore what it archived; the operator's key can.
+    let (_target, data) = restore_target("pitr-sealed-target");
+    let refused = writer.fails(&["pitr-restore", "--data-dir", &path(&data), "--latest"]);
+    assert!(refused.contains("operator's key"), "{refused}");
+    let operator = OneShot::new("postgres", &repository)
+        .with("AITBC_BACKUP_POSTGRES__URL", pg.url("postgres"))
+        .with(
+            "AITBC_BACKUP_POSTGRES__SCRATCH_DIR",
+            path(&dir.path().join("op")),
+        )
+        .with("AITBC_BACKUP_REPOSITORY__PASSPHRASE", OPERATOR);
+    operator.ok(&["pitr-restore", "--data-dir", &path(&data), "--latest"]);
+    let recovered = Postgres::start_on(&data);
+    let restored = number(&recovered, "postgres", "SELECT max(id) FROM ticks");
+    assert!(
+        restored >= acked - 100 && restored <= acked + 1,
+        "acknowledged {acked}, restored {restored}"
+    );
+}
