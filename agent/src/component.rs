@@ -252,6 +252,18 @@ pub async fn restore(
         .component(id, cancel)
         .await
         .with_context(|| format!("read backup {id}"))?;
+    // In a sealed repository a backup names the component whose secret keyed it: another
+    // component's writer may have written it under this one's name.
+    if let Some(own) = repo.component_name()
+        && !manifest.keyed_by.is_empty()
+        && manifest.keyed_by != own
+    {
+        anyhow::bail!(
+            "backup {id} was written by the `{}` writer, not by this component's (`{own}`); \
+             refusing to restore it here",
+            manifest.keyed_by
+        );
+    }
     component
         .restore(repo, &manifest, request, progress, cancel)
         .await

@@ -252,6 +252,13 @@ impl Operator for OperatorService {
             .await
             .map_err(|e| match e.downcast_ref::<RepoError>() {
                 Some(RepoError::NoSuchManifest(_)) => Status::not_found(format!("{e:#}")),
+                // Not worth retrying: the key given (or its absence) is the problem.
+                Some(
+                    RepoError::WrongKey { .. }
+                    | RepoError::RevokedKey { .. }
+                    | RepoError::NoKey(_)
+                    | RepoError::KeyRequired,
+                ) => Status::permission_denied(format!("{e:#}")),
                 _ => repo_status(e),
             })?;
         self.sets

@@ -627,7 +627,13 @@ fn replacing_config_and_keys_changes_nothing() {
         ],
     ));
     // Every key, tombstone and audit record is locked.
-    for prefix in ["enc/keys/", "enc/keys-revoked/", "enc/audit/"] {
+    for prefix in [
+        "enc/keyring/keys/",
+        "enc/keyring/revoked/",
+        "enc/keyring/audit/",
+        "enc/keyring/epochs/",
+        "enc/keyring/grants/",
+    ] {
         let found = keys(&server, prefix);
         assert!(!found.is_empty(), "nothing under {prefix}: {rotated}");
         for key in found {
@@ -641,7 +647,13 @@ fn replacing_config_and_keys_changes_nothing() {
     }
     // The attacker replaces the active key with junk, then deletes it, and replaces the config
     // with an unlocked, unencrypted one.
-    let active = keys(&server, "enc/keys/").pop().expect("the active key");
+    let new_id = rotated
+        .split_whitespace()
+        .find(|w| w.starts_with('k') && w.trim_end_matches(';').len() == 13)
+        .expect("the new key's id")
+        .trim_end_matches(';');
+    let active = format!("enc/keyring/keys/{new_id}.json");
+    assert!(keys(&server, "enc/keyring/keys/").contains(&active));
     let junk = dir.path().join("junk");
     std::fs::write(&junk, "{}").expect("write");
     let unlocked = dir.path().join("unlocked");

@@ -148,6 +148,39 @@ async fn writers_and_the_coordinator_read_no_data() {
             report.problems
         );
 
+        // A config replaced by one that says "unencrypted" does not make writers write
+        // plaintext.
+        if kind == Kind::Local {
+            let config = storage
+                .get(&layout::config(), &cancel)
+                .await
+                .expect("config");
+            let mut plain: serde_json::Value = serde_json::from_slice(&config).expect("json");
+            plain["encrypted"] = false.into();
+            plain["version"] = 1.into();
+            plain.as_object_mut().expect("object").remove("root_public");
+            let replace = |body: Vec<u8>| {
+                let storage = storage.clone();
+                async move {
+                    storage
+                        .put(
+                            &layout::config(),
+                            bytes::Bytes::from(body),
+                            aitbc_backup_repository::storage::PutMode::Overwrite,
+                            &CancellationToken::new(),
+                        )
+                        .await
+                        .expect("replace config")
+                }
+            };
+            replace(serde_json::to_vec(&plain).expect("json")).await;
+            let err = open_with(storage.clone(), &ledger_cred)
+                .await
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains("not encrypted"), "{err}");
+            replace(config.to_vec()).await;
+        }
         // A credential of another repository is refused by name.
         if kind == Kind::Local {
             let other = TestBackend::start(kind);
@@ -231,6 +264,30 @@ async fn a_revoked_key_opens_nothing_written_after_it() {
         .await
         .expect("backup 2");
     assert_eq!(chunk_epochs(&storage).await, [1, 2].into());
+    // The newest epoch's record deleted (no Object Lock): a writer in this process, which saw
+    // epoch 2, refuses to fall back to epoch 1.
+    let epoch2 = storage
+        .get(&layout::epoch(2), &cancel)
+        .await
+        .expect("epoch 2");
+    storage
+        .delete(&layout::epoch(2), &cancel)
+        .await
+        .expect("delete");
+    let err = open_with(storage.clone(), &writer_cred)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("record is gone"), "{err}");
+    storage
+        .put(
+            &layout::epoch(2),
+            epoch2,
+            aitbc_backup_repository::storage::PutMode::Create,
+            &cancel,
+        )
+        .await
+        .expect("put back");
     match Repository::open(storage.clone(), Some(&old), &cancel).await {
         Err(RepoError::RevokedKey { id, .. }) => assert_eq!(id, old_key),
         other => panic!("revoked key opened: {:?}", other.map(|_| ())),
@@ -500,9 +557,14 @@ async fn a_version_1_repository_upgrades_in_place() {
     let (writer, _) = keys::issue(&storage, &first, Issue::Writer("ledger"), &cancel)
         .await
         .expect("writer");
-    let (coordinator, _) = keys::issue(&storage, &second, Issue::Coordinator, &cancel)
+    let (coordinator, _) = keys::issue(&storage, &first, Issue::Coordinator, &cancel)
         .await
-        .expect("coordinator, by the other version 1 key");
+        .expect("coordinator");
+    // Version 1 keys read, but never manage keys (they never get the root secret).
+    let err = keys::issue(&storage, &second, Issue::Coordinator, &cancel)
+        .await
+        .expect_err("a version 1 key issuing");
+    assert!(err.to_string().contains("does not manage keys"), "{err}");
     let data = noise(150_000, 11);
     let writer_repo = open_with(storage.clone(), &writer)
         .await
@@ -516,15 +578,17 @@ async fn a_version_1_repository_upgrades_in_place() {
     // A writer reads neither the new backup nor the version 1 ones.
     is_no_key(restore_bytes(&writer_repo, &new).await);
     assert!(restore_bytes(&writer_repo, &old[0]).await.is_err());
-    // The coordinator lists old and new manifests and checks their structure.
+    // The coordinator's credential reads the new manifest, and nothing of version 1 (no
+    // master key): it keeps the version 1 passphrase until those backups are gone.
     let coord = open_with(storage.clone(), &coordinator)
         .await
         .expect("coordinator");
-    assert_eq!(coord.components(&cancel).await.expect("list").len(), 4);
-    let structure = verify::verify(&coord, false, &cancel)
-        .await
-        .expect("verify");
-    assert!(structure.ok(), "{:?}", structure.problems);
+    assert_eq!(
+        coord.component(&new.id, &cancel).await.expect("new").id,
+        new.id
+    );
+    assert!(coord.component(&old[0].id, &cancel).await.is_err());
+    assert!(restore_bytes(&coord, &old[0]).await.is_err());
     // The second version 1 key reads the new backup too (as legacy-v1)...
     let by_second = Repository::open(storage.clone(), Some(&second), &cancel)
         .await

@@ -179,6 +179,44 @@ pub fn unwrap(kek: &[u8; 32], wrapped: &[u8]) -> Option<[u8; 32]> {
     plain.try_into().ok()
 }
 
+/// Wraps a secret with a KEK, bound to `context` (associated data): it unwraps only where the
+/// same context is given (a sealed key object under its own repository's root).
+pub fn wrap_bound(kek: &[u8; 32], secret: &[u8; 32], context: &[u8]) -> Vec<u8> {
+    use chacha20poly1305::aead::Payload;
+    let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+    let aead = XChaCha20Poly1305::new(kek.into());
+    let payload = Payload {
+        msg: secret,
+        aad: context,
+    };
+    let mut out = nonce_bytes.to_vec();
+    // Encryption with a valid key and nonce cannot fail for in-memory buffers.
+    out.extend_from_slice(
+        &aead
+            .encrypt(&XNonce::from(nonce_bytes), payload)
+            .unwrap_or_default(),
+    );
+    out
+}
+
+/// Unwraps what [`wrap_bound`] wrapped; None for another KEK or another context.
+pub fn unwrap_bound(kek: &[u8; 32], wrapped: &[u8], context: &[u8]) -> Option<[u8; 32]> {
+    use chacha20poly1305::aead::Payload;
+    if wrapped.len() < NONCE_LEN + TAG_LEN {
+        return None;
+    }
+    let (nonce, ciphertext) = wrapped.split_at(NONCE_LEN);
+    let payload = Payload {
+        msg: ciphertext,
+        aad: context,
+    };
+    XChaCha20Poly1305::new(kek.into())
+        .decrypt(XNonce::from_slice(nonce), payload)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
 /// A check value that tells whether a KEK is the one a (possibly revoked) key used, without
 /// revealing anything about it: BLAKE3 key derivation is one-way.
 pub fn kek_check(kek: &[u8; 32]) -> String {
@@ -230,6 +268,9 @@ mod tests {
         let master = [9u8; 32];
         let wrapped = wrap(&kek, &master);
         assert_eq!(unwrap(&kek, &wrapped), Some(master));
+        let bound = wrap_bound(&kek, &master, b"root a");
+        assert_eq!(unwrap_bound(&kek, &bound, b"root a"), Some(master));
+        assert_eq!(unwrap_bound(&kek, &bound, b"root b"), None);
         let wrong = KeySecret::KeyFile(b"other".to_vec())
             .derive(&derivation)
             .expect("derive")

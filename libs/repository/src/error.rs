@@ -16,7 +16,10 @@ pub enum RepoError {
     /// Storage that cannot keep an Object Lock (the message names what is missing).
     #[error("{0}")]
     CannotLock(String),
-    #[error("the repository is encrypted: a passphrase or key file is needed")]
+    #[error(
+        "the repository is encrypted: a passphrase or key file is needed (daemons: \
+         repository.passphrase, or a sealed repository's repository.credential)"
+    )]
     KeyRequired,
     #[error("none of the repository's {keys} keys opens with the given passphrase or key file")]
     WrongKey { keys: usize },

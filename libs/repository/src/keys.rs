@@ -241,7 +241,7 @@ pub async fn list_keys(
 ) -> Result<Vec<KeyInfo>, RepoError> {
     // Where no repository is, there are no keys to list: say so rather than list nothing.
     if let Some(root_public) = sealed_root(storage, cancel).await? {
-        let (keys, _) = keyring::list(storage, &root_public, cancel).await?;
+        let (keys, _) = Box::pin(keyring::list(storage, &root_public, cancel)).await?;
         return Ok(keys
             .into_iter()
             .map(|k| KeyInfo {
@@ -273,7 +273,8 @@ pub async fn audit_log(
     cancel: &CancellationToken,
 ) -> Result<Vec<AuditEntry>, RepoError> {
     if let Some(root_public) = sealed_root(storage, cancel).await? {
-        let (entries, problems) = keyring::audit_log(storage, &root_public, cancel).await?;
+        let (entries, problems) =
+            Box::pin(keyring::audit_log(storage, &root_public, cancel)).await?;
         if !problems.is_empty() {
             return Err(RepoError::Corrupt {
                 object: layout::AUDIT.to_owned(),
@@ -313,7 +314,14 @@ pub async fn add_key(
     cancel: &CancellationToken,
 ) -> Result<String, RepoError> {
     if let Some(root_public) = sealed_root(storage, cancel).await? {
-        return keyring::add_key(storage, &root_public, current, new, cancel).await;
+        return Box::pin(keyring::add_key(
+            storage,
+            &root_public,
+            current,
+            new,
+            cancel,
+        ))
+        .await;
     }
     let (master, by) = open_master(storage, current, cancel).await?;
     store_new_key(storage, &master, new, Some(&by), cancel).await
@@ -347,7 +355,7 @@ pub async fn upgrade(
             }
         )));
     }
-    keyring::upgrade(storage, current, cancel).await
+    Box::pin(keyring::upgrade(storage, current, cancel)).await
 }
 
 /// What a new credential is for.
@@ -391,14 +399,26 @@ pub async fn issue(
                     "`{component}` is not a component name (letters, digits, - and _)"
                 )));
             }
-            let credential =
-                keyring::issue_writer(storage, &config.id, root_public, current, component, cancel)
-                    .await?;
+            let credential = Box::pin(keyring::issue_writer(
+                storage,
+                &config.id,
+                root_public,
+                current,
+                component,
+                cancel,
+            ))
+            .await?;
             Ok((credential, None))
         }
         Issue::Coordinator => {
-            let (id, credential) =
-                keyring::issue_metadata(storage, &config.id, root_public, current, cancel).await?;
+            let (id, credential) = Box::pin(keyring::issue_metadata(
+                storage,
+                &config.id,
+                root_public,
+                current,
+                cancel,
+            ))
+            .await?;
             Ok((credential, Some(id)))
         }
     }
@@ -412,7 +432,15 @@ pub async fn revoke_key(
     cancel: &CancellationToken,
 ) -> Result<(), RepoError> {
     if let Some(root_public) = sealed_root(storage, cancel).await? {
-        keyring::revoke(storage, &root_public, current, id, "revoke", cancel).await?;
+        Box::pin(keyring::revoke(
+            storage,
+            &root_public,
+            current,
+            id,
+            "revoke",
+            cancel,
+        ))
+        .await?;
         return Ok(());
     }
     let (_, by) = open_master(storage, current, cancel).await?;
@@ -429,11 +457,26 @@ pub async fn rotate_key(
     if let Some(root_public) = sealed_root(storage, cancel).await? {
         // The new key first (it opens every epoch the old one did), then the old one's
         // revocation, which starts the epoch only the new key opens.
-        let new_id = keyring::add_key(storage, &root_public, current, new, cancel).await?;
-        let old = keyring::open_full(storage, &root_public, current, cancel)
+        let new_id = Box::pin(keyring::add_key(
+            storage,
+            &root_public,
+            current,
+            new,
+            cancel,
+        ))
+        .await?;
+        let old = Box::pin(keyring::open_full(storage, &root_public, current, cancel))
             .await?
             .key_id;
-        keyring::revoke(storage, &root_public, new, &old, "rotate", cancel).await?;
+        Box::pin(keyring::revoke(
+            storage,
+            &root_public,
+            new,
+            &old,
+            "rotate",
+            cancel,
+        ))
+        .await?;
         return Ok(new_id);
     }
     let (master, old) = open_master(storage, current, cancel).await?;

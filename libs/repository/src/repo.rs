@@ -37,7 +37,7 @@ pub(crate) async fn root_public_of(
 ) -> Result<Option<String>, RepoError> {
     match &config.root_public {
         Some(root) => Ok(Some(root.clone())),
-        None if config.encrypted => keyring::upgraded_root(storage, cancel).await,
+        None if config.encrypted => Box::pin(keyring::upgraded_root(storage, cancel)).await,
         None => Ok(None),
     }
 }
@@ -230,9 +230,11 @@ impl Repository {
             Err(err) => return Err(err.into()),
         }
         let sealed = match (root, secret) {
-            (Some(root), Some(secret)) => {
-                Some(keyring::init(&storage, root, secret, cancel).await?.sealed)
-            }
+            (Some(root), Some(secret)) => Some(
+                Box::pin(keyring::init(&storage, root, secret, cancel))
+                    .await?
+                    .sealed,
+            ),
             _ => None,
         };
         Ok(Repository::new(storage, config, None, sealed))
@@ -319,10 +321,20 @@ impl Repository {
         let config = read_config(&storage, cancel).await?;
         let storage = storage.with_lock(config.object_lock.map(|l| l.policy()));
         if !config.encrypted {
+            // A credential belongs to a sealed repository: a config that says otherwise was
+            // replaced, and writing plaintext into it would defeat the credential.
+            if let Some(Opener::Credential(_)) = opener {
+                return Err(RepoError::BadConfig(format!(
+                    "{} says it is not encrypted, but repository.credential is for a sealed \
+                     repository: refusing to write unencrypted backups (was its config \
+                     replaced?)",
+                    storage.describe()
+                )));
+            }
             return Ok(Repository::new(storage, config, None, None));
         }
         let opener = opener.ok_or(RepoError::KeyRequired)?;
-        let Some(root_public) = root_public_of(&storage, &config, cancel).await? else {
+        let Some(root_public) = Box::pin(root_public_of(&storage, &config, cancel)).await? else {
             // Version 1: one master key.
             let Opener::Key(secret) = opener else {
                 return Err(RepoError::BadConfig(format!(
@@ -332,7 +344,7 @@ impl Repository {
                     storage.describe()
                 )));
             };
-            let (master, _) = keys::open_master(&storage, secret, cancel).await?;
+            let (master, _) = Box::pin(keys::open_master(&storage, secret, cancel)).await?;
             return Ok(Repository::new(
                 storage,
                 config,
@@ -342,12 +354,19 @@ impl Repository {
         };
         let (sealed, legacy) = match opener {
             Opener::Key(secret) => {
-                let full = keyring::open_full(&storage, &root_public, secret, cancel).await?;
+                let full =
+                    Box::pin(keyring::open_full(&storage, &root_public, secret, cancel)).await?;
                 (full.sealed, full.legacy)
             }
             Opener::Credential(credential) => {
-                keyring::open_credential(&storage, &config.id, &root_public, credential, cancel)
-                    .await?
+                Box::pin(keyring::open_credential(
+                    &storage,
+                    &config.id,
+                    &root_public,
+                    credential,
+                    cancel,
+                ))
+                .await?
             }
         };
         let keys = legacy.map(|m| DataKeys::from_master(&m));
@@ -375,9 +394,15 @@ impl Repository {
         if !self.config.encrypted {
             return Ok(repo);
         }
-        match root_public_of(&self.storage, &self.config, cancel).await? {
+        match Box::pin(root_public_of(&self.storage, &self.config, cancel)).await? {
             Some(root_public) => {
-                let full = keyring::open_full(&self.storage, &root_public, secret, cancel).await?;
+                let full = Box::pin(keyring::open_full(
+                    &self.storage,
+                    &root_public,
+                    secret,
+                    cancel,
+                ))
+                .await?;
                 repo.sealed = Some(std::sync::Arc::new(full.sealed));
                 repo.keys = full.legacy.map(|m| DataKeys::from_master(&m));
                 if let Some(component) = &self.component {
@@ -385,7 +410,8 @@ impl Repository {
                 }
             }
             None => {
-                let (master, _) = keys::open_master(&self.storage, secret, cancel).await?;
+                let (master, _) =
+                    Box::pin(keys::open_master(&self.storage, secret, cancel)).await?;
                 repo.keys = Some(DataKeys::from_master(&master));
             }
         }
@@ -422,6 +448,11 @@ impl Repository {
         self.sealed.as_ref().is_none_or(|s| !s.meta.is_empty())
     }
 
+    /// The component this holder keys new chunks as (sealed repositories), if any.
+    pub fn component_name(&self) -> Option<&str> {
+        self.component.as_ref().map(|c| c.name.as_str())
+    }
+
     /// The name new chunks are keyed under (recorded in manifests as `keyed_by`).
     pub(crate) fn keyed_by(&self) -> String {
         self.component
@@ -437,6 +468,15 @@ impl Repository {
         }
         let mut repo = self.clone();
         repo.component = match (&self.sealed, keyed_by) {
+            // A sealed repository's own backups are all keyed; unkeyed ones are version 1
+            // objects of an upgraded repository, read with the master key.
+            (Some(_), "") if self.keys.is_none() => {
+                return Err(RepoError::NoKey(
+                    "a backup that names no component key in a sealed repository: not written \
+                     by one of its writers"
+                        .into(),
+                ));
+            }
             (_, "") => None,
             (Some(sealed), name) => sealed.component(name)?,
             (None, name) => {

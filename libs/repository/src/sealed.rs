@@ -102,9 +102,10 @@ pub struct ComponentKey {
 }
 
 impl ComponentKey {
-    /// The component secret of `name` under the root secret.
-    pub fn secret(root: &[u8; 32], name: &str) -> [u8; 32] {
-        let mut material = root.to_vec();
+    /// The component secret of `name` under the components root (see
+    /// [`keyring::components_root`]).
+    pub fn secret(components_root: &[u8; 32], name: &str) -> [u8; 32] {
+        let mut material = components_root.to_vec();
         material.extend_from_slice(name.as_bytes());
         blake3::derive_key("aitbc-backup 2026 component secret", &material)
     }

@@ -22,6 +22,9 @@ pub enum Credential {
         root_public: String,
         component: String,
         secret: String,
+        /// BLAKE3 keyed by the secret over the component's name (hex): an edited name or
+        /// secret is refused instead of writing backups keyed by the wrong secret.
+        check: String,
     },
     Metadata {
         repository: String,
@@ -44,7 +47,29 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+fn writer_check(component: &str, secret: &[u8; 32]) -> String {
+    blake3::keyed_hash(secret, component.as_bytes())
+        .to_hex()
+        .to_string()
+}
+
 impl Credential {
+    /// A writer credential for `component` with its secret.
+    pub fn writer(
+        repository: &str,
+        root_public: &str,
+        component: &str,
+        secret: &[u8; 32],
+    ) -> Credential {
+        Credential::Writer {
+            repository: repository.to_owned(),
+            root_public: root_public.to_owned(),
+            component: component.to_owned(),
+            secret: hex::encode(secret),
+            check: writer_check(component, secret),
+        }
+    }
+
     pub fn encode(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
         format!(
@@ -61,7 +86,19 @@ impl Credential {
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| "the credential is not valid base64 (copied in part?)".to_owned())?;
-        serde_json::from_slice(&json).map_err(|e| format!("the credential is malformed: {e}"))
+        let credential: Credential = serde_json::from_slice(&json)
+            .map_err(|e| format!("the credential is malformed: {e}"))?;
+        if let Credential::Writer {
+            component, check, ..
+        } = &credential
+            && writer_check(component, &credential.secret_bytes()?) != *check
+        {
+            return Err(format!(
+                "the writer credential for `{component}` was altered (its name and secret do not \
+                 match); issue a new one"
+            ));
+        }
+        Ok(credential)
     }
 
     pub fn repository(&self) -> &str {
@@ -98,12 +135,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_refusals() {
-        let writer = Credential::Writer {
-            repository: "r1".into(),
-            root_public: "ab".repeat(32),
-            component: "redis".into(),
-            secret: "cd".repeat(32),
-        };
+        let writer = Credential::writer("r1", &"ab".repeat(32), "redis", &[0xcd; 32]);
         let text = writer.encode();
         assert_eq!(Credential::parse(&text), Ok(writer.clone()));
         assert_eq!(
@@ -116,5 +148,25 @@ mod tests {
         let err = Credential::parse(cut).expect_err("cut");
         assert!(!err.contains("cdcd"), "{err}");
         assert_eq!(writer.secret_bytes().expect("bytes"), [0xcd; 32]);
+        // A name edited in the text is refused.
+        let Credential::Writer {
+            repository,
+            root_public,
+            secret,
+            check,
+            ..
+        } = writer.clone()
+        else {
+            unreachable!()
+        };
+        let edited = Credential::Writer {
+            repository,
+            root_public,
+            component: "ledger".into(),
+            secret,
+            check,
+        };
+        let err = Credential::parse(&edited.encode()).expect_err("edited");
+        assert!(err.contains("altered"), "{err}");
     }
 }

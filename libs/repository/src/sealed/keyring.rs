@@ -47,6 +47,9 @@ pub enum Scope {
     Full,
     /// Reads manifests only (the coordinator).
     Metadata,
+    /// Reads everything, manages nothing: the version 1 keys of an upgraded repository
+    /// ([`LEGACY_KEY_ID`]), which never get the root secret.
+    Legacy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +106,10 @@ struct GrantSecrets {
     meta: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     root: Option<String>,
+    /// The root the component secrets derive from (chunk ids of every component), for keys
+    /// that read data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    components: Option<String>,
     /// An upgraded version 1 repository's master key, which reads its version 1 objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     legacy: Option<String>,
@@ -115,21 +122,33 @@ struct GrantSecrets {
 struct UpgradeBody {
     created: String,
     root_public: String,
-    /// The root secret sealed with the version 1 master key (hex): holders of a version 1 key
-    /// reach the keyring through it.
-    sealed_root: String,
 }
 
 /// The key id under which holders of version 1 keys (the master key) open an upgraded
 /// repository's epochs; revoking it ends their reach into new data.
 pub const LEGACY_KEY_ID: &str = "legacy-v1";
 
-fn legacy_secret(master: &[u8; 32]) -> SecretKey {
+/// The X25519 secret of [`LEGACY_KEY_ID`]: from the master key and the root it serves, so
+/// grants to it under another root (a replaced upgrade record) cannot be made without `M`.
+fn legacy_secret(master: &[u8; 32], root_public: &str) -> SecretKey {
+    let mut material = master.to_vec();
+    material.extend_from_slice(root_public.as_bytes());
     SecretKey::from(blake3::derive_key(
         "aitbc-backup 2026 version 1 keys",
-        master,
+        &material,
     ))
 }
+
+/// The root component secrets derive from: what readers of data get instead of the root
+/// secret itself, which signs.
+pub(crate) fn components_root(root: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("aitbc-backup 2026 component root", root)
+}
+
+/// The highest epoch this process has seen per repository (root public key): a writer never
+/// goes back to an older one because newer epoch records vanished.
+static EPOCHS_SEEN: std::sync::Mutex<BTreeMap<String, u32>> =
+    std::sync::Mutex::new(BTreeMap::new());
 
 /// One audit log entry of a sealed repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,7 +356,21 @@ impl Keyring {
         })
     }
 
-    fn current(&self) -> Result<EpochKeys, RepoError> {
+    /// The newest epoch: what writers seal to. Refused when this process saw a newer one of
+    /// the same repository (its record went missing since: deleted by someone).
+    fn current(&self, root_public: &str) -> Result<EpochKeys, RepoError> {
+        let newest = self.epochs.last().map_or(0, |e| e.epoch);
+        {
+            let mut seen = EPOCHS_SEEN.lock().unwrap_or_else(|e| e.into_inner());
+            let highest = seen.entry(root_public.to_owned()).or_insert(newest);
+            if *highest > newest {
+                return Err(RepoError::KeyManagement(format!(
+                    "key epoch {highest} was in use and its record is gone now (deleted?): \
+                     refusing to seal to epoch {newest}, which keys revoked since can read"
+                )));
+            }
+            *highest = newest;
+        }
         let epoch = self.epochs.last().ok_or_else(|| {
             RepoError::KeyManagement(
                 "the repository has no key epoch that verifies (epochs/ was emptied, or the \
@@ -365,6 +398,7 @@ struct Opened {
     data: BTreeMap<u32, SecretKey>,
     meta: BTreeMap<u32, SecretKey>,
     root: Option<[u8; 32]>,
+    components: Option<[u8; 32]>,
     legacy: Option<[u8; 32]>,
 }
 
@@ -389,6 +423,7 @@ async fn open_grants(
         data: BTreeMap::new(),
         meta: BTreeMap::new(),
         root: None,
+        components: None,
         legacy: None,
     };
     for (path, grant, _) in
@@ -430,6 +465,9 @@ async fn open_grants(
         if let Some(root) = secrets.root.as_deref().and_then(bytes32) {
             opened.root = Some(root);
         }
+        if let Some(components) = secrets.components.as_deref().and_then(bytes32) {
+            opened.components = Some(components);
+        }
         if let Some(legacy) = secrets.legacy.as_deref().and_then(bytes32) {
             opened.legacy = Some(legacy);
         }
@@ -439,7 +477,11 @@ async fn open_grants(
 
 /// The X25519 secret `secret` unwraps from one of the keys, and that key; the revoked error
 /// when the key it opens was revoked.
-fn unlock(ring: &Keyring, secret: &KeySecret) -> Result<(KeyBody, SecretKey), RepoError> {
+fn unlock(
+    ring: &Keyring,
+    root_public: &str,
+    secret: &KeySecret,
+) -> Result<(KeyBody, SecretKey), RepoError> {
     for key in &ring.keys {
         let (Some(derivation), Some(wrapped)) = (&key.derivation, &key.wrapped_secret) else {
             continue;
@@ -458,10 +500,12 @@ fn unlock(ring: &Keyring, secret: &KeySecret) -> Result<(KeyBody, SecretKey), Re
         }
         let unwrapped = hex::decode(wrapped)
             .ok()
-            .and_then(|w| crypto::unwrap(&kek, &w))
+            .and_then(|w| crypto::unwrap_bound(&kek, &w, root_public.as_bytes()))
             .ok_or_else(|| RepoError::Corrupt {
                 object: layout::sealed_key(&key.id).to_string(),
-                reason: "its wrapped secret does not open with its own KEK".into(),
+                reason: "its wrapped secret does not open with its own KEK under this \
+                         repository's root (a key object copied from another keyring)"
+                    .into(),
             })?;
         let x = SecretKey::from(unwrapped);
         if hex::encode(x.public_key().as_bytes()) != key.public {
@@ -478,13 +522,28 @@ fn unlock(ring: &Keyring, secret: &KeySecret) -> Result<(KeyBody, SecretKey), Re
     })
 }
 
-/// A full holder: the root secret, the key id, and what it opens.
+/// A full holder: the root secret (none for the version 1 keys of an upgraded repository),
+/// the key id, and what it opens.
 pub(crate) struct FullKey {
-    pub root: [u8; 32],
+    pub root: Option<[u8; 32]>,
     pub key_id: String,
     pub sealed: Sealed,
     /// An upgraded version 1 repository's master key.
     pub legacy: Option<[u8; 32]>,
+}
+
+impl FullKey {
+    /// The root secret, which signs: only operators' sealed keys hold it.
+    fn signing(&self) -> Result<&[u8; 32], RepoError> {
+        self.root.as_ref().ok_or_else(|| {
+            RepoError::KeyManagement(format!(
+                "key {} reads but does not manage keys (a version 1 key of an upgraded \
+                 repository): use a sealed key (`keys add` one with a version 1 key's help \
+                 before the upgrade, or the key the upgrade made)",
+                self.key_id
+            ))
+        })
+    }
 }
 
 /// Opens a sealed repository with an operator's passphrase or key file.
@@ -496,7 +555,7 @@ pub(crate) async fn open_full(
 ) -> Result<FullKey, RepoError> {
     let root_key = parse_root_public(root_public)?;
     let ring = Keyring::read(storage, &root_key, cancel).await?;
-    let (key_id, x) = match unlock(&ring, secret) {
+    let (key_id, x) = match unlock(&ring, root_public, secret) {
         Ok((key, x)) => (key.id, x),
         // A version 1 key of an upgraded repository: through the master key.
         Err(RepoError::WrongKey { .. }) if read_upgrade(storage, cancel).await?.is_some() => {
@@ -507,18 +566,22 @@ pub(crate) async fn open_full(
                     revoked_at: at.clone(),
                 });
             }
-            (LEGACY_KEY_ID.to_owned(), legacy_secret(&master))
+            (
+                LEGACY_KEY_ID.to_owned(),
+                legacy_secret(&master, root_public),
+            )
         }
         Err(err) => return Err(err),
     };
     let opened = open_grants(storage, &root_key, &ring, &key_id, &x, cancel).await?;
-    let root = opened
-        .root
-        .filter(|r| self::root_public(r) == root_public)
+    let root = opened.root.filter(|r| self::root_public(r) == root_public);
+    let components = opened
+        .components
+        .or(root.as_ref().map(components_root))
         .ok_or_else(|| {
             RepoError::KeyManagement(format!(
-                "key {key_id} opens no grant holding the repository's root secret (a metadata \
-                 key, or its grants were removed)"
+                "key {key_id} opens no grant that reads data (a metadata key, or its grants \
+                 were removed)"
             ))
         })?;
     Ok(FullKey {
@@ -526,10 +589,10 @@ pub(crate) async fn open_full(
         legacy: opened.legacy,
         key_id,
         sealed: Sealed {
-            current: ring.current()?,
+            current: ring.current(root_public)?,
             data: opened.data,
             meta: opened.meta,
-            components: Components::Root(Arc::new(root)),
+            components: Components::Root(Arc::new(components)),
         },
     })
 }
@@ -544,10 +607,18 @@ pub(crate) async fn open_credential(
     credential: &Credential,
     cancel: &CancellationToken,
 ) -> Result<(Sealed, Option<[u8; 32]>), RepoError> {
-    if credential.repository() != repository_id || credential.root_public() != root_public {
+    if credential.repository() != repository_id {
         return Err(RepoError::BadConfig(format!(
             "repository.credential was issued for repository {}, not for {} (id {repository_id})",
             credential.repository(),
+            storage.describe()
+        )));
+    }
+    if credential.root_public() != root_public {
+        return Err(RepoError::BadConfig(format!(
+            "repository.credential names root key {}, but {} records {root_public}: its config \
+             or upgrade record was replaced, or the credential is from before a re-init",
+            credential.root_public(),
             storage.describe()
         )));
     }
@@ -575,7 +646,7 @@ pub(crate) async fn open_credential(
         }
     };
     let sealed = Sealed {
-        current: ring.current()?,
+        current: ring.current(root_public)?,
         data: BTreeMap::new(),
         meta,
         components,
@@ -661,13 +732,17 @@ pub(crate) async fn upgrade(
     let legacy = KeyBody {
         id: LEGACY_KEY_ID.to_owned(),
         created: now_rfc3339(),
-        scope: Scope::Full,
-        public: hex::encode(legacy_secret(&master).public_key().as_bytes()),
+        scope: Scope::Legacy,
+        public: hex::encode(
+            legacy_secret(&master, &root_public(&root))
+                .public_key()
+                .as_bytes(),
+        ),
         derivation: None,
         kek_check: None,
         wrapped_secret: None,
     };
-    put_signed(
+    match put_signed(
         storage,
         &root,
         &layout::sealed_key(LEGACY_KEY_ID),
@@ -675,7 +750,19 @@ pub(crate) async fn upgrade(
         &legacy,
         cancel,
     )
-    .await?;
+    .await
+    {
+        Ok(()) => {}
+        Err(RepoError::Storage(StorageError::AlreadyExists(_))) => {
+            return Err(RepoError::KeyManagement(format!(
+                "an earlier upgrade of {} was interrupted before it finished (keyring/ holds \
+                 its objects, keyring/upgrade.json is missing): nothing refers to them yet; \
+                 remove keyring/ and run the upgrade again",
+                storage.describe()
+            )));
+        }
+        Err(err) => return Err(err),
+    }
     let ring = Keyring {
         keys: vec![key.clone(), legacy],
         revoked: BTreeMap::new(),
@@ -685,7 +772,6 @@ pub(crate) async fn upgrade(
     let record = UpgradeBody {
         created: now_rfc3339(),
         root_public: root_public(&root),
-        sealed_root: hex::encode(crate::crypto::DataKeys::from_master(&master).seal(&root)),
     };
     let body =
         serde_json::to_vec_pretty(&record).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
@@ -752,7 +838,11 @@ async fn new_key(
             (
                 Some(derivation),
                 Some(crypto::kek_check(&kek)),
-                Some(hex::encode(crypto::wrap(&kek, &x.to_bytes()))),
+                Some(hex::encode(crypto::wrap_bound(
+                    &kek,
+                    &x.to_bytes(),
+                    root_public(root).as_bytes(),
+                ))),
             )
         }
         None => (None, None, None),
@@ -782,12 +872,18 @@ fn seal_grant(
     secrets: &EpochSecrets<'_>,
     root: &[u8; 32],
 ) -> Result<String, RepoError> {
-    let full = key.scope == Scope::Full;
+    let (reads_data, manages) = match key.scope {
+        Scope::Full => (true, true),
+        Scope::Legacy => (true, false),
+        Scope::Metadata => (false, false),
+    };
     let secrets = GrantSecrets {
-        data: full.then(|| hex::encode(secrets.data.to_bytes())),
+        data: reads_data.then(|| hex::encode(secrets.data.to_bytes())),
         meta: hex::encode(secrets.meta.to_bytes()),
-        root: full.then(|| hex::encode(root)),
-        legacy: secrets.legacy.map(hex::encode),
+        root: manages.then(|| hex::encode(root)),
+        components: reads_data.then(|| hex::encode(components_root(root))),
+        // Version 1 objects: for readers of data only (not the coordinator's metadata key).
+        legacy: secrets.legacy.filter(|_| reads_data).map(hex::encode),
     };
     let plain =
         serde_json::to_vec(&secrets).map_err(|e| RepoError::KeyManagement(e.to_string()))?;
@@ -879,15 +975,25 @@ async fn new_epoch(
     }
 }
 
-/// Grants every epoch `by` opens to `key`.
-async fn grant_all(
+/// Grants every epoch `current` opens to every active key that lacks its grant. Run after
+/// each key operation: a key added while another operation started an epoch is granted it by
+/// whichever of the two finishes second (each writes before it reads the other's objects).
+async fn fill_grants(
     storage: &Storage,
-    root_key: &VerifyingKey,
-    by: &FullKey,
-    key: &KeyBody,
+    root_public: &str,
+    current: &KeySecret,
     cancel: &CancellationToken,
-) -> Result<(), RepoError> {
-    let ring = Keyring::read(storage, root_key, cancel).await?;
+) -> Result<FullKey, RepoError> {
+    let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
+    let root = *by.signing()?;
+    let root_key = parse_root_public(root_public)?;
+    let ring = Keyring::read(storage, &root_key, cancel).await?;
+    let granted: HashSet<(u32, String, String)> =
+        read_signed::<GrantBody>(storage, &root_key, layout::GRANTS, "grant", cancel)
+            .await?
+            .into_iter()
+            .map(|(_, g, _)| (g.epoch, g.nonce, g.key_id))
+            .collect();
     for epoch in &ring.epochs {
         let (Some(data), Some(meta)) = (
             by.sealed.data.get(&epoch.epoch),
@@ -902,9 +1008,17 @@ async fn grant_all(
             meta,
             legacy: by.legacy.as_ref(),
         };
-        put_grant(storage, &by.root, &secrets, key, cancel).await?;
+        for key in ring.active() {
+            if granted.contains(&(epoch.epoch, epoch.nonce.clone(), key.id.clone())) {
+                continue;
+            }
+            match put_grant(storage, &root, &secrets, key, cancel).await {
+                Ok(()) | Err(RepoError::Storage(StorageError::AlreadyExists(_))) => {}
+                Err(err) => return Err(err),
+            }
+        }
     }
-    Ok(())
+    Ok(by)
 }
 
 /// Adds a full key for `new`, authorised by `current`; it opens every epoch `current` opens.
@@ -915,12 +1029,12 @@ pub(crate) async fn add_key(
     new: &KeySecret,
     cancel: &CancellationToken,
 ) -> Result<String, RepoError> {
-    let by = open_full(storage, root_public, current, cancel).await?;
-    let (key, _) = new_key(storage, &by.root, Scope::Full, Some(new), cancel).await?;
-    grant_all(storage, &parse_root_public(root_public)?, &by, &key, cancel).await?;
+    let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
+    let (key, _) = new_key(storage, by.signing()?, Scope::Full, Some(new), cancel).await?;
+    let by = Box::pin(fill_grants(storage, root_public, current, cancel)).await?;
     audit(
         storage,
-        &by.root,
+        by.signing()?,
         "add",
         &key.id,
         Some(&by.key_id),
@@ -939,12 +1053,12 @@ pub(crate) async fn issue_metadata(
     current: &KeySecret,
     cancel: &CancellationToken,
 ) -> Result<(String, Credential), RepoError> {
-    let by = open_full(storage, root_public, current, cancel).await?;
-    let (key, x) = new_key(storage, &by.root, Scope::Metadata, None, cancel).await?;
-    grant_all(storage, &parse_root_public(root_public)?, &by, &key, cancel).await?;
+    let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
+    let (key, x) = new_key(storage, by.signing()?, Scope::Metadata, None, cancel).await?;
+    let by = Box::pin(fill_grants(storage, root_public, current, cancel)).await?;
     audit(
         storage,
-        &by.root,
+        by.signing()?,
         "issue-metadata",
         &key.id,
         Some(&by.key_id),
@@ -970,10 +1084,11 @@ pub(crate) async fn issue_writer(
     component: &str,
     cancel: &CancellationToken,
 ) -> Result<Credential, RepoError> {
-    let by = open_full(storage, root_public, current, cancel).await?;
+    let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
+    let root = by.signing()?;
     audit(
         storage,
-        &by.root,
+        root,
         "issue-writer",
         "",
         Some(&by.key_id),
@@ -981,15 +1096,17 @@ pub(crate) async fn issue_writer(
         cancel,
     )
     .await?;
-    Ok(Credential::Writer {
-        repository: repository_id.to_owned(),
-        root_public: root_public.to_owned(),
-        component: component.to_owned(),
-        secret: hex::encode(ComponentKey::secret(&by.root, component)),
-    })
+    Ok(Credential::writer(
+        repository_id,
+        root_public,
+        component,
+        &ComponentKey::secret(&components_root(root), component),
+    ))
 }
 
-/// Revokes key `id` (authorised by `current`) and starts a new epoch without it.
+/// Revokes key `id` (authorised by `current`): a new epoch granted to every key but it and
+/// naming it revoked (the commit point), then its revocation record. A revocation whose epoch
+/// never came (a crash, a lost race) is completed by running it again.
 pub(crate) async fn revoke(
     storage: &Storage,
     root_public: &str,
@@ -998,10 +1115,15 @@ pub(crate) async fn revoke(
     action: &str,
     cancel: &CancellationToken,
 ) -> Result<u32, RepoError> {
-    let by = open_full(storage, root_public, current, cancel).await?;
+    let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
+    let root = *by.signing()?;
     let root_key = parse_root_public(root_public)?;
     let mut ring = Keyring::read(storage, &root_key, cancel).await?;
-    if !ring.active().any(|k| k.id == id) {
+    let in_newest_epoch = ring
+        .epochs
+        .last()
+        .is_some_and(|e| e.revoked.iter().any(|r| r == id));
+    if in_newest_epoch || !ring.keys.iter().any(|k| k.id == id) {
         return Err(RepoError::KeyManagement(format!(
             "no active key with id `{id}`"
         )));
@@ -1016,15 +1138,18 @@ pub(crate) async fn revoke(
              another before revoking it"
         )));
     }
+    let revoked_at = now_rfc3339();
+    ring.revoked.insert(id.to_owned(), revoked_at.clone());
+    let epoch = new_epoch(storage, &root, by.legacy.as_ref(), &ring, cancel).await?;
     let tombstone = RevokedBody {
         id: id.to_owned(),
-        revoked_at: now_rfc3339(),
+        revoked_at,
         by: by.key_id.clone(),
     };
     match storage
         .put(
             &layout::sealed_revoked(id),
-            sign(&by.root, "revoked", &tombstone)?,
+            sign(&root, "revoked", &tombstone)?,
             PutMode::Create,
             cancel,
         )
@@ -1033,11 +1158,11 @@ pub(crate) async fn revoke(
         Ok(()) | Err(StorageError::AlreadyExists(_)) => {}
         Err(err) => return Err(err.into()),
     }
-    ring.revoked.insert(id.to_owned(), tombstone.revoked_at);
-    let epoch = new_epoch(storage, &by.root, by.legacy.as_ref(), &ring, cancel).await?;
+    // Keys added meanwhile get the new epoch too.
+    Box::pin(fill_grants(storage, root_public, current, cancel)).await?;
     audit(
         storage,
-        &by.root,
+        &root,
         action,
         id,
         Some(&by.key_id),
@@ -1070,6 +1195,7 @@ pub(crate) async fn list(
             id: k.id.clone(),
             kind: match (k.scope, &k.derivation) {
                 (Scope::Metadata, _) => "coordinator",
+                (Scope::Legacy, _) => "version-1-keys",
                 (Scope::Full, Some(KekDerivation::Passphrase { .. })) => "passphrase",
                 (Scope::Full, _) => "key-file",
             },
