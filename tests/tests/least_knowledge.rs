@@ -333,6 +333,16 @@ async fn a_revoked_key_opens_nothing_written_after_it() {
         )
         .await
         .expect("plant");
+    // ... and so is a huge object planted to slow every open down.
+    storage
+        .put(
+            &layout::epoch(4),
+            bytes::Bytes::from(vec![b'x'; 10 << 20]),
+            aitbc_backup_repository::storage::PutMode::Create,
+            &cancel,
+        )
+        .await
+        .expect("plant big");
     backup_bytes(&writer().await, noise(100_000, 5), "ledger")
         .await
         .expect("backup 3");

@@ -238,6 +238,10 @@ fn verify<T: DeserializeOwned>(
     Ok((body, signed.signed))
 }
 
+/// Keyring objects are a few KiB; a planted larger one is not read (a writer could otherwise
+/// make every open download it).
+const MAX_KEYRING_OBJECT: u64 = 64 << 10;
+
 /// Every object under `prefix`, newest name last. Where the bucket keeps versions, each
 /// object's first version (keyring objects are created once; a later version or a delete
 /// marker was someone else's).
@@ -247,17 +251,30 @@ async fn read_all(
     cancel: &CancellationToken,
 ) -> Result<Vec<(RemotePath, Bytes)>, RepoError> {
     let mut out = Vec::new();
+    let oversized = |path: &RemotePath, size: u64| {
+        let big = size > MAX_KEYRING_OBJECT;
+        if big {
+            tracing::warn!(object = %path, size, "a keyring object larger than any this program writes; it is ignored");
+        }
+        big
+    };
     if storage.lock().is_some() {
         let versions = storage.versions(prefix, cancel).await?;
         for (path, group) in crate::immutable::by_key(&versions) {
             let Some(first) = group.iter().rev().find(|v| !v.delete_marker) else {
                 continue;
             };
+            if oversized(path, first.size) {
+                continue;
+            }
             let bytes = storage.get_version(path, &first.version_id, cancel).await?;
             out.push((path.clone(), bytes));
         }
     } else {
         for meta in storage.list(prefix, cancel).await? {
+            if oversized(&meta.path, meta.size) {
+                continue;
+            }
             match storage.get(&meta.path, cancel).await {
                 Ok(bytes) => out.push((meta.path, bytes)),
                 Err(StorageError::NotFound(_)) => {}
