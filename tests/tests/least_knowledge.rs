@@ -646,3 +646,164 @@ async fn a_version_1_repository_upgrades_in_place() {
             .any(|k| k.id == "legacy-v1" && k.revoked_at.is_some())
     );
 }
+
+/// One operator key of the random run.
+struct Holder {
+    secret: KeySecret,
+    id: String,
+    /// The epoch that began with its revocation.
+    revoked_from: Option<u32>,
+}
+
+/// Grants present in the bucket, as (epoch, key id), read from their names.
+async fn grants(storage: &Storage) -> Vec<(u32, String)> {
+    let cancel = CancellationToken::new();
+    storage
+        .list(layout::GRANTS, &cancel)
+        .await
+        .expect("list grants")
+        .into_iter()
+        .filter_map(|o| {
+            let rest = o.path.as_str().strip_prefix(layout::GRANTS)?;
+            let (dir, file) = rest.split_once('/')?;
+            let epoch = dir.split_once('-')?.0.parse().ok()?;
+            Some((epoch, file.strip_suffix(".json")?.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_operations_in_any_order_keep_every_key_to_its_epochs() {
+    use rand::{Rng, SeedableRng};
+    let steps: usize = std::env::var("AITBC_KEY_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let backend = TestBackend::start(Kind::Local);
+    let cancel = CancellationToken::new();
+    let key_file = |n: u64| KeySecret::KeyFile(format!("key file number {n:016}").into_bytes());
+    let first = key_file(0);
+    let repo = Repository::init(
+        backend.storage().await,
+        small_chunks(),
+        Some(&first),
+        &cancel,
+    )
+    .await
+    .expect("init");
+    let storage = repo.storage().clone();
+    let first_id = keys::list_keys(&storage, &cancel).await.expect("list")[0]
+        .id
+        .clone();
+    let mut holders = vec![Holder {
+        secret: first,
+        id: first_id,
+        revoked_from: None,
+    }];
+    let (writer, _) = keys::issue(
+        &storage,
+        &holders[0].secret,
+        Issue::Writer("ledger"),
+        &cancel,
+    )
+    .await
+    .expect("writer");
+    let mut epoch = 1u32;
+    let mut backups = Vec::new();
+    let mut next_key = 1u64;
+    for step in 0..steps {
+        let active: Vec<usize> = (0..holders.len())
+            .filter(|&i| holders[i].revoked_from.is_none())
+            .collect();
+        let by = active[rng.random_range(0..active.len())];
+        match rng.random_range(0..4) {
+            // Add a key.
+            0 => {
+                let secret = key_file(next_key);
+                next_key += 1;
+                let id = keys::add_key(&storage, &holders[by].secret, &secret, &cancel)
+                    .await
+                    .expect("add");
+                holders.push(Holder {
+                    secret,
+                    id,
+                    revoked_from: None,
+                });
+            }
+            // Revoke a key (never the last).
+            1 if active.len() > 1 => {
+                let victim = *active.iter().find(|&&i| i != by).expect("another");
+                keys::revoke_key(&storage, &holders[by].secret, &holders[victim].id, &cancel)
+                    .await
+                    .expect("revoke");
+                epoch += 1;
+                holders[victim].revoked_from = Some(epoch);
+            }
+            // A key added while another key is revoked: both finish, the new key gets the new
+            // epoch.
+            2 if active.len() > 1 => {
+                let victim = *active.iter().find(|&&i| i != by).expect("another");
+                let secret = key_file(next_key);
+                next_key += 1;
+                let (added, revoked) = tokio::join!(
+                    keys::add_key(&storage, &holders[by].secret, &secret, &cancel),
+                    keys::revoke_key(&storage, &holders[by].secret, &holders[victim].id, &cancel),
+                );
+                revoked.expect("revoke");
+                epoch += 1;
+                holders[victim].revoked_from = Some(epoch);
+                holders.push(Holder {
+                    secret,
+                    id: added.expect("add"),
+                    revoked_from: None,
+                });
+            }
+            // A backup by the writer.
+            _ => {
+                let data = noise(40_000 + step * 1000, rng.random());
+                let writer_repo = open_with(storage.clone(), &writer).await.expect("writer");
+                let manifest = backup_bytes(&writer_repo, data.clone(), "ledger")
+                    .await
+                    .expect("backup");
+                backups.push((manifest, data));
+            }
+        }
+        // Every active key reads every backup; every revoked key is refused, and no grant of
+        // an epoch from its revocation on exists for it.
+        let granted = grants(&storage).await;
+        for holder in &holders {
+            let opened = Repository::open(storage.clone(), Some(&holder.secret), &cancel).await;
+            match holder.revoked_from {
+                None => {
+                    let repo = opened.unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", holder.id));
+                    for (manifest, data) in &backups {
+                        let restored = restore_bytes(&repo, manifest).await.unwrap_or_else(|e| {
+                            panic!("seed {seed}: {} on {}: {e}", holder.id, manifest.id)
+                        });
+                        assert_eq!(&restored, data, "seed {seed}");
+                    }
+                    assert!(
+                        granted.contains(&(epoch, holder.id.clone())),
+                        "seed {seed}: active key {} lacks epoch {epoch}",
+                        holder.id
+                    );
+                }
+                Some(from) => {
+                    assert!(
+                        matches!(opened, Err(RepoError::RevokedKey { .. })),
+                        "seed {seed}: revoked key {} opened",
+                        holder.id
+                    );
+                    assert!(
+                        !granted.iter().any(|(e, k)| *k == holder.id && *e >= from),
+                        "seed {seed}: revoked key {} was granted epoch {from} or later",
+                        holder.id
+                    );
+                }
+            }
+        }
+    }
+}
