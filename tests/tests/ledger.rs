@@ -598,3 +598,82 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_writer_credential_costs_the_changed_pages_and_a_lost_cache_one_full_backup() {
+    const OPERATOR: &str = "the operator's passphrase";
+    let dir = aitbc_backup_tests::temp_dir("ledger-sealed");
+    let repository = format!("file://{}", dir.path().join("repo").display());
+    let repo_cli = |args: &[&str]| {
+        let out = std::process::Command::new(aitbc_backup_tests::fleet::binary("aitbc-backup"))
+            .args(["repo", "--repository", &repository])
+            .args(args)
+            .env("AITBC_CLI_PASSPHRASE", OPERATOR)
+            .output()
+            .expect("aitbc-backup repo");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    repo_cli(&["init", "--encrypt"]);
+    let credential = repo_cli(&["keys", "issue", "--writer", "ledger"]);
+    let agent = LedgerAgent {
+        data_dir: dir.path().join("node"),
+        repository: repository.clone(),
+        scratch: dir.path().join("scratch"),
+    };
+    let writer = agent
+        .oneshot()
+        .with("AITBC_BACKUP_REPOSITORY__CREDENTIAL", credential);
+    NodeSim::write_blocks(dir.path(), "wal", 3000, 200);
+    let full = writer.ok(&["backup"]);
+    NodeSim::write_blocks(dir.path(), "wal", 30, 200);
+    let daily = writer.ok(&["backup"]);
+    let (full_stored, stored) = (
+        full["new_stored_bytes"].as_u64().expect("stored"),
+        daily["new_stored_bytes"].as_u64().expect("stored"),
+    );
+    assert!(stored < full_stored / 4, "{stored} vs {full_stored}");
+    // The scratch directory (page maps, file cache) is lost: one full read, and the database's
+    // pages are packed and stored anew (the page maps that tell unchanged pages are only in
+    // the scratch directory); never more than a full backup.
+    std::fs::remove_dir_all(&agent.scratch).expect("lose the cache");
+    NodeSim::write_blocks(dir.path(), "wal", 30, 200);
+    let after_loss = writer.ok(&["backup"]);
+    let read = after_loss["bytes_read"].as_u64().expect("read");
+    let stored_again = after_loss["new_stored_bytes"].as_u64().expect("stored");
+    assert!(
+        read >= daily["bytes_read"].as_u64().expect("read") * 4,
+        "a full read expected after losing the cache: {after_loss}"
+    );
+    assert!(
+        stored_again <= full_stored + full_stored / 10,
+        "{stored_again} vs {full_stored}"
+    );
+    // The writer cannot restore; the operator's key can, at the right height.
+    let manifest = after_loss["manifest"].as_str().expect("manifest");
+    let target = dir.path().join("restored");
+    let refused = writer.fails(&[
+        "restore",
+        manifest,
+        "--target",
+        target.to_str().expect("utf-8"),
+    ]);
+    assert!(refused.contains("operator's key"), "{refused}");
+    let operator = agent
+        .oneshot()
+        .with("AITBC_BACKUP_REPOSITORY__PASSPHRASE", OPERATOR);
+    let restored = operator.ok(&[
+        "restore",
+        manifest,
+        "--target",
+        target.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(restored["height"], after_loss["height"], "{restored}");
+}

@@ -120,7 +120,9 @@ where
             }
         }
     };
-    let (manifest, ()) = backup_with(repo, request, progress, cancel, produce).await?;
+    // Boxed: the pipeline's future is deep enough to overflow the compiler's layout
+    // queries in callers that nest it further.
+    let (manifest, ()) = Box::pin(backup_with(repo, request, progress, cancel, produce)).await?;
     Ok(manifest)
 }
 
@@ -302,7 +304,7 @@ where
 {
     repo.check_writes()?;
     // The lock comes before the listing of the chunks this backup will rely on (`locks.rs`).
-    let lock = WriterLock::acquire(&repo.storage, &request.name, cancel).await?;
+    let lock = Box::pin(WriterLock::acquire(&repo.storage, &request.name, cancel)).await?;
     let result = Box::pin(store_and_commit(
         repo, request, progress, cancel, produce, &lock,
     ))
@@ -460,7 +462,7 @@ where
         })?;
     }
 
-    ensure_chunks_present(repo, &chunks, cancel).await?;
+    Box::pin(ensure_chunks_present(repo, &chunks, cancel)).await?;
     lock.confirm(cancel).await?;
     let manifest = ComponentManifest {
         id: layout::new_manifest_id(),
@@ -475,7 +477,7 @@ where
         stats,
         keyed_by: repo.keyed_by(),
     };
-    repo.commit_component(&manifest, cancel).await?;
+    Box::pin(repo.commit_component(&manifest, cancel)).await?;
     Ok((manifest, output))
 }
 

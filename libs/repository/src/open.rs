@@ -133,7 +133,7 @@ pub async fn open_configured(
         (None, Some(credential)) => Some(crate::repo::Opener::Credential(credential)),
         (None, None) => None,
     };
-    let repo = crate::Repository::open_as(storage, opener, cancel).await?;
+    let repo = Box::pin(crate::Repository::open_as(storage, opener, cancel)).await?;
     if let Some(expected) = &settings.object_lock {
         check_recorded_lock(&repo, expected)?;
     }

@@ -309,7 +309,12 @@ impl Repository {
         secret: Option<&KeySecret>,
         cancel: &CancellationToken,
     ) -> Result<Repository, RepoError> {
-        Repository::open_as(storage, secret.map(Opener::Key), cancel).await
+        Box::pin(Repository::open_as(
+            storage,
+            secret.map(Opener::Key),
+            cancel,
+        ))
+        .await
     }
 
     /// Opens an existing repository with a key, a credential or (unencrypted) nothing.
