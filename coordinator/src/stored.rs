@@ -30,10 +30,10 @@ impl Sets {
             .get_or_try_init(|| {
                 Box::pin(async {
                     let cancel = self.shutdown.child_token();
-                    let repo = self.repo.get(&cancel).await.map_err(CatalogError::Open)?;
-                    let count = self
-                        .catalog
-                        .load(repo, &cancel)
+                    let repo = Box::pin(self.repo.get(&cancel))
+                        .await
+                        .map_err(CatalogError::Open)?;
+                    let count = Box::pin(self.catalog.load(repo, &cancel))
                         .await
                         .map_err(CatalogError::Load)?;
                     tracing::info!(sets = count, "catalog rebuilt from the repository");

@@ -245,6 +245,46 @@ impl Cut {
     }
 }
 
+/// Stores the cache in the repository's writer state, so that losing the scratch directory
+/// costs one full read and no more uploads (a writer credential reads no earlier backup to
+/// rebuild it). A failure costs that, nothing else.
+async fn keep_cache(repo: &Repository, cache: &FileCache, name: &str, cancel: &CancellationToken) {
+    let stored = match cache.export() {
+        Ok(bundle) => repo
+            .put_writer_state(name, &bundle, cancel)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(err) => Err(err.into()),
+    };
+    if let Err(err) = stored {
+        tracing::warn!(error = %format!("{err:#}"), "could not keep the file cache in the repository; losing the scratch directory will cost a full backup");
+    }
+}
+
+/// Brings back the cache [`keep_cache`] stored, when the scratch directory lost it.
+async fn restore_cache(
+    repo: &Repository,
+    name: &str,
+    cache_path: &std::path::Path,
+    data_dir: &std::path::Path,
+    cancel: &CancellationToken,
+) {
+    match repo.writer_state(name, cancel).await {
+        Ok(Some(bundle)) => match FileCache::import(&bundle, cache_path, data_dir) {
+            Ok(()) => {
+                tracing::info!(cache = %cache_path.display(), "file cache brought back from the repository")
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the file cache kept in the repository could not be used")
+            }
+        },
+        Ok(None) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read the file cache kept in the repository")
+        }
+    }
+}
+
 impl Captured {
     async fn upload(
         mut self,
@@ -258,6 +298,10 @@ impl Captured {
         let settings = self.settings.clone();
         let cache_path = cache::path_for(&settings.scratch_dir, &settings.data_dir);
         let repo_id = repo.config().id.clone();
+        let state_name = cache::state_name(&label.name, &settings.data_dir);
+        if !full_scan && !cache_path.exists() {
+            restore_cache(repo, &state_name, &cache_path, &settings.data_dir, cancel).await;
+        }
         let (cache, cache_note) = if full_scan {
             (
                 FileCache::default(),
@@ -331,6 +375,7 @@ impl Captured {
         if let Err(err) = next.save(&cache_path, &settings.data_dir) {
             tracing::warn!(cache = %cache_path.display(), error = %err, "could not save the file cache; the next backup reads every file");
         }
+        keep_cache(repo, &next, &state_name, cancel).await;
         drop(self.workdir);
         use std::sync::atomic::Ordering::Relaxed;
         Ok(BackupReport {

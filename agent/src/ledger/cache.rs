@@ -35,6 +35,20 @@ pub struct GroupSpan {
     pub end: u64,
 }
 
+/// The cache's name in an exported bundle.
+const STATE_CACHE: &str = "ledger-cache.json";
+
+/// The name of one data directory's cache in the repository's writer state, per backup label
+/// (the agent's name): nodes sharing a name and a path share it, and then only read more (a
+/// group is reused only where inode, device and change time match too).
+pub fn state_name(label: &str, data_dir: &Path) -> String {
+    let mut id = blake3::Hasher::new();
+    id.update(label.as_bytes());
+    id.update(b"\0");
+    id.update(data_dir.as_os_str().as_encoded_bytes());
+    format!("ledger-cache-{}", &id.finalize().to_hex()[..16])
+}
+
 /// The cache file of one data directory.
 pub fn path_for(scratch: &Path, data_dir: &Path) -> PathBuf {
     scratch.join(format!("ledger-cache-{}.json", dir_id(data_dir)))
@@ -152,6 +166,66 @@ impl FileCache {
             groups,
             databases,
         }
+    }
+
+    /// The cache and its page maps as one tar stream, for the repository (see
+    /// [`FileCache::import`]): what saves the next backup's reading when the scratch directory
+    /// is lost.
+    pub fn export(&self) -> std::io::Result<Vec<u8>> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, bytes: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o600);
+            header.set_cksum();
+            tar.append_data(&mut header, name, bytes)
+        };
+        add(
+            STATE_CACHE,
+            &serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )?;
+        for map in self.databases.values() {
+            let name = map
+                .file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| std::io::Error::other("a page map without a file name"))?;
+            add(name, &std::fs::read(&map.file)?)?;
+        }
+        tar.into_inner()
+    }
+
+    /// Writes a cache [`FileCache::export`] made into the scratch directory as `path` and its
+    /// page maps beside it. Only plain files named like this data directory's page maps are
+    /// written; each map is checked against its recorded digest when used.
+    pub fn import(bundle: &[u8], path: &Path, data_dir: &Path) -> std::io::Result<()> {
+        let scratch = path
+            .parent()
+            .ok_or_else(|| std::io::Error::other("a cache path without a directory"))?;
+        let prefix = page_map_prefix(data_dir);
+        let mut cache: Option<FileCache> = None;
+        let mut archive = tar::Archive::new(bundle);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let name = entry.path()?.to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut bytes)?;
+            if name == STATE_CACHE {
+                cache = Some(serde_json::from_slice(&bytes).map_err(std::io::Error::other)?);
+            } else if name.starts_with(&prefix)
+                && name.ends_with(".bin")
+                && !name.contains('/')
+                && entry.header().entry_type().is_file()
+            {
+                std::fs::write(scratch.join(&name), bytes)?;
+            }
+        }
+        let mut cache = cache.ok_or_else(|| std::io::Error::other("no cache in the bundle"))?;
+        for map in cache.databases.values_mut() {
+            let name = map.file.file_name().map(PathBuf::from).unwrap_or_default();
+            map.file = scratch.join(name);
+        }
+        cache.save(path, data_dir)
     }
 
     /// Writes the cache atomically, then removes the data directory's page maps it does not

@@ -22,6 +22,9 @@ pub const GC_CONDEMNED: &str = "gc/";
 pub const WRITER_LOCKS: &str = "locks/writers/";
 pub const SWEEP_LOCKS: &str = "locks/sweeps/";
 pub const PINS: &str = "pins/";
+/// What a writer keeps between backups (its file cache and page maps), readable by the
+/// writers of its component only (see [`crate::Repository::put_writer_state`]).
+pub const WRITER_STATE: &str = "state/";
 pub const ATTEMPTS: &str = "attempts/";
 /// Archived PostgreSQL WAL (see [`crate::wal`]).
 pub const WAL_SEGMENTS: &str = "wal/segments/";
@@ -47,6 +50,10 @@ pub fn component_manifest(id: &str) -> RemotePath {
 
 pub fn set_manifest(id: &str) -> RemotePath {
     path(format!("{SET_MANIFESTS}{id}.json"))
+}
+
+pub fn writer_state(component: &str, name: &str) -> RemotePath {
+    path(format!("{WRITER_STATE}{component}/{name}"))
 }
 
 pub fn pin(set_id: &str) -> RemotePath {

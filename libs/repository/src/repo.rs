@@ -423,6 +423,71 @@ impl Repository {
         Ok(repo)
     }
 
+    /// Stores what a writer keeps between backups (a cache that saves reading, never needed
+    /// to restore) as `name`: in a sealed repository sealed with the component's state key,
+    /// which its writer credential holds; in a version 1 one with the master key; plain
+    /// otherwise. Replaced by each call.
+    pub async fn put_writer_state(
+        &self,
+        name: &str,
+        plain: &[u8],
+        cancel: &CancellationToken,
+    ) -> Result<(), RepoError> {
+        let (component, body) = self.state_codec()?;
+        let compressed = zstd::bulk::compress(plain, 3)?;
+        let sealed = match body {
+            Some(keys) => keys.seal(&compressed),
+            None => compressed,
+        };
+        Ok(self
+            .storage
+            .put(
+                &layout::writer_state(&component, name),
+                Bytes::from(sealed),
+                PutMode::Overwrite,
+                cancel,
+            )
+            .await?)
+    }
+
+    /// What [`Repository::put_writer_state`] stored as `name`; None where there is none or it
+    /// does not open (another component's, damaged): the writer then starts afresh.
+    pub async fn writer_state(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let (component, keys) = self.state_codec()?;
+        let path = layout::writer_state(&component, name);
+        let stored = match self.storage.get(&path, cancel).await {
+            Ok(stored) => stored,
+            Err(StorageError::NotFound(_)) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        let compressed = match keys {
+            Some(keys) => match keys.open(path.as_str(), &stored) {
+                Ok(plain) => plain,
+                Err(_) => return Ok(None),
+            },
+            None => stored.to_vec(),
+        };
+        // Bounded: a state larger than this was not written by us.
+        Ok(zstd::bulk::decompress(&compressed, 1 << 30).ok())
+    }
+
+    /// The component a writer state belongs to and the keys that seal it.
+    fn state_codec(&self) -> Result<(String, Option<DataKeys>), RepoError> {
+        match (&self.sealed, &self.component, &self.keys) {
+            (Some(_), Some(component), _) => {
+                Ok((component.name.clone(), Some(component.state_keys())))
+            }
+            (Some(_), None, _) => Err(RepoError::NoKey(
+                "no component key: this credential keeps no writer state".into(),
+            )),
+            (None, _, keys) => Ok(("any".to_owned(), keys.clone())),
+        }
+    }
+
     /// Refuses writing chunks where this holder has no component key (the coordinator's
     /// metadata credential in a sealed repository): they would be keyed by nothing.
     pub(crate) fn check_writes(&self) -> Result<(), RepoError> {

@@ -99,6 +99,9 @@ pub struct ComponentKey {
     pub name: String,
     id_key: [u8; 32],
     seed: u64,
+    /// Seals what the component's writers keep between backups (their caches): readable with
+    /// the writer credential, and by nothing that reads data only.
+    state_key: [u8; 32],
 }
 
 impl ComponentKey {
@@ -119,6 +122,7 @@ impl ComponentKey {
             id_key: blake3::derive_key("aitbc-backup 2026 component chunk id", secret),
             // fastcdc leaves its gear table unkeyed for seed 0.
             seed: u64::from_le_bytes(seed) | 1,
+            state_key: blake3::derive_key("aitbc-backup 2026 writer state", secret),
         }
     }
 
@@ -128,6 +132,11 @@ impl ComponentKey {
 
     pub fn chunker_seed(&self) -> u64 {
         self.seed
+    }
+
+    /// The AEAD of the component's writer state.
+    pub(crate) fn state_keys(&self) -> crate::crypto::DataKeys {
+        crate::crypto::DataKeys::from_master(&self.state_key)
     }
 }
 
