@@ -9,14 +9,17 @@
 //!   sealed to that key's own X25519 public key. A *full* key (an operator's passphrase or key
 //!   file) gets data, meta and the repository's root secret; a *metadata* key (the
 //!   coordinator's) gets meta only: it lists, retains, collects and checks structure, and reads
-//!   no data.
+//!   no data; the *legacy* key of an upgraded version 1 repository reads data, manages nothing.
 //! - The **root secret** never changes. From it come the Ed25519 key that signs every keyring
-//!   object (keys, tombstones, epochs, grants, audit), whose public half is in the config and
-//!   in every credential, and one **component secret** per component, from which that
-//!   component's chunk-id key and chunker seed come (so equal content shows only within a
-//!   component, and cut points say nothing about content).
+//!   object (keys, revocations, epochs, grants, audit), whose public half is in the config and
+//!   in every credential, and the components root, from which one **component secret** per
+//!   component comes, and from that the component's chunk-id key, chunker seed and writer-state
+//!   key (so equal content shows only within a component, and cut points say nothing about
+//!   content). A revoked full key still knows the root secret: it reads nothing sealed after
+//!   its revocation, but could sign keyring objects where it can still write (`docs/security.md`).
 //! - An **agent** holds a writer credential: the repository id, the root public key, its
-//!   component's name and secret. It chunks, hashes and seals; it reads nothing back.
+//!   component's name and secret. It chunks, hashes and seals; it reads back only its own
+//!   writer state (a cache), never a backup.
 //! - `keys rotate` and `keys revoke` start a new epoch whose grants go only to the keys still
 //!   active: a revoked key opens nothing written afterwards, even with its object put back,
 //!   and writers (who cannot sign) cannot add a key, an epoch or a grant.
