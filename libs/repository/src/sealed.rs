@@ -3,8 +3,8 @@
 //! Objects are sealed to public keys, so whoever writes backups holds nothing that reads them:
 //!
 //! - Every **epoch** has two X25519 key pairs: *data* (chunks) and *meta* (manifests). New
-//!   objects are sealed to the newest epoch's public keys (libsodium's sealed box: an ephemeral
-//!   key per object, XSalsa20-Poly1305), behind a small header naming the epoch.
+//!   objects are sealed to the newest epoch's public keys (NaCl's crypto_box with XChaCha20-
+//!   Poly1305 from an ephemeral X25519 key per object), behind a small header naming the epoch.
 //! - The private halves reach key holders only through **grants**: one object per (epoch, key),
 //!   sealed to that key's own X25519 public key. A *full* key (an operator's passphrase or key
 //!   file) gets data, meta and the repository's root secret; a *metadata* key (the
@@ -29,17 +29,20 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crypto_box::aead::OsRng;
-use crypto_box::{PublicKey, SecretKey};
+use crypto_box::aead::{Aead, AeadCore, OsRng};
+use crypto_box::{ChaChaBox, PublicKey, SecretKey};
 
 use crate::crypto::CryptoError;
 
 pub mod credential;
 pub mod keyring;
 
-/// In front of every sealed object: the magic and the epoch (u32, big endian).
+/// In front of every sealed object: the magic and the epoch (u32, big endian); then the
+/// ephemeral public key, the nonce and the ciphertext with its tag.
 const MAGIC: &[u8; 8] = b"aitbcS1\n";
 const HEADER_LEN: usize = MAGIC.len() + 4;
+const NONCE_LEN: usize = 24;
+const OVERHEAD: usize = crypto_box::KEY_SIZE + NONCE_LEN + 16;
 
 /// Which of an epoch's two key pairs an object is sealed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,8 +220,13 @@ impl Sealed {
                 }
             )));
         };
-        secret
-            .unseal(body)
+        let (ephemeral, rest) = body.split_at(crypto_box::KEY_SIZE);
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        let ephemeral: [u8; crypto_box::KEY_SIZE] = ephemeral
+            .try_into()
+            .map_err(|_| CryptoError::Truncated(what.to_owned()))?;
+        ChaChaBox::new(&PublicKey::from(ephemeral), secret)
+            .decrypt(nonce.into(), ciphertext)
             .map_err(|_| CryptoError::Authentication(what.to_owned()))
     }
 }
@@ -229,22 +237,26 @@ pub fn is_sealed(stored: &[u8]) -> bool {
     stored.starts_with(MAGIC)
 }
 
-/// `epoch`'s header and a sealed box of `plain` to `recipient`.
+/// `epoch`'s header and `plain` boxed to `recipient` from a fresh ephemeral key.
 fn seal_to(recipient: &PublicKey, epoch: u32, plain: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + crypto_box::SEALBYTES);
+    let ephemeral = SecretKey::generate(&mut OsRng);
+    let nonce = ChaChaBox::generate_nonce(&mut OsRng);
+    let mut out = Vec::with_capacity(HEADER_LEN + OVERHEAD + plain.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&epoch.to_be_bytes());
-    // Sealing in memory with the OS's randomness does not fail.
+    out.extend_from_slice(ephemeral.public_key().as_bytes());
+    out.extend_from_slice(&nonce);
+    // Encryption in memory with a valid key and nonce does not fail.
     out.extend_from_slice(
-        &recipient
-            .seal(&mut OsRng, plain)
-            .unwrap_or_else(|_| Vec::new()),
+        &ChaChaBox::new(recipient, &ephemeral)
+            .encrypt(&nonce, plain)
+            .unwrap_or_default(),
     );
     out
 }
 
 fn split_header<'a>(what: &str, sealed: &'a [u8]) -> Result<(u32, &'a [u8]), CryptoError> {
-    if sealed.len() < HEADER_LEN + crypto_box::SEALBYTES || &sealed[..MAGIC.len()] != MAGIC {
+    if sealed.len() < HEADER_LEN + OVERHEAD || &sealed[..MAGIC.len()] != MAGIC {
         return Err(CryptoError::Truncated(what.to_owned()));
     }
     let mut epoch = [0u8; 4];
