@@ -179,6 +179,14 @@ async fn writers_and_the_coordinator_read_no_data() {
                 .err()
                 .expect("refused");
             assert!(err.to_string().contains("not encrypted"), "{err}");
+            // ... nor the operator's key, nor no key at all.
+            for opener in [Some(&operator), None] {
+                let err = Repository::open(storage.clone(), opener, &cancel)
+                    .await
+                    .err()
+                    .expect("refused");
+                assert!(err.to_string().contains("holds keys"), "{err}");
+            }
             replace(config.to_vec()).await;
         }
         // A credential of another repository is refused by name.
@@ -550,6 +558,29 @@ async fn a_version_1_repository_upgrades_in_place() {
         "{err}"
     );
 
+    // The upgrade record deleted: the repository is not taken for version 1 again.
+    let record = storage
+        .get(&layout::upgrade(), &cancel)
+        .await
+        .expect("record");
+    storage
+        .delete(&layout::upgrade(), &cancel)
+        .await
+        .expect("delete");
+    let err = Repository::open(storage.clone(), Some(&first), &cancel)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("upgrade record"), "{err}");
+    storage
+        .put(
+            &layout::upgrade(),
+            record,
+            aitbc_backup_repository::storage::PutMode::Create,
+            &cancel,
+        )
+        .await
+        .expect("put back");
     // Old backups read as before, with either key.
     let full = Repository::open(storage.clone(), Some(&first), &cancel)
         .await

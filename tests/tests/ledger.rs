@@ -640,19 +640,20 @@ fn a_writer_credential_costs_the_changed_pages_even_after_losing_its_cache() {
         daily["new_stored_bytes"].as_u64().expect("stored"),
     );
     assert!(stored < full_stored / 4, "{stored} vs {full_stored}");
-    // The scratch directory (page maps, file cache) is lost: the cache comes back from the
-    // writer state in the repository (sealed with the component's state key, which the
-    // writer credential holds): unchanged files are not read again, only what changed is
-    // stored.
+    // The scratch directory (page maps, file cache) is lost: the page maps come back from the
+    // writer state in the repository (sealed with the component's state key, which the writer
+    // credential holds): every file is read once, only what changed is stored.
     std::fs::remove_dir_all(&agent.scratch).expect("lose the cache");
     NodeSim::write_blocks(dir.path(), "wal", 30, 200);
     let after_loss = writer.ok(&["backup"]);
     let read = after_loss["bytes_read"].as_u64().expect("read");
     let stored_again = after_loss["new_stored_bytes"].as_u64().expect("stored");
-    let reused = after_loss["bytes_reused"].as_u64().expect("reused");
+    // The files are read (more than a day's read); the database's unchanged pages are found
+    // in the page maps that came back (reused, not stored).
     assert!(
-        reused > read,
-        "the cache did not come back from the repository: {after_loss}"
+        read > daily["bytes_read"].as_u64().expect("read") * 2
+            && after_loss["bytes_reused"].as_u64() > Some(0),
+        "{after_loss}"
     );
     assert!(
         stored_again < full_stored / 4,

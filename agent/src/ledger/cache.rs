@@ -196,8 +196,9 @@ impl FileCache {
     }
 
     /// Writes a cache [`FileCache::export`] made into the scratch directory as `path` and its
-    /// page maps beside it. Only plain files named like this data directory's page maps are
-    /// written; each map is checked against its recorded digest when used.
+    /// page maps beside it, without its file groups. Only plain files named like this data
+    /// directory's page maps are written; each map is checked against its recorded digest
+    /// when used.
     pub fn import(bundle: &[u8], path: &Path, data_dir: &Path) -> std::io::Result<()> {
         let scratch = path
             .parent()
@@ -221,6 +222,12 @@ impl FileCache {
             }
         }
         let mut cache = cache.ok_or_else(|| std::io::Error::other("no cache in the bundle"))?;
+        // File groups are reused without reading their files, on metadata alone: a group from
+        // the repository (which whoever holds this component's writer credential can forge)
+        // could make later backups store someone else's bytes for an unchanged file. Page maps
+        // are safe: every page is read and compared with the map's hash, and the databases'
+        // digests are checked. So the files are read once; the pages are not stored again.
+        cache.groups.clear();
         for map in cache.databases.values_mut() {
             let name = map.file.file_name().map(PathBuf::from).unwrap_or_default();
             map.file = scratch.join(name);

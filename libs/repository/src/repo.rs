@@ -53,6 +53,10 @@ enum Opening<'a> {
     Plain,
 }
 
+/// The largest writer state read back (stored bytes; it may expand to four times this): a
+/// ledger's page maps take 24 bytes per database page, 64 MiB for a 10 GiB database.
+const MAX_WRITER_STATE: u64 = 256 << 20;
+
 /// What opens an encrypted repository.
 #[derive(Clone, Copy)]
 pub enum Opener<'a> {
@@ -332,9 +336,21 @@ impl Repository {
                 return Err(RepoError::BadConfig(format!(
                     "{} says it is not encrypted, but repository.credential is for a sealed \
                      repository: refusing to write unencrypted backups (was its config \
-                     replaced?)",
+                     replaced, or is this another repository?)",
                     storage.describe()
                 )));
+            }
+            // Keys mean an encrypted repository whatever the config says now: writing
+            // plaintext into it would defeat them.
+            for prefix in [layout::KEYS, layout::KEYRING] {
+                if !Box::pin(storage.list(prefix, cancel)).await?.is_empty() {
+                    return Err(RepoError::BadConfig(format!(
+                        "{} says it is not encrypted but holds keys under {prefix}: its config \
+                         was replaced; refusing to read or write it as unencrypted (restore \
+                         the config from a copy, or use S3 Object Lock, which keeps the first)",
+                        storage.describe()
+                    )));
+                }
             }
             return Ok(Repository::new(storage, config, None, None));
         }
@@ -459,6 +475,15 @@ impl Repository {
     ) -> Result<Option<Vec<u8>>, RepoError> {
         let (component, keys) = self.state_codec()?;
         let path = layout::writer_state(&component, name);
+        match self.storage.head(&path, cancel).await {
+            Ok(meta) if meta.size > MAX_WRITER_STATE => {
+                tracing::warn!(object = %path, size = meta.size, "the writer state is larger than any this program writes; it is ignored");
+                return Ok(None);
+            }
+            Ok(_) => {}
+            Err(StorageError::NotFound(_)) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        }
         let stored = match self.storage.get(&path, cancel).await {
             Ok(stored) => stored,
             Err(StorageError::NotFound(_)) => return Ok(None),
@@ -467,12 +492,20 @@ impl Repository {
         let compressed = match keys {
             Some(keys) => match keys.open(path.as_str(), &stored) {
                 Ok(plain) => plain,
-                Err(_) => return Ok(None),
+                Err(_) => {
+                    tracing::warn!(object = %path, "the writer state does not open with this component's key; it is ignored");
+                    return Ok(None);
+                }
             },
             None => stored.to_vec(),
         };
-        // Bounded: a state larger than this was not written by us.
-        Ok(zstd::bulk::decompress(&compressed, 1 << 30).ok())
+        match zstd::bulk::decompress(&compressed, MAX_WRITER_STATE as usize * 4) {
+            Ok(plain) => Ok(Some(plain)),
+            Err(err) => {
+                tracing::warn!(object = %path, error = %err, "the writer state does not decompress (or expands past its bound); it is ignored");
+                Ok(None)
+            }
+        }
     }
 
     /// The component a writer state belongs to and the keys that seal it.

@@ -496,7 +496,7 @@ async fn open_grants(
 /// when the key it opens was revoked.
 fn unlock(
     ring: &Keyring,
-    root_public: &str,
+    binding: &str,
     secret: &KeySecret,
 ) -> Result<(KeyBody, SecretKey), RepoError> {
     for key in &ring.keys {
@@ -517,7 +517,7 @@ fn unlock(
         }
         let unwrapped = hex::decode(wrapped)
             .ok()
-            .and_then(|w| crypto::unwrap_bound(&kek, &w, root_public.as_bytes()))
+            .and_then(|w| crypto::unwrap_bound(&kek, &w, binding.as_bytes()))
             .ok_or_else(|| RepoError::Corrupt {
                 object: layout::sealed_key(&key.id).to_string(),
                 reason: "its wrapped secret does not open with its own KEK under this \
@@ -537,6 +537,18 @@ fn unlock(
     Err(RepoError::WrongKey {
         keys: ring.active().count(),
     })
+}
+
+/// What a sealed key's wrapped secret is bound to: the root public key and the repository's
+/// id, so that a key object copied to another keyring, or to another repository sharing a
+/// passphrase, does not open.
+async fn binding_of(
+    storage: &Storage,
+    root_public: &str,
+    cancel: &CancellationToken,
+) -> Result<String, RepoError> {
+    let config = Box::pin(crate::repo::read_config(storage, cancel)).await?;
+    Ok(format!("{root_public}/{}", config.id))
 }
 
 /// A full holder: the root secret (none for the version 1 keys of an upgraded repository),
@@ -572,7 +584,8 @@ pub(crate) async fn open_full(
 ) -> Result<FullKey, RepoError> {
     let root_key = parse_root_public(root_public)?;
     let ring = Keyring::read(storage, &root_key, cancel).await?;
-    let (key_id, x) = match unlock(&ring, root_public, secret) {
+    let binding = binding_of(storage, root_public, cancel).await?;
+    let (key_id, x) = match unlock(&ring, &binding, secret) {
         Ok((key, x)) => (key.id, x),
         // A version 1 key of an upgraded repository: through the master key.
         Err(RepoError::WrongKey { .. }) if read_upgrade(storage, cancel).await?.is_some() => {
@@ -679,7 +692,8 @@ pub(crate) async fn init(
     secret: &KeySecret,
     cancel: &CancellationToken,
 ) -> Result<FullKey, RepoError> {
-    let (key, _) = new_key(storage, &root, Scope::Full, Some(secret), cancel).await?;
+    let binding = binding_of(storage, &root_public(&root), cancel).await?;
+    let (key, _) = new_key(storage, &root, &binding, Scope::Full, Some(secret), cancel).await?;
     let ring = Keyring {
         keys: vec![key.clone()],
         revoked: BTreeMap::new(),
@@ -719,12 +733,27 @@ async fn read_upgrade(
     Ok(Some(body))
 }
 
-/// The root public key of an upgraded version 1 repository.
+/// The root public key of an upgraded version 1 repository. A keyring without its upgrade
+/// record is refused: treated as version 1, the repository would take version 1 writes that
+/// every revoked version 1 key reads.
 pub(crate) async fn upgraded_root(
     storage: &Storage,
     cancel: &CancellationToken,
 ) -> Result<Option<String>, RepoError> {
-    Ok(read_upgrade(storage, cancel).await?.map(|u| u.root_public))
+    if let Some(upgrade) = read_upgrade(storage, cancel).await? {
+        return Ok(Some(upgrade.root_public));
+    }
+    if storage.list(layout::EPOCHS, cancel).await?.is_empty() {
+        return Ok(None);
+    }
+    Err(RepoError::Corrupt {
+        object: layout::upgrade().to_string(),
+        reason: "missing, although keyring/ holds key epochs: the repository was upgraded \
+                 and its upgrade record deleted (restore it from a copy or the bucket's older \
+                 versions), or an upgrade was interrupted after its first epoch (then remove \
+                 keyring/ if no sealed backup was written, and upgrade again)"
+            .into(),
+    })
 }
 
 /// Upgrades a version 1 encrypted repository to the sealed scheme, authorised by one of its
@@ -745,7 +774,8 @@ pub(crate) async fn upgrade(
     }
     let (master, by) = crate::keys::open_master(storage, secret, cancel).await?;
     let root: [u8; 32] = rand::random();
-    let (key, _) = new_key(storage, &root, Scope::Full, Some(secret), cancel).await?;
+    let binding = binding_of(storage, &root_public(&root), cancel).await?;
+    let (key, _) = new_key(storage, &root, &binding, Scope::Full, Some(secret), cancel).await?;
     let legacy = KeyBody {
         id: LEGACY_KEY_ID.to_owned(),
         created: now_rfc3339(),
@@ -772,9 +802,11 @@ pub(crate) async fn upgrade(
         Ok(()) => {}
         Err(RepoError::Storage(StorageError::AlreadyExists(_))) => {
             return Err(RepoError::KeyManagement(format!(
-                "an earlier upgrade of {} was interrupted before it finished (keyring/ holds \
-                 its objects, keyring/upgrade.json is missing): nothing refers to them yet; \
-                 remove keyring/ and run the upgrade again",
+                "{} already holds a keyring but no upgrade record (keyring/upgrade.json): an \
+                 earlier upgrade was interrupted, or the record was deleted. If sealed backups \
+                 were written since the upgrade, restore the record from a copy or the \
+                 bucket's older versions; only if none was, remove keyring/ and run the \
+                 upgrade again",
                 storage.describe()
             )));
         }
@@ -841,6 +873,7 @@ async fn put_signed<T: Serialize>(
 async fn new_key(
     storage: &Storage,
     root: &[u8; 32],
+    binding: &str,
     scope: Scope,
     secret: Option<&KeySecret>,
     cancel: &CancellationToken,
@@ -858,7 +891,7 @@ async fn new_key(
                 Some(hex::encode(crypto::wrap_bound(
                     &kek,
                     &x.to_bytes(),
-                    root_public(root).as_bytes(),
+                    binding.as_bytes(),
                 ))),
             )
         }
@@ -1047,7 +1080,16 @@ pub(crate) async fn add_key(
     cancel: &CancellationToken,
 ) -> Result<String, RepoError> {
     let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
-    let (key, _) = new_key(storage, by.signing()?, Scope::Full, Some(new), cancel).await?;
+    let binding = binding_of(storage, root_public, cancel).await?;
+    let (key, _) = new_key(
+        storage,
+        by.signing()?,
+        &binding,
+        Scope::Full,
+        Some(new),
+        cancel,
+    )
+    .await?;
     let by = Box::pin(fill_grants(storage, root_public, current, cancel)).await?;
     audit(
         storage,
@@ -1071,7 +1113,7 @@ pub(crate) async fn issue_metadata(
     cancel: &CancellationToken,
 ) -> Result<(String, Credential), RepoError> {
     let by = Box::pin(open_full(storage, root_public, current, cancel)).await?;
-    let (key, x) = new_key(storage, by.signing()?, Scope::Metadata, None, cancel).await?;
+    let (key, x) = new_key(storage, by.signing()?, "", Scope::Metadata, None, cancel).await?;
     let by = Box::pin(fill_grants(storage, root_public, current, cancel)).await?;
     audit(
         storage,
@@ -1175,8 +1217,6 @@ pub(crate) async fn revoke(
         Ok(()) | Err(StorageError::AlreadyExists(_)) => {}
         Err(err) => return Err(err.into()),
     }
-    // Keys added meanwhile get the new epoch too.
-    Box::pin(fill_grants(storage, root_public, current, cancel)).await?;
     audit(
         storage,
         &root,
@@ -1187,6 +1227,12 @@ pub(crate) async fn revoke(
         cancel,
     )
     .await?;
+    // Keys added meanwhile get the new epoch too (not where the revoker revoked itself: the
+    // next key operation fills them in).
+    match Box::pin(fill_grants(storage, root_public, current, cancel)).await {
+        Ok(_) | Err(RepoError::RevokedKey { .. }) => {}
+        Err(err) => return Err(err),
+    }
     Ok(epoch)
 }
 
