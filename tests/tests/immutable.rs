@@ -524,8 +524,7 @@ fn an_attacker_with_write_access_cannot_destroy_committed_sets() {
         LOCKED,
         "--key",
         &chunks[0],
-        "--version-id",
-        &original,
+        &format!("--version-id={}", original),
     ]);
     assert!(!out.status.success(), "a locked version was deleted");
     assert!(stderr(&out).contains("AccessDenied"), "{}", stderr(&out));

@@ -115,8 +115,7 @@ fn retention(server: &S3Server, key: &str, version: &str) -> (String, String) {
         &server.bucket,
         "--key",
         key,
-        "--version-id",
-        version,
+        &format!("--version-id={}", version),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("retention JSON");
@@ -188,7 +187,13 @@ fn compliance_locks_hold_against_the_coordinators_credentials() {
         a_locked_version(&server, &format!("c/{}", layout::chunk(chunk)));
     assert_eq!(mode, "COMPLIANCE");
     let bucket = server.bucket.as_str();
-    let target = ["--bucket", bucket, "--key", &key, "--version-id", &version];
+    let target = [
+        "--bucket",
+        bucket,
+        "--key",
+        &key,
+        &format!("--version-id={version}"),
+    ];
     let shorter = format!(
         "Mode=COMPLIANCE,RetainUntilDate={}",
         from_now(Duration::from_secs(60))
@@ -263,8 +268,7 @@ fn governance_locks_are_not_shortened_without_bypass() {
             &server.bucket,
             "--key",
             &key,
-            "--version-id",
-            &version,
+            &format!("--version-id={}", version),
             "--retention",
             &shorter,
         ],
@@ -278,8 +282,7 @@ fn governance_locks_are_not_shortened_without_bypass() {
             &server.bucket,
             "--key",
             &key,
-            "--version-id",
-            &version,
+            &format!("--version-id={}", version),
         ],
         "AccessDenied",
     );
@@ -293,8 +296,7 @@ fn governance_locks_are_not_shortened_without_bypass() {
         &server.bucket,
         "--key",
         &key,
-        "--version-id",
-        &version,
+        &format!("--version-id={}", version),
         "--retention",
         &shorter,
         "--bypass-governance-retention",
@@ -337,8 +339,7 @@ async fn large_locked_objects_are_stored_locked() {
         &server.bucket,
         "--key",
         &key,
-        "--version-id",
-        &version,
+        &format!("--version-id={}", version),
     ]);
     assert!(out.status.success(), "stored unlocked: {}", stderr(&out));
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("retention JSON");
